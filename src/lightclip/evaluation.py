@@ -1,0 +1,550 @@
+"""Evaluation of lightclip dual encoders: zero-shot classification, image-text retrieval and linear probes.
+
+The protocol follows METHOD §6 and the metric names of CLIP_benchmark:
+
+- **Zero-shot classification.** Each class is represented by the mean of the L2-normalised text embeddings of its
+  prompts (one per template), renormalised (prompt ensembling, as in CLIP). Top-1 and top-5 accuracy.
+- **Retrieval.** `image_retrieval_recall@k` is text -> image: a caption scores a hit when its own image is among its
+  k most similar images. `text_retrieval_recall@k` is image -> text: an image scores a hit when *any* of its
+  captions is among its k most similar captions.
+- **Linear probe.** Multinomial logistic regression (L-BFGS, in torch) on frozen image features; the L2 penalty is
+  chosen on a validation split carved from the training set, then the probe is refitted on the whole training set.
+
+Ties are resolved pessimistically everywhere: a target counts as ranked within the top k only when fewer than k
+competitors score *greater than or equal to* it. A degenerate model that gives every candidate the same score
+therefore scores 0 (and not, by accident of sort order, 1).
+
+The first half of the module holds pure metric functions on embeddings (numpy arrays or tensors, no model); the
+second half holds runners that encode a `datasets.Dataset` in batches under `torch.no_grad()`.
+
+Example:
+
+```python
+>>> import torch
+>>> from lightclip.evaluation import retrieval_metrics
+>>> embeds = torch.eye(3)
+>>> retrieval_metrics(embeds, embeds, torch.tensor([0, 1, 2]), ks=(1,))
+{'image_retrieval_recall@1': 1.0, 'text_retrieval_recall@1': 1.0}
+```
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "encode_images",
+    "encode_texts",
+    "evaluate_linear_probe",
+    "evaluate_retrieval",
+    "evaluate_shapes",
+    "evaluate_zero_shot",
+    "linear_probe",
+    "load_results",
+    "retrieval_metrics",
+    "save_results",
+    "zero_shot_accuracy",
+    "zero_shot_classifier",
+]
+
+# A short, generic subset of the 80 OpenAI ImageNet prompt templates, for class names without task-specific prompts.
+DEFAULT_TEMPLATES: list[str] = [
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a bright photo of a {}.",
+    "a dark photo of a {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a good photo of a {}.",
+    "a drawing of a {}.",
+    "a rendering of a {}.",
+    "art of the {}.",
+    "itap of a {}.",
+    "a {}.",
+]
+
+DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+# Similarity rows scored at once in `retrieval_metrics`, to bound memory on large benchmarks.
+_QUERY_CHUNK = 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics on embeddings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _as_tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A CPU tensor view of a tensor, numpy array or sequence (detached)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+    else:
+        x = torch.as_tensor(np.asarray(x))
+    return x.to(dtype) if dtype is not None else x
+
+
+def _hits_at_k(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Boolean hit vectors for each k: row i hits when fewer than k other columns score >= `scores[i, targets[i]]`."""
+    target_scores = scores.gather(1, targets[:, None])
+    competitors = (scores >= target_scores).sum(1) - 1  # the target itself always satisfies >=
+    return {k: competitors < k for k in ks}
+
+
+def zero_shot_accuracy(
+    image_embeds: Any, classifier: Any, labels: Any, topk: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Top-k accuracy of zero-shot classification by cosine similarity.
+
+    Args:
+        image_embeds: `(N, D)` image embeddings (normalised here; the ranking does not depend on it).
+        classifier: `(C, D)` class embeddings, e.g. from `zero_shot_classifier`.
+        labels: `(N,)` integer class indices.
+        topk: the k values to report. A k is reported only when `C >= k`, so `top5` is absent for fewer than 5
+            classes.
+
+    Returns:
+        `{"top1": ..., "top5": ...}` as fractions in [0, 1]. Ties count against the true class (see module doc).
+    """
+    image_embeds = F.normalize(_as_tensor(image_embeds, torch.float32), dim=-1)
+    classifier = F.normalize(_as_tensor(classifier, torch.float32), dim=-1)
+    labels = _as_tensor(labels, torch.long)
+    if image_embeds.shape[0] != labels.shape[0]:
+        raise ValueError(f"{image_embeds.shape[0]} image embeddings but {labels.shape[0]} labels")
+    if image_embeds.shape[0] == 0:
+        raise ValueError("zero_shot_accuracy needs at least one image")
+    ks = [k for k in topk if k <= classifier.shape[0]]
+    hits = _hits_at_k(image_embeds @ classifier.T, labels, ks)
+    return {f"top{k}": hits[k].float().mean().item() for k in ks}
+
+
+def retrieval_metrics(
+    image_embeds: Any, text_embeds: Any, text_to_image: Any, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@k for text -> image and image -> text retrieval by cosine similarity.
+
+    Args:
+        image_embeds: `(N_images, D)`.
+        text_embeds: `(N_texts, D)`; several captions may belong to one image.
+        text_to_image: `(N_texts,)` long tensor, `text_to_image[j]` is the index of the image of caption `j`.
+        ks: the k values.
+
+    Returns:
+        `image_retrieval_recall@k` (text -> image, averaged over captions: a hit when the caption's own image is in
+        its top k) and `text_retrieval_recall@k` (image -> text, averaged over images that have at least one caption:
+        a hit when any of the image's captions is in its top k). Ties count against the target.
+    """
+    image_embeds = F.normalize(_as_tensor(image_embeds, torch.float32), dim=-1)
+    text_embeds = F.normalize(_as_tensor(text_embeds, torch.float32), dim=-1)
+    text_to_image = _as_tensor(text_to_image, torch.long)
+    num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
+    if text_to_image.shape != (num_texts,):
+        raise ValueError(f"text_to_image must have shape ({num_texts},), got {tuple(text_to_image.shape)}")
+    if num_texts == 0 or num_images == 0:
+        raise ValueError("retrieval_metrics needs at least one image and one caption")
+    if text_to_image.min() < 0 or text_to_image.max() >= num_images:
+        raise ValueError(f"text_to_image holds indices outside [0, {num_images})")
+
+    # text -> image: one target image per caption
+    t2i_hits = {k: 0 for k in ks}
+    for start in range(0, num_texts, _QUERY_CHUNK):
+        scores = text_embeds[start : start + _QUERY_CHUNK] @ image_embeds.T
+        for k, hit in _hits_at_k(scores, text_to_image[start : start + _QUERY_CHUNK], ks).items():
+            t2i_hits[k] += int(hit.sum())
+
+    # image -> text: the best-scored positive caption decides; only negatives can push it out of the top k
+    i2t_hits = {k: 0 for k in ks}
+    num_queries = 0
+    for start in range(0, num_images, _QUERY_CHUNK):
+        scores = image_embeds[start : start + _QUERY_CHUNK] @ text_embeds.T
+        positive = text_to_image[None, :] == torch.arange(start, start + scores.shape[0])[:, None]
+        best_positive = scores.masked_fill(~positive, -math.inf).max(1).values
+        has_caption = positive.any(1)
+        negatives_above = ((scores >= best_positive[:, None]) & ~positive).sum(1)
+        num_queries += int(has_caption.sum())
+        for k in ks:
+            i2t_hits[k] += int(((negatives_above < k) & has_caption).sum())
+
+    results = {f"image_retrieval_recall@{k}": t2i_hits[k] / num_texts for k in ks}
+    results.update({f"text_retrieval_recall@{k}": i2t_hits[k] / num_queries for k in ks})
+    return results
+
+
+def _fit_logistic_regression(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights `(D, C)` and bias `(C,)` minimising mean cross-entropy + `weight_decay * ||W||^2` with L-BFGS."""
+    weight = torch.zeros(features.shape[1], num_classes, dtype=features.dtype, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=features.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6, tolerance_change=1e-9,
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ weight + bias, labels) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+class _Standardizer:
+    """Per-feature standardisation with statistics from the fitting set (keeps L-BFGS well conditioned)."""
+
+    def __init__(self, features: torch.Tensor):
+        self.mean = features.mean(0)
+        self.std = features.std(0, unbiased=False).clamp_min(1e-8)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) / self.std
+
+
+def _probe_top1(fit_x, fit_y, eval_x, eval_y, num_classes: int, weight_decay: float, max_iter: int) -> float:
+    scale = _Standardizer(fit_x)
+    weight, bias = _fit_logistic_regression(scale(fit_x), fit_y, num_classes, weight_decay, max_iter)
+    predictions = (scale(eval_x) @ weight + bias).argmax(1)
+    return (predictions == eval_y).double().mean().item()
+
+
+def linear_probe(
+    train_features: Any,
+    train_labels: Any,
+    test_features: Any,
+    test_labels: Any,
+    *,
+    val_fraction: float = 0.2,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    seed: int = 0,
+    max_iter: int = 500,
+) -> dict[str, float]:
+    """Logistic-regression probe on frozen features, regularisation chosen on a validation split.
+
+    Features are standardised with training statistics. The probe minimises mean cross-entropy plus
+    `weight_decay * ||W||^2` (the bias is not penalised; this equals scikit-learn's `C = 1 / (2 * n * weight_decay)`)
+    with full-batch L-BFGS in float64. `val_fraction` of the training set (a seeded random split) scores each
+    weight decay; the best one (the largest among equals) is refitted on the whole training set and scored on the test
+    set. With a single weight decay, or a training set too small to split, no selection is run.
+
+    Returns:
+        `{"top1": test accuracy, "weight_decay": chosen value, "val_top1": its validation accuracy (NaN when no
+        selection ran)}`.
+    """
+    train_x = _as_tensor(train_features, torch.float64)
+    test_x = _as_tensor(test_features, torch.float64)
+    train_y = _as_tensor(train_labels, torch.long)
+    test_y = _as_tensor(test_labels, torch.long)
+    if train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
+        raise ValueError("features and labels must have the same number of rows")
+    if len(weight_decays) == 0:
+        raise ValueError("weight_decays must not be empty")
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+
+    num_val = int(round(val_fraction * train_x.shape[0]))
+    best_decay, best_val = float(weight_decays[0]), math.nan
+    if len(weight_decays) > 1 and 0 < num_val < train_x.shape[0]:
+        order = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed))
+        val_idx, fit_idx = order[:num_val], order[num_val:]
+        for decay in sorted(weight_decays):
+            top1 = _probe_top1(
+                train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx], num_classes, decay, max_iter
+            )
+            if math.isnan(best_val) or top1 >= best_val:
+                best_decay, best_val = float(decay), top1
+
+    top1 = _probe_top1(train_x, train_y, test_x, test_y, num_classes, best_decay, max_iter)
+    return {"top1": top1, "weight_decay": best_decay, "val_top1": best_val}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding with a model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _EvalMode:
+    """Puts a model in eval mode and `torch.no_grad()`, restoring its training flag on exit (safe mid-training)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = getattr(self.model, "training", False)
+        if hasattr(self.model, "eval"):
+            self.model.eval()
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        if self.was_training:
+            self.model.train()
+        return False
+
+
+def _model_device(model, device=None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _to_rgb(image):
+    """A PIL RGB image from whatever an image column holds (PIL image, path, array, `{"bytes"|"path"}` dict)."""
+    try:
+        from .data import load_rgb_image
+    except ImportError:  # lightclip.data not available: PIL images only
+        return image.convert("RGB")
+    return load_rgb_image(image)
+
+
+def encode_texts(
+    model, processor, texts: Sequence[str], *, batch_size: int = 256, device=None, progress: bool = False,
+    desc: str = "Encoding texts",
+) -> torch.Tensor:
+    """L2-normalised text embeddings `(len(texts), D)` on CPU, float32."""
+    device = _model_device(model, device)
+    chunks = []
+    with _EvalMode(model):
+        for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
+            batch = processor(
+                text=list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt"
+            )
+            attention_mask = batch.get("attention_mask")
+            embeds = model.encode_text(
+                batch["input_ids"].to(device),
+                attention_mask=None if attention_mask is None else attention_mask.to(device),
+                normalize=True,
+            )
+            chunks.append(F.normalize(embeds.float(), dim=-1).cpu())
+    if not chunks:
+        raise ValueError("no texts to encode")
+    return torch.cat(chunks)
+
+
+def encode_images(
+    model, processor, dataset, *, image_column: str = "image", batch_size: int = 64, device=None,
+    normalize: bool = True, progress: bool = True, desc: str = "Encoding images",
+) -> torch.Tensor:
+    """Image embeddings `(len(dataset), D)` on CPU, float32, through `processor(images=...)` and `model.encode_image`.
+
+    `dataset` is a `datasets.Dataset` (or anything whose `[start:end]` slice maps `image_column` to a list).
+    """
+    device = _model_device(model, device)
+    images_only = dataset.select_columns([image_column]) if hasattr(dataset, "select_columns") else dataset
+    chunks = []
+    with _EvalMode(model):
+        for start in tqdm(range(0, len(dataset), batch_size), desc=desc, disable=not progress, leave=False):
+            images = [_to_rgb(image) for image in images_only[start : start + batch_size][image_column]]
+            pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+            embeds = model.encode_image(pixel_values, normalize=normalize)
+            chunks.append(embeds.float().cpu())
+    if not chunks:
+        raise ValueError("no images to encode")
+    return torch.cat(chunks)
+
+
+def zero_shot_classifier(
+    model, processor, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256, device=None
+) -> torch.Tensor:
+    """Zero-shot class embeddings `(C, D)` by prompt ensembling (METHOD §6).
+
+    Each template is formatted with the class name (`"a photo of a {}."`, or `"{c}"` placeholders), the prompts are
+    encoded and L2-normalised, averaged per class, and the mean is renormalised.
+    """
+    if not classnames or not templates:
+        raise ValueError("zero_shot_classifier needs at least one class name and one template")
+    prompts = [_format_template(template, name) for name in classnames for template in templates]
+    embeds = encode_texts(model, processor, prompts, batch_size=batch_size, device=device)
+    return F.normalize(embeds.view(len(classnames), len(templates), -1).mean(1), dim=-1)
+
+
+def _format_template(template: str, classname: str) -> str:
+    return template.replace("{c}", classname) if "{c}" in template else template.format(classname)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runners on datasets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _group_name(value) -> str:
+    """Key suffix of a group value; booleans read as "seen" / "unseen" (the `composition_seen` convention)."""
+    if isinstance(value, (bool, np.bool_)):
+        return "seen" if value else "unseen"
+    return str(value)
+
+
+def _grouped_zero_shot(
+    image_embeds: torch.Tensor, classifier: torch.Tensor, labels: Sequence[int], groups: Sequence | None
+) -> dict[str, float]:
+    results = zero_shot_accuracy(image_embeds, classifier, labels)
+    if groups is not None:
+        labels = torch.as_tensor(labels)
+        for value in sorted(set(groups), key=str):
+            mask = torch.tensor([g == value for g in groups])
+            results[f"top1_{_group_name(value)}"] = zero_shot_accuracy(
+                image_embeds[mask], classifier, labels[mask], topk=(1,)
+            )["top1"]
+            results[f"num_images_{_group_name(value)}"] = int(mask.sum())
+    results["num_images"] = len(labels)
+    return results
+
+
+def evaluate_zero_shot(
+    model, processor, dataset, classnames: Sequence[str], templates: Sequence[str], label_column: str, *,
+    image_column: str = "image", batch_size: int = 64, group_column: str | None = None, progress: bool = True,
+) -> dict[str, float]:
+    """Zero-shot top-1 / top-5 on `dataset`, whose `label_column` holds class indices into `classnames`.
+
+    With `group_column`, also reports `top1_<group>` and `num_images_<group>` per value of that column (booleans read
+    as "seen"/"unseen").
+    """
+    classifier = zero_shot_classifier(model, processor, classnames, templates)
+    image_embeds = encode_images(
+        model, processor, dataset, image_column=image_column, batch_size=batch_size, progress=progress
+    )
+    groups = dataset[group_column] if group_column is not None else None
+    return _grouped_zero_shot(image_embeds, classifier, dataset[label_column], groups)
+
+
+def _flatten_captions(captions_per_image: Sequence) -> tuple[list[str], torch.Tensor]:
+    texts, owners = [], []
+    for image_index, captions in enumerate(captions_per_image):
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        texts.extend(captions)
+        owners.extend([image_index] * len(captions))
+    return texts, torch.tensor(owners, dtype=torch.long)
+
+
+def evaluate_retrieval(
+    model, processor, dataset, *, image_column: str = "image", caption_column: str = "captions",
+    batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), progress: bool = True,
+) -> dict[str, float]:
+    """Retrieval recall@k in both directions; `caption_column` holds a caption or a list of captions per image."""
+    image_embeds = encode_images(
+        model, processor, dataset, image_column=image_column, batch_size=batch_size, progress=progress
+    )
+    return _retrieval_from_image_embeds(model, processor, image_embeds, dataset[caption_column], ks)
+
+
+def _retrieval_from_image_embeds(model, processor, image_embeds, captions_per_image, ks) -> dict[str, float]:
+    texts, text_to_image = _flatten_captions(captions_per_image)
+    text_embeds = encode_texts(model, processor, texts)
+    results = retrieval_metrics(image_embeds, text_embeds, text_to_image, ks=ks)
+    results.update(num_images=image_embeds.shape[0], num_texts=len(texts))
+    return results
+
+
+def evaluate_linear_probe(
+    model, processor, train_dataset, test_dataset, label_column: str, *, image_column: str = "image",
+    batch_size: int = 64, val_fraction: float = 0.2, weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    seed: int = 0, progress: bool = True,
+) -> dict[str, float]:
+    """Linear probe on frozen image features: `model.encode_image(..., normalize=False)`, i.e. the projected embedding
+    before L2 normalisation (standardised inside `linear_probe`)."""
+    features = [
+        encode_images(
+            model, processor, dataset, image_column=image_column, batch_size=batch_size, normalize=False,
+            progress=progress,
+        )
+        for dataset in (train_dataset, test_dataset)
+    ]
+    results = linear_probe(
+        features[0], train_dataset[label_column], features[1], test_dataset[label_column],
+        val_fraction=val_fraction, weight_decays=weight_decays, seed=seed,
+    )
+    results.update(num_train=len(train_dataset), num_test=len(test_dataset))
+    return results
+
+
+def evaluate_shapes(
+    model, processor, *, image_size: int | None = None, num_samples: int | None = None, batch_size: int = 64,
+    dataset=None, progress: bool = False,
+) -> dict[str, float]:
+    """The built-in benchmark on the synthetic shapes test split (`lightclip.shapes`).
+
+    Images are encoded once and shared by the zero-shot tasks ("shape", "colour") and retrieval. Keys:
+    `shapes/<task>/top1`, `shapes/<task>/top5` (when the task has >= 5 classes), `shapes/<task>/top1_seen`,
+    `shapes/<task>/top1_unseen` (compositions seen / held out in training), and
+    `shapes/retrieval/{image,text}_retrieval_recall@{1,5,10}`, plus `shapes/num_images`, `shapes/num_images_seen`,
+    `shapes/num_images_unseen` and `shapes/retrieval/num_texts`.
+
+    Args:
+        image_size: size the dataset is rendered at (`None`: the `make_shapes_dataset` default); the processor
+            resizes to the model's input size anyway.
+        num_samples: number of test images (`None`: the split's default size).
+        dataset: an already rendered shapes split, to skip rendering (e.g. cached by a trainer).
+    """
+    from .shapes import make_shapes_dataset, shapes_zero_shot_tasks
+
+    if dataset is None:
+        kwargs = {} if image_size is None else {"image_size": image_size}
+        dataset = make_shapes_dataset(split="test", num_samples=num_samples, **kwargs)
+    image_embeds = encode_images(model, processor, dataset, batch_size=batch_size, progress=progress)
+    groups = dataset["composition_seen"]
+
+    results: dict[str, float] = {}
+    for task, spec in shapes_zero_shot_tasks().items():
+        classifier = zero_shot_classifier(model, processor, spec["classnames"], spec["templates"])
+        task_results = _grouped_zero_shot(image_embeds, classifier, dataset[spec["label_column"]], groups)
+        for key, value in task_results.items():
+            prefix = "shapes" if key.startswith("num_images") else f"shapes/{task}"
+            results[f"{prefix}/{key}"] = value
+    retrieval = _retrieval_from_image_embeds(model, processor, image_embeds, dataset["captions"], (1, 5, 10))
+    retrieval.pop("num_images")
+    results.update({f"shapes/retrieval/{key}": value for key, value in retrieval.items()})
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _jsonable(value, digits: int):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, digits) for v in value]
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        return _jsonable(value.tolist(), digits)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return None  # JSON has no NaN / Infinity
+        return float(f"{value:.{digits}g}") if value != 0 else 0.0
+    return value
+
+
+def save_results(results: dict, path: str | os.PathLike, digits: int = 6) -> None:
+    """Write `results` as JSON (sorted keys, indented; floats to `digits` significant digits, NaN as null)."""
+    path = os.fspath(path)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_jsonable(results, digits), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """Read a file written by `save_results`."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
