@@ -1,0 +1,106 @@
+"""LightCLIP's auxiliary fusion module for masked language modelling (training only).
+
+Our reading of the paper (docs/method.md): at several text-encoder stages, the masked text states, plus the running
+fusion state, cross-attend to the unmasked image tokens (pooled embedding + patch tokens, projected to the text
+width); an MLP follows, each with a residual and pre-LayerNorm. The last block feeds an MLM head whose decoder is
+the text token-embedding matrix (tied).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .configuration_lightclip import LightClipConfig
+
+
+class LightClipCrossAttention(nn.Module):
+    """Text queries attend to image keys/values (SDPA)."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.q_proj = nn.Linear(width, width)
+        self.kv_proj = nn.Linear(width, 2 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        batch, length, width = text.shape
+        q = self.q_proj(text).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv_proj(image).view(batch, image.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1])
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class LightClipFusionBlock(nn.Module):
+    """One injection stage: `state + text_stage` -> (cross-attention to the image) -> MLP, pre-LN residuals.
+
+    With `fusion_type="additive"` the cross-attention is replaced by adding the projected pooled image embedding.
+    """
+
+    def __init__(self, config: LightClipConfig):
+        super().__init__()
+        text = config.text_config
+        width = text.hidden_size
+        self.additive = config.fusion_type == "additive"
+        self.norm_attn = nn.LayerNorm(width, eps=text.layer_norm_eps)
+        if not self.additive:
+            self.cross_attn = LightClipCrossAttention(width, config.fusion_num_heads or text.num_attention_heads)
+        self.norm_mlp = nn.LayerNorm(width, eps=text.layer_norm_eps)
+        self.fc1 = nn.Linear(width, text.intermediate_size)
+        self.act = ACT2FN[text.hidden_act]
+        self.fc2 = nn.Linear(text.intermediate_size, width)
+
+    def forward(self, state: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        if self.additive:
+            state = state + self.norm_attn(image_tokens[:, :1])  # the pooled image embedding, broadcast over words
+        else:
+            state = state + self.cross_attn(self.norm_attn(state), image_tokens)
+        return state + self.fc2(self.act(self.fc1(self.norm_mlp(state))))
+
+
+class LightClipFusion(nn.Module):
+    """Injects the image into the masked text at `config.resolved_fusion_layers()` and predicts masked tokens.
+
+    `image_widths` are the widths of the image sources: one entry (`fusion_image_source="last"`: pooled + last-stage
+    tokens) or one per stage (`"multiscale"`: the image tower's own evenly spaced stages).
+    """
+
+    def __init__(self, config: LightClipConfig, image_widths: list[int]):
+        super().__init__()
+        text = config.text_config
+        width = text.hidden_size
+        self.layers = config.resolved_fusion_layers()
+        self.detach_image = config.fusion_detach_image
+        self.image_proj = nn.ModuleList(nn.Linear(w, width) for w in image_widths)
+        self.image_norm = nn.LayerNorm(width, eps=text.layer_norm_eps)
+        self.blocks = nn.ModuleList(LightClipFusionBlock(config) for _ in self.layers)
+        self.head_transform = nn.Linear(width, width)
+        self.head_act = ACT2FN[text.hidden_act]
+        self.head_norm = nn.LayerNorm(width, eps=text.layer_norm_eps)
+        self.head_bias = nn.Parameter(torch.zeros(text.vocab_size))
+
+    def forward(self, text_hidden_states: tuple[torch.Tensor, ...], image_sources: list[torch.Tensor],
+                token_embedding: torch.Tensor) -> torch.Tensor:
+        """MLM logits `(batch, length, vocab)`.
+
+        Args:
+            text_hidden_states: the masked pass's states, index 0 = embeddings, index i = after text layer i.
+            image_sources: `(batch, tokens, width_k)` image token sequences, pooled embedding first; one per stage,
+                or a single one shared by all stages.
+            token_embedding: the text tower's token-embedding matrix, the tied MLM decoder.
+        """
+        state = torch.zeros_like(text_hidden_states[self.layers[0]])
+        for k, (layer, block) in enumerate(zip(self.layers, self.blocks)):
+            source = image_sources[min(k, len(image_sources) - 1)]
+            source = source.detach() if self.detach_image else source
+            image = self.image_norm(self.image_proj[min(k, len(self.image_proj) - 1)](source))
+            state = block(state + text_hidden_states[layer], image)
+        hidden = self.head_norm(self.head_act(self.head_transform(state)))
+        return F.linear(hidden, token_embedding, self.head_bias)
+
+
+__all__ = ["LightClipFusion", "LightClipFusionBlock", "LightClipCrossAttention"]
