@@ -1,0 +1,667 @@
+"""Image-text data for training and evaluation: loading, standardising, decoding, augmenting and collating.
+
+Every source is standardised to the columns "image" (undecoded: `datasets.Image(decode=False)`, i.e. a dict with
+"bytes" and/or "path", decoded by `load_rgb_image`), "captions" (list[str]) and "index" (the position in the
+dataset, stable). Images are decoded in the collator, so a corrupt or missing file is skipped and counted instead
+of crashing the data loader.
+
+Sources (`load_image_text_dataset(source, ...)`, `--train_data source`):
+- "shapes": the built-in lightclip-shapes dataset (`lightclip.shapes`), splits "train" and "test";
+- a folder in the Hugging Face imagefolder layout, with metadata.jsonl or metadata.csv;
+- a .csv / .tsv / .jsonl / .json file of (image path, caption) rows, paths relative to the file's folder or absolute;
+- webdataset tar shards: a .tar file, a brace pattern ("shards-{000..009}.tar"), a glob, or a folder of .tar files,
+  samples `key.jpg` + `key.txt` / `key.json`, streamed with the standard library `tarfile`;
+- anything else is a dataset name for `datasets.load_dataset(name, config_name, split=split)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "png", "image_path", "file_name", "filepath")
+CAPTION_COLUMN_CANDIDATES = ("text", "caption", "captions", "txt", "sentences")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+SHAPES_SOURCES = ("shapes", "lightclip-shapes")
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the data arguments of the training and evaluation scripts to `parser`."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_data", default="shapes",
+                       help="'shapes', an imagefolder folder, a .csv/.jsonl file, tar shards "
+                            "('shards-{000..009}.tar') or a hub dataset name.")
+    group.add_argument("--validation_data", default=None,
+                       help="Same kinds as --train_data. Default: the shapes test split when --train_data is shapes.")
+    group.add_argument("--dataset_config_name", default=None, help="Config name of a hub dataset.")
+    group.add_argument("--train_split", default="train")
+    group.add_argument("--validation_split", default=None,
+                       help="Default: 'test' for shapes, 'validation' for hub datasets, 'train' for local files.")
+    group.add_argument("--image_column", default=None,
+                       help=f"Default: the first column among {', '.join(IMAGE_COLUMN_CANDIDATES)}.")
+    group.add_argument("--caption_column", default=None,
+                       help="One column, or several separated by commas (each row then has several captions). "
+                            f"Default: a column among {', '.join(CAPTION_COLUMN_CANDIDATES)}.")
+    group.add_argument("--max_train_samples", type=int, default=None)
+    group.add_argument("--max_eval_samples", type=int, default=None)
+    group.add_argument("--streaming", action="store_true", help="Stream hub and local datasets (tar shards always are).")
+    group.add_argument("--preprocessing_num_workers", type=int, default=None)
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument("--shapes_train_size", type=int, default=None, help="Default 4000.")
+    group.add_argument("--shapes_test_size", type=int, default=None, help="Default 500.")
+    group.add_argument("--shapes_image_size", type=int, default=64)
+
+
+def load_datasets_from_args(args: argparse.Namespace, seed: int = 0):
+    """(train, validation or None) from the arguments of `add_data_args`."""
+    common = dict(image_column=args.image_column, caption_column=args.caption_column,
+                  config_name=args.dataset_config_name, streaming=getattr(args, "streaming", False),
+                  num_proc=args.preprocessing_num_workers, shapes_image_size=args.shapes_image_size, seed=seed)
+    train = load_image_text_dataset(args.train_data, args.train_split, max_samples=args.max_train_samples,
+                                    shapes_size=args.shapes_train_size, **common)
+    validation_data = args.validation_data
+    if validation_data is None and args.train_data in SHAPES_SOURCES:
+        validation_data = "shapes"
+    if validation_data is None:
+        return train, None
+    split = args.validation_split
+    if split is None:
+        kind = detect_source_kind(validation_data)
+        split = "test" if kind == "shapes" else "validation" if kind in ("hub", "imagefolder") else "train"
+    validation = load_image_text_dataset(validation_data, split, max_samples=args.max_eval_samples,
+                                         shapes_size=args.shapes_test_size, **common)
+    return train, validation
+
+
+# --------------------------------------------------------------------------------------------------- sources
+
+
+def detect_source_kind(source: str) -> str:
+    """One of "shapes", "imagefolder", "csv", "json", "tar", "hub"."""
+    if source in SHAPES_SOURCES:
+        return "shapes"
+    lower = source.lower()
+    if lower.endswith(".tar") and (os.path.isfile(source) or "{" in source or glob.has_magic(source)):
+        return "tar"
+    if os.path.isdir(source):
+        names = os.listdir(source)
+        has_metadata = any(n in names for n in ("metadata.jsonl", "metadata.csv"))
+        return "tar" if not has_metadata and any(n.endswith(".tar") for n in names) else "imagefolder"
+    if os.path.isfile(source):
+        if lower.endswith((".csv", ".tsv")):
+            return "csv"
+        if lower.endswith((".jsonl", ".json")):
+            return "json"
+        raise ValueError(f"Unsupported data file {source!r}: use .csv, .tsv, .jsonl, .json or .tar")
+    return "hub"
+
+
+def load_image_text_dataset(
+    source: str,
+    split: str = "train",
+    *,
+    image_column: str | None = None,
+    caption_column: str | list[str] | None = None,
+    config_name: str | None = None,
+    streaming: bool = False,
+    max_samples: int | None = None,
+    num_proc: int | None = None,
+    shapes_size: int | None = None,
+    shapes_image_size: int = 64,
+    seed: int = 0,
+):
+    """Loads an image-text source and standardises it to the columns "image", "captions", "index".
+
+    Returns a `datasets.Dataset`, or a `datasets.IterableDataset` for tar shards and when `streaming=True`.
+    "image" is undecoded (`datasets.Image(decode=False)`); decode with `load_rgb_image`. Other columns of the source
+    are kept (for shapes: "shape", "colour", "composition_seen", ...) except the image and caption columns.
+    `seed` is the shapes generator seed.
+    """
+    import datasets
+
+    kind = detect_source_kind(source)
+    if kind == "shapes":
+        from .shapes import make_shapes_dataset
+
+        dataset = make_shapes_dataset(split, num_samples=shapes_size, image_size=shapes_image_size, seed=seed)
+        if max_samples is not None:
+            dataset = dataset.select(range(min(max_samples, len(dataset))))
+        return dataset.cast_column("image", datasets.Image(decode=False))
+    if kind == "tar":
+        return _load_tar_shards(source, max_samples=max_samples)
+    base_dir = None
+    if kind == "imagefolder":
+        dataset = datasets.load_dataset("imagefolder", data_dir=source, split=split, streaming=streaming)
+    elif kind in ("csv", "json"):
+        data_kwargs = {"delimiter": "\t"} if source.lower().endswith(".tsv") else {}
+        dataset = datasets.load_dataset(kind, data_files=source, split="train", streaming=streaming, **data_kwargs)
+        base_dir = os.path.dirname(os.path.abspath(source))
+    else:
+        dataset = datasets.load_dataset(source, config_name, split=split, streaming=streaming)
+    if max_samples is not None:
+        dataset = dataset.take(max_samples) if streaming else dataset.select(range(min(max_samples, len(dataset))))
+    return standardize_image_text_dataset(dataset, image_column=image_column, caption_column=caption_column,
+                                          base_dir=base_dir, num_proc=num_proc)
+
+
+def _column_names(dataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    return list(next(iter(dataset)).keys())  # a streamed dataset without known features
+
+
+def resolve_columns(column_names: list[str], image_column: str | None = None,
+                    caption_column: str | list[str] | None = None) -> tuple[str, list[str]]:
+    """(image column, caption columns), auto-detected among the usual names when not given."""
+    if image_column is None:
+        image_column = next((c for c in IMAGE_COLUMN_CANDIDATES if c in column_names), None)
+        if image_column is None:
+            raise ValueError(f"No image column among {column_names}; pass --image_column.")
+    elif image_column not in column_names:
+        raise ValueError(f"Image column {image_column!r} not in {column_names}")
+    if caption_column is None:
+        found = [c for c in CAPTION_COLUMN_CANDIDATES if c in column_names]
+        numbered = sorted(c for c in column_names if re.fullmatch(r"(caption|text|sentence)s?_?\d+", c))
+        if "captions" in found or "sentences" in found:  # prefer the columns holding several captions
+            captions = ["captions" if "captions" in found else "sentences"]
+        elif found:
+            captions = found[:1]
+        elif numbered:
+            captions = numbered
+        else:
+            raise ValueError(f"No caption column among {column_names}; pass --caption_column.")
+    else:
+        captions = caption_column.split(",") if isinstance(caption_column, str) else list(caption_column)
+        captions = [c.strip() for c in captions]
+        missing = [c for c in captions if c not in column_names]
+        if missing:
+            raise ValueError(f"Caption columns {missing} not in {column_names}")
+    return image_column, captions
+
+
+def _as_caption_list(value: Any) -> list[str]:
+    """A caption cell (string, list of strings, dicts such as {"raw": ...}, None) as a list of strings."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        for key in ("raw", "caption", "text", "captions", "sentences"):
+            if key in value:
+                return _as_caption_list(value[key])
+        return []
+    if isinstance(value, Iterable):
+        return [c for v in value for c in _as_caption_list(v)]
+    return [str(value)]
+
+
+def standardize_image_text_dataset(dataset, *, image_column: str | None = None,
+                                   caption_column: str | list[str] | None = None, base_dir: str | None = None,
+                                   num_proc: int | None = None):
+    """Renames/merges columns to "image" (undecoded), "captions" (list[str]) and "index" (row position)."""
+    import datasets
+
+    names = _column_names(dataset)
+    image_column, caption_columns = resolve_columns(names, image_column, caption_column)
+
+    def merge(*args):
+        *columns, indices = args
+        captions = [[c for col in row for c in _as_caption_list(col)] for row in zip(*columns)]
+        return {"captions": captions, "index": list(indices)}
+
+    drop = [c for c in caption_columns if c != "captions"] + [c for c in ("index",) if c in names]
+    map_kwargs = {} if isinstance(dataset, datasets.IterableDataset) else {"num_proc": num_proc, "desc": "captions"}
+    dataset = dataset.map(merge, input_columns=caption_columns, with_indices=True, batched=True,
+                          remove_columns=drop, **map_kwargs)
+    if image_column != "image":
+        if "image" in names:
+            dataset = dataset.remove_columns("image")
+        dataset = dataset.rename_column(image_column, "image")
+    features = dataset.features
+    is_image = features is not None and isinstance(features.get("image"), datasets.Image)
+    if not is_image and base_dir is not None:
+        def absolute(paths):
+            return {"image": [p if p is None or os.path.isabs(p) else os.path.join(base_dir, p) for p in paths]}
+
+        dataset = dataset.map(absolute, input_columns=["image"], batched=True, **map_kwargs)
+    return dataset.cast_column("image", datasets.Image(decode=False))
+
+
+# --------------------------------------------------------------------------------------------------- tar shards
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expands "{000..009}" numeric ranges (zero padding kept) and "{a,b}" lists, as webdataset does."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+
+
+def list_tar_shards(source: str) -> list[str]:
+    """The shard paths of a tar source (file, brace pattern, glob or folder), in order."""
+    if os.path.isdir(source):
+        shards = sorted(glob.glob(os.path.join(source, "*.tar")))
+    else:
+        shards = []
+        for path in expand_braces(source):
+            shards.extend(sorted(glob.glob(path)) if glob.has_magic(path) else [path])
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing or not shards:
+        raise FileNotFoundError(f"Tar shards not found for {source!r}: {missing[:3] or 'no .tar files'}")
+    return shards
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset convention: the key is the path up to the first dot of the file name, the rest the extension."""
+    directory, base = os.path.split(name)
+    stem, _, extension = base.partition(".")
+    return os.path.join(directory, stem), extension.lower()
+
+
+def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each group of consecutive files sharing a key."""
+    key, files = None, {}
+    with tarfile.open(path, "r|*") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            member_key, extension = _split_key(member.name)
+            if member_key != key and key is not None:
+                yield key, files
+                files = {}
+            key = member_key
+            handle = archive.extractfile(member)
+            files[extension] = handle.read() if handle is not None else b""
+    if key is not None:
+        yield key, files
+
+
+def _count_tar_samples(path: str) -> int:
+    """Number of samples of a shard, from its headers (the same grouping as `_tar_samples`)."""
+    keys = [_split_key(m.name)[0] for m in tarfile.open(path).getmembers() if m.isfile()]
+    return sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+
+
+def _decode_tar_sample(key: str, files: dict[str, bytes]) -> tuple[dict | None, list[str]]:
+    image = next(({"bytes": files[e], "path": f"{key}.{e}"} for e in IMAGE_EXTENSIONS if e in files), None)
+    captions: list[str] = []
+    for extension in ("txt", "text", "caption"):
+        if extension in files:
+            captions.append(files[extension].decode("utf-8", errors="replace"))
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except ValueError:
+            meta = {}
+        if isinstance(meta, dict):
+            for field in ("caption", "text", "captions", "sentences"):
+                captions.extend(_as_caption_list(meta.get(field)))
+    return image, captions
+
+
+def _generate_tar_examples(shards: list[tuple[str, int]]):
+    for path, offset in shards:
+        for position, (key, files) in enumerate(_tar_samples(path)):
+            image, captions = _decode_tar_sample(key, files)
+            yield {"image": image, "captions": captions, "index": offset + position, "key": key}
+
+
+def _load_tar_shards(source: str, max_samples: int | None = None):
+    """A `datasets.IterableDataset` over webdataset-style shards; shards are split across data loader workers.
+
+    "index" is the global position (shards in order), computed from the tar headers before streaming.
+    """
+    import datasets
+
+    shards, offset = [], 0
+    for path in list_tar_shards(source):
+        shards.append((path, offset))
+        offset += _count_tar_samples(path)
+    features = datasets.Features({
+        "image": datasets.Image(decode=False),
+        "captions": datasets.List(datasets.Value("string")),
+        "index": datasets.Value("int64"),
+        "key": datasets.Value("string"),
+    })
+    dataset = datasets.IterableDataset.from_generator(_generate_tar_examples, features=features,
+                                                      gen_kwargs={"shards": shards})
+    return dataset.take(max_samples) if max_samples is not None else dataset
+
+
+# --------------------------------------------------------------------------------------------------- images
+
+
+class UnreadableImageError(ValueError):
+    """An image that is missing or cannot be decoded; `reason` is "missing image" or "unreadable image"."""
+
+    def __init__(self, message: str, reason: str = "unreadable image"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _open_image(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            return _open_image(bytes(image["bytes"]))
+        if image.get("path") is not None:
+            return _open_image(image["path"])
+        raise UnreadableImageError("image dict has neither bytes nor path", "missing image")
+    if image is None:
+        raise UnreadableImageError("no image", "missing image")
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        source, name = io.BytesIO(bytes(image)), f"<{len(image)} bytes>"
+    elif isinstance(image, (str, os.PathLike)):
+        source = name = os.fspath(image)
+        if not os.path.isfile(source):
+            raise UnreadableImageError(f"image file not found: {source}", "missing image")
+    else:
+        raise UnreadableImageError(f"cannot read an image from {type(image).__name__}")
+    try:
+        opened = Image.open(source)
+        opened.load()  # decode now: truncated files fail here, not later
+        return opened
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise UnreadableImageError(f"cannot decode image {name}: {error}") from error
+
+
+def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
+    """16-bit and float images as 8-bit, scaled by the range of their type (never clipped to 255).
+
+    'I;16*': 0..65535. 'I': 0..65535 when the values fit (16-bit PNGs open as 'I'), else min..max.
+    'F': 0..1 when the values fit, else 0..255, else 0..65535, else min..max.
+    """
+    array = np.asarray(image, dtype=np.float64)
+    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and lo >= 0 and hi <= 65535):
+        scale_lo, scale_hi = 0.0, 65535.0
+    elif image.mode == "F" and lo >= 0 and hi <= 1:
+        scale_lo, scale_hi = 0.0, 1.0
+    elif image.mode == "F" and lo >= 0 and hi <= 255:
+        scale_lo, scale_hi = 0.0, 255.0
+    elif image.mode == "F" and lo >= 0 and hi <= 65535:
+        scale_lo, scale_hi = 0.0, 65535.0
+    else:
+        scale_lo, scale_hi = lo, max(hi, lo + 1e-12)
+    return np.round((array - scale_lo) * 255.0 / (scale_hi - scale_lo)).clip(0, 255).astype(np.uint8)
+
+
+def load_rgb_image(image: Any) -> Image.Image:
+    """An 8-bit RGB PIL image from a PIL image, a path, bytes, a numpy array or a {"bytes", "path"} dict.
+
+    Transparency is composited on white; grayscale, palette, CMYK and 16-bit / float images are converted (16-bit
+    scaled by its range); the EXIF orientation is applied. Raises `UnreadableImageError` for missing or corrupt images.
+    """
+    image = _open_image(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block is not a reason to lose the picture
+        pass
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":  # 'I;16', 'I;16B', 'I', 'F'
+        return Image.fromarray(_high_bit_depth_to_uint8(image)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as error:
+        raise UnreadableImageError(f"cannot convert image mode {image.mode} to RGB: {error}") from error
+
+
+# --------------------------------------------------------------------------------------------------- transforms
+
+
+def _uniform(rng, low: float, high: float) -> float:
+    """A uniform draw from a numpy or torch generator."""
+    if isinstance(rng, np.random.Generator):
+        return float(rng.uniform(low, high))
+    import torch
+
+    return float(low + (high - low) * torch.rand((), generator=rng).item())
+
+
+class RandomResizedCrop:
+    """Crops a random area (share `scale` of the picture, aspect ratio in `ratio`) and resizes it to `size` x `size`.
+
+    The training augmentation of the open_clip recipe (scale 0.9-1.0), with PIL only. Deterministic given the
+    generator (a `numpy.random.Generator` or a `torch.Generator`).
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.9, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), resample=Image.BICUBIC):
+        self.size, self.scale, self.ratio, self.resample = int(size), scale, ratio, resample
+
+    def get_params(self, width: int, height: int, rng) -> tuple[int, int, int, int]:
+        """(left, top, crop width, crop height), as torchvision's: ten tries, then a central crop."""
+        area = width * height
+        log_ratio = (np.log(self.ratio[0]), np.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * _uniform(rng, *self.scale)
+            aspect = float(np.exp(_uniform(rng, *log_ratio)))
+            w, h = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                left = min(int(_uniform(rng, 0, width - w + 1)), width - w)
+                top = min(int(_uniform(rng, 0, height - h + 1)), height - h)
+                return left, top, w, h
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            w, h = round(height * self.ratio[1]), height
+        else:
+            w, h = width, height
+        return (width - w) // 2, (height - h) // 2, w, h
+
+    def __call__(self, image: Image.Image, rng=None) -> Image.Image:
+        rng = np.random.default_rng() if rng is None else rng
+        left, top, w, h = self.get_params(image.width, image.height, rng)
+        return image.resize((self.size, self.size), self.resample, box=(left, top, left + w, top + h))
+
+
+class ResizeCenterCrop:
+    """Evaluation transform: resizes the shorter side to `size`, then crops the centre square."""
+
+    def __init__(self, size: int, resample=Image.BICUBIC):
+        self.size, self.resample = int(size), resample
+
+    def __call__(self, image: Image.Image, rng=None) -> Image.Image:
+        side = min(image.width, image.height)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        return image.resize((self.size, self.size), self.resample, box=(left, top, left + side, top + side))
+
+
+# --------------------------------------------------------------------------------------------------- collation
+
+
+class SkipCounter:
+    """Counts skipped samples by reason and keeps a few example ids per reason.
+
+    Reasons in `NOT_SKIPPED` ("truncated caption") are counted but the sample was used. Mergeable across data
+    loader workers and processes: `merge(other)` takes a `SkipCounter` or its `state_dict()`.
+    """
+
+    NOT_SKIPPED = ("truncated caption",)
+
+    def __init__(self, max_examples: int = 5):
+        self.max_examples = max_examples
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list] = {}
+
+    def add(self, reason: str, example_id: Any = None, count: int = 1) -> None:
+        self.counts[reason] += count
+        examples = self.examples.setdefault(reason, [])
+        if example_id is not None and len(examples) < self.max_examples:
+            examples.append(example_id)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(n for reason, n in self.counts.items() if reason not in self.NOT_SKIPPED)
+
+    def summary(self) -> dict[str, int]:
+        """{reason: count} for every reason seen."""
+        return dict(self.counts)
+
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = Counter(state["counts"])
+        self.examples = {k: list(v) for k, v in state["examples"].items()}
+
+    def merge(self, other: SkipCounter | dict) -> SkipCounter:
+        state = other.state_dict() if isinstance(other, SkipCounter) else other
+        for reason, count in state["counts"].items():
+            self.counts[reason] += count
+            examples = self.examples.setdefault(reason, [])
+            room = self.max_examples - len(examples)
+            examples.extend(state["examples"].get(reason, [])[: max(room, 0)])
+        return self
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self.examples.clear()
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.summary()})"
+
+    def warn(self, log: logging.Logger | None = None) -> str | None:
+        """Logs one warning naming the reasons, their counts and a few example ids; returns it (None if empty)."""
+        if not self.counts:
+            return None
+        parts = [f"{reason}: {count} (e.g. {', '.join(map(str, self.examples.get(reason, [])[:3])) or '?'})"
+                 for reason, count in sorted(self.counts.items())]
+        message = f"Skipped {self.num_skipped} samples; " + "; ".join(parts)
+        (log or logger).warning(message)
+        return message
+
+
+class ImageTextCollator:
+    """Turns standardised examples into a model batch: decode, augment, pick a caption, tokenise, normalise.
+
+    Bad samples (missing or unreadable image, no non-empty caption) are skipped and counted in `skip_counter`; a
+    batch where every sample is bad has 0 rows (`batch["index"].numel() == 0`): skip it. Captions longer than
+    `max_length` tokens are truncated by the tokenizer and counted as "truncated caption".
+
+    Randomness (crop, caption choice) is drawn from a generator seeded with (seed, epoch, index), so it does not
+    depend on the batch composition or the worker; call `set_epoch(epoch)` before each epoch (with data loader
+    workers, before creating the epoch's iterator, and without `persistent_workers`). With workers, each worker
+    counts in its own copy of the counter: pass `return_skip_counts=True` to get each batch's counts under
+    "skip_counts" (pop it before calling the model) and merge them into a counter of the main process.
+
+    Args:
+        processor: `processor(images=, text=, padding=True, truncation=True, max_length=, return_tensors="pt")`.
+        train: random resized crop (training) or resize + centre crop (evaluation).
+        image_size: output side of the crop, before the processor.
+        caption_sampling: "random" (default for training) or "first" (default for evaluation).
+        image_transform: replaces the crop: a callable (PIL image, numpy Generator) -> PIL image.
+    """
+
+    def __init__(self, processor, *, train: bool, image_size: int, max_length: int | None = None,
+                 caption_sampling: str | None = None, seed: int = 0, skip_counter: SkipCounter | None = None,
+                 image_transform: Callable | None = None, return_skip_counts: bool = False):
+        caption_sampling = caption_sampling or ("random" if train else "first")
+        if caption_sampling not in ("random", "first"):
+            raise ValueError(f"caption_sampling must be 'random' or 'first', not {caption_sampling!r}")
+        self.processor, self.train, self.image_size = processor, train, int(image_size)
+        self.max_length, self.caption_sampling, self.seed = max_length, caption_sampling, int(seed)
+        self.skip_counter = skip_counter if skip_counter is not None else SkipCounter()
+        self.image_transform = image_transform or (RandomResizedCrop(image_size) if train else ResizeCenterCrop(image_size))
+        self.return_skip_counts = return_skip_counts
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    def _prepare(self, example: dict, position: int, counter: SkipCounter):
+        """(image, caption, index) or None when the example is skipped."""
+        index = int(example.get("index", position))
+        captions = example.get("captions")
+        if captions is None:
+            captions = example.get("text", example.get("caption"))
+        captions = [c for c in _as_caption_list(captions) if c.strip()]
+        if not captions:
+            counter.add("empty caption", index)
+            return None
+        try:
+            image = load_rgb_image(example.get("image"))
+        except UnreadableImageError as error:
+            counter.add(error.reason, index)
+            logger.debug("skipping sample %s: %s", index, error)
+            return None
+        rng = self._rng(index)
+        image = self.image_transform(image, rng)
+        if self.caption_sampling == "random" and len(captions) > 1:
+            caption = captions[int(rng.integers(len(captions)))]
+        else:
+            caption = captions[0]
+        return image, caption.strip(), index
+
+    def _count_truncated(self, texts: list[str], indices: list[int], counter: SkipCounter) -> None:
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is None:
+            return
+        limit = self.max_length or getattr(tokenizer, "model_max_length", None)
+        if not limit or limit > 1_000_000:
+            return
+        for ids, index in zip(tokenizer(texts, truncation=False)["input_ids"], indices):
+            if len(ids) > limit:
+                counter.add("truncated caption", index)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        counter = SkipCounter(self.skip_counter.max_examples)
+        prepared = [p for i, e in enumerate(examples) if (p := self._prepare(e, i, counter)) is not None]
+        if prepared:
+            images, texts, indices = map(list, zip(*prepared))
+            self._count_truncated(texts, indices, counter)
+            encoded = self.processor(images=images, text=texts, padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+            batch = {"pixel_values": encoded["pixel_values"], "input_ids": encoded["input_ids"],
+                     "attention_mask": encoded["attention_mask"], "index": torch.tensor(indices, dtype=torch.long)}
+        else:
+            batch = {"pixel_values": torch.zeros(0, 3, self.image_size, self.image_size),
+                     "input_ids": torch.zeros(0, 0, dtype=torch.long),
+                     "attention_mask": torch.zeros(0, 0, dtype=torch.long),
+                     "index": torch.zeros(0, dtype=torch.long)}
+        self.skip_counter.merge(counter)
+        if self.return_skip_counts:
+            batch["skip_counts"] = counter.state_dict()
+        return batch
