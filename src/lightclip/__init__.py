@@ -28,6 +28,13 @@ AutoModelForZeroShotImageClassification.register(LightClipConfig, LightClipModel
 AutoImageProcessor.register(LightClipConfig, image_processor_classes={"pil": LightClipImageProcessor}, exist_ok=True)
 AutoProcessor.register(LightClipConfig, LightClipProcessor, exist_ok=True)
 
+# `save_pretrained` copies the inference files next to the weights and writes `auto_map`, so users without the
+# package can load with `trust_remote_code=True` (the copied files import nothing but each other and transformers).
+LightClipConfig.register_for_auto_class()
+LightClipModel.register_for_auto_class("AutoModel")
+LightClipImageProcessor.register_for_auto_class("AutoImageProcessor")
+LightClipProcessor.register_for_auto_class("AutoProcessor")
+
 _LAZY = {"LightClipForPreTraining": "pretraining", "LightClipForPreTrainingOutput": "pretraining"}
 
 

@@ -6,6 +6,7 @@ copied next to it for `trust_remote_code=True` users.
 """
 
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -414,6 +415,16 @@ class LightClipModel(LightClipPreTrainedModel):
         self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with the zero-shot Auto class added to `auto_map` (one class can hold
+        only one auto class through `register_for_auto_class`)."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        auto_map = getattr(self.config, "auto_map", None)
+        if auto_map and "AutoModel" in auto_map:
+            auto_map.setdefault("AutoModelForZeroShotImageClassification", auto_map["AutoModel"])
+            self.config.to_json_file(os.path.join(save_directory, "config.json"))
+        return out
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                           output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
