@@ -1,0 +1,635 @@
+"""Feature banks and nearest-neighbour mining for CLIP-PING (METHOD.md §3.2, §3.4).
+
+A bank is one folder, written once by `build_feature_bank` and read by every process of every run:
+
+- `features.safetensors`: `image` (N, D_I) and `text` (N, D_T), L2-normalised fp16 teacher features;
+- `neighbors.safetensors`: `image_nn` (N, k) top-k neighbours in the image teacher space, `text_nn` (N, k) in the
+  text teacher space (int32 when N < 2³¹, else int64, best first, -1 where fewer than k candidates exist) and their
+  cosine scores `image_nn_scores`, `text_nn_scores` (float32);
+- `bank.json`: format version, N, k, the teachers (spec + dim), the dataset fingerprint and how it was computed.
+
+`FeatureBank.lookup(indices)` turns a batch of dataset indices into the constant NN / XNN targets. The XNN
+targets are derived from the two unimodal neighbour lists (no cross-modal search): see `FeatureBank.lookup`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+FORMAT_VERSION = 1
+FEATURES_FILE = "features.safetensors"
+NEIGHBORS_FILE = "neighbors.safetensors"
+METADATA_FILE = "bank.json"
+
+__all__ = [
+    "ActiveTeacherNeighbors",
+    "FeatureBank",
+    "build_feature_bank",
+    "dataset_fingerprint",
+    "duplicate_groups",
+    "mine_neighbors",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mining
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def duplicate_groups(features: torch.Tensor, block_size: int = 16384) -> torch.Tensor:
+    """(N,) int64 group ids: rows with identical feature values share an id, every other row has its own.
+
+    Rows are hashed blockwise (64-bit hash of the float32 bit patterns, -0.0 counted as 0.0), then rows that share a
+    hash are compared exactly, so two rows share an id only if they are equal.
+    """
+    n = features.shape[0]
+    weights = torch.randint(-(2**62), 2**62, (features.shape[1],), generator=torch.Generator().manual_seed(0))
+    hashes = torch.empty(n, dtype=torch.int64)
+    for start in range(0, n, block_size):
+        block = features[start:start + block_size].float() + 0.0
+        hashes[start:start + block_size] = (block.view(torch.int32).long() * weights).sum(-1)
+    _, groups, counts = torch.unique(hashes, return_inverse=True, return_counts=True)
+    shared = torch.nonzero(counts[groups] > 1).squeeze(1)
+    if shared.numel():
+        # exact check of the rows that share a hash: each must equal the first row of its hash group
+        order = shared[torch.argsort(groups[shared], stable=True)]
+        first = {}
+        next_id = int(groups.max()) + 1
+        for row in order.tolist():
+            g = int(groups[row])
+            if g not in first:
+                first[g] = row
+            elif not torch.equal(features[row].float() + 0.0, features[first[g]].float() + 0.0):
+                groups[row] = next_id  # hash collision between different rows
+                next_id += 1
+    return groups
+
+
+def _merge_topk(scores_a, idx_a, scores_b, idx_b, k):
+    """Top-k of the union of two candidate lists, ordered by score descending, then index ascending."""
+    scores = torch.cat([scores_a, scores_b], dim=1)
+    idx = torch.cat([idx_a, idx_b], dim=1)
+    order = torch.argsort(idx, dim=1, stable=True)  # index ascending ...
+    scores, idx = scores.gather(1, order), idx.gather(1, order)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]  # ... then score descending
+    return scores.gather(1, order), idx.gather(1, order)
+
+
+def _block_topk(sim: torch.Tensor, k: int, offset: int):
+    """Exact top-k of each row of `sim` with lowest-index tie-breaking; indices shifted by `offset`."""
+    kk = min(k + 1, sim.shape[1])
+    values, idx = torch.topk(sim, kk, dim=1)
+    if kk > k:
+        tied = torch.nonzero(values[:, k - 1] == values[:, k]).squeeze(1)  # rows whose k-th place is a tie
+        values, idx = values[:, :k].clone(), idx[:, :k].clone()
+        for row in tied.tolist():
+            candidates = torch.nonzero(sim[row] >= values[row, k - 1]).squeeze(1)  # ascending index
+            order = torch.argsort(sim[row, candidates], descending=True, stable=True)[:k]
+            values[row], idx[row] = sim[row, candidates[order]], candidates[order]
+    return values, idx + offset
+
+
+def _mine_exact(queries, keys, k, block_size, self_index, query_groups, key_groups):
+    nq, nk = queries.shape[0], keys.shape[0]
+    best_scores = torch.full((nq, k), -math.inf)
+    best_idx = torch.full((nq, k), -1, dtype=torch.int64)
+    needs_dense = None
+    if query_groups is not None:
+        # a query needs the dense group comparison only if some key other than itself shares its features
+        counts = torch.bincount(key_groups, minlength=int(max(key_groups.max(), query_groups.max())) + 1)
+        matching = counts[query_groups]
+        if self_index is not None:
+            matching = matching - (key_groups[self_index.clamp(0, nk - 1)] == query_groups).long()
+        needs_dense = matching > 0
+    sim = torch.empty(block_size, block_size, dtype=torch.float32)
+    keys_t = [keys[s:s + block_size].float().t().contiguous() for s in range(0, nk, block_size)] \
+        if nk <= 4 * block_size else None  # small key sets: convert once
+    for qs in range(0, nq, block_size):
+        q = queries[qs:qs + block_size].float()
+        rows = q.shape[0]
+        run_s, run_i = best_scores[qs:qs + rows], best_idx[qs:qs + rows]
+        q_self = None if self_index is None else self_index[qs:qs + rows]
+        q_group = None if query_groups is None else query_groups[qs:qs + rows]
+        q_dense = None if needs_dense is None else needs_dense[qs:qs + rows]
+        for b, ks in enumerate(range(0, nk, block_size)):
+            kt = keys_t[b] if keys_t is not None else keys[ks:ks + block_size].float().t()
+            cols = kt.shape[1]
+            s = torch.mm(q, kt, out=sim[:rows, :cols])
+            if q_self is not None:
+                inside = (q_self >= ks) & (q_self < ks + cols)
+                r = torch.nonzero(inside).squeeze(1)
+                s[r, q_self[r] - ks] = -math.inf
+            if q_group is not None:
+                r = torch.nonzero(q_dense).squeeze(1)
+                if r.numel():
+                    same = q_group[r, None] == key_groups[None, ks:ks + cols]
+                    s[r] = s[r].masked_fill(same, -math.inf)
+            bs, bi = _block_topk(s, k, ks)
+            run_s, run_i = _merge_topk(run_s, run_i, bs, bi, k)
+        best_scores[qs:qs + rows], best_idx[qs:qs + rows] = run_s, run_i
+    best_idx[torch.isneginf(best_scores)] = -1
+    return best_scores, best_idx
+
+
+def _mine_faiss(queries, keys, k, self_index, query_groups, key_groups, nlist, nprobe, extra, train_size, seed):
+    import faiss
+
+    keys_np = np.ascontiguousarray(keys.float().numpy())
+    queries_np = keys_np if queries is keys else np.ascontiguousarray(queries.float().numpy())
+    n, d = keys_np.shape
+    nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    train = keys_np[np.sort(rng.choice(n, size=min(n, train_size or 64 * nlist), replace=False))]
+    index.train(train)
+    index.add(keys_np)
+    index.nprobe = nprobe
+    search_k = min(n, k + 1 + extra)
+    scores, idx = index.search(queries_np, search_k)
+    scores, idx = torch.from_numpy(scores), torch.from_numpy(idx).long()
+    invalid = idx < 0
+    if self_index is not None:
+        invalid |= idx == self_index[:, None]
+    if query_groups is not None:
+        invalid |= (key_groups[idx.clamp(min=0)] == query_groups[:, None])
+    scores = scores.masked_fill(invalid, -math.inf)
+    idx = idx.masked_fill(invalid, n)  # sorts after every valid index
+    scores, idx = _merge_topk(scores, idx, scores[:, :0], idx[:, :0], k)
+    idx[torch.isneginf(scores)] = -1
+    return scores, idx
+
+
+def mine_neighbors(
+    queries: torch.Tensor,
+    keys: torch.Tensor | None = None,
+    k: int = 1,
+    block_size: int = 4096,
+    exclude_self: bool = True,
+    exclude_duplicates: bool = True,
+    *,
+    query_indices: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
+    backend: str = "exact",
+    nlist: int | None = None,
+    nprobe: int = 32,
+    faiss_extra: int = 8,
+    faiss_train_size: int | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k inner-product neighbours of each query row among the key rows (cosine for normalised features).
+
+    Args:
+        queries: (Nq, D) features, any float dtype (fp16 banks are read block by block; products accumulate in fp32).
+        keys: (Nk, D) features; `None` mines the queries against themselves.
+        k: neighbours per query.
+        block_size: rows per query block and per key block; memory is O(block_size² + Nq · k), never O(N²).
+        exclude_self: drop the query itself: key i for query i when `keys is None`, else key `query_indices[i]`.
+        exclude_duplicates: also drop keys whose features are identical to the query's own (to the query row, and,
+            with `query_indices`, to its bank row), so a duplicated image or caption is never its own neighbour.
+        query_indices: (Nq,) index of each query's own row among the keys (A-CLIP-PING: the batch's dataset indices).
+        key_groups: precomputed `duplicate_groups(keys)`, to skip hashing the keys on every call.
+        backend: "exact" (blockwise matrix products) or "faiss" (approximate, `IndexIVFFlat` with inner product,
+            `nlist` lists, default 4·sqrt(N); `nprobe` lists searched; `k + 1 + faiss_extra` candidates are fetched so
+            self and duplicates can be removed).
+
+    Returns:
+        (scores, indices): float32 (Nq, k) and int64 (Nq, k), best first. Ties are broken deterministically: for equal
+        scores the lowest key index wins (exact backend). Slots without a candidate hold score -inf and index -1.
+    """
+    if queries.ndim != 2:
+        raise ValueError(f"queries must be (N, D), got {tuple(queries.shape)}")
+    same = keys is None
+    keys = queries if same else keys
+    if keys.shape[1] != queries.shape[1]:
+        raise ValueError(f"queries have dim {queries.shape[1]} but keys have dim {keys.shape[1]}")
+    queries, keys = queries.detach().cpu(), keys.detach().cpu()
+    if same:
+        keys = queries
+    self_index = None
+    if exclude_self:
+        if query_indices is not None:
+            self_index = torch.as_tensor(query_indices, dtype=torch.long).cpu().reshape(-1)
+        elif same:
+            self_index = torch.arange(queries.shape[0])
+    query_groups = None
+    if exclude_duplicates:
+        if self_index is not None and not same:
+            # queries are fresh features of bank rows: exclude the keys identical to each query's own bank row
+            key_groups = duplicate_groups(keys) if key_groups is None else key_groups.cpu()
+            query_groups = key_groups[self_index]
+        elif same:
+            key_groups = duplicate_groups(keys) if key_groups is None else key_groups.cpu()
+            query_groups = key_groups
+        else:
+            # external queries: exclude the keys identical to the query itself
+            groups = duplicate_groups(torch.cat([keys.float(), queries.float()]))
+            key_groups, query_groups = groups[: keys.shape[0]], groups[keys.shape[0]:]
+    else:
+        key_groups = None
+    if backend == "exact":
+        return _mine_exact(queries, keys, k, block_size, self_index, query_groups, key_groups)
+    if backend == "faiss":
+        return _mine_faiss(queries, keys, k, self_index, query_groups, key_groups, nlist, nprobe, faiss_extra,
+                           faiss_train_size, seed)
+    raise ValueError(f"backend must be 'exact' or 'faiss', got {backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bank files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _mmap_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a copy-on-write memory map (pages are read on first access)."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    dtypes = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64, "BF16": None}
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = dtypes.get(info["dtype"])
+        start, end = info["data_offsets"]
+        if dtype is None or end == start:  # unsupported dtype or empty tensor: read normally
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                tensors[name] = f.get_tensor(name)
+            continue
+        array = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_len + start, shape=tuple(info["shape"]))
+        tensors[name] = torch.from_numpy(array)
+    return tensors
+
+
+def _captions_of(row: dict, caption_index: int) -> str:
+    captions = row.get("captions")
+    if captions is None:
+        captions = row.get("caption", row.get("text"))
+    if isinstance(captions, (list, tuple)):
+        if not captions:
+            return ""
+        return str(captions[min(caption_index, len(captions) - 1)])
+    return "" if captions is None else str(captions)
+
+
+def _image_identity(image: Any) -> bytes:
+    """Bytes that identify an image without decoding it: its path when it has one, else its content."""
+    if isinstance(image, str):
+        return image.encode()
+    if isinstance(image, dict):
+        if image.get("path"):
+            return str(image["path"]).encode()
+        return hashlib.sha256(image.get("bytes") or b"").digest()
+    if hasattr(image, "tobytes"):  # PIL image or array
+        filename = getattr(image, "filename", "")
+        return filename.encode() if filename else hashlib.sha256(image.tobytes()).digest()
+    return repr(image).encode()
+
+
+def _iter_rows(dataset, batch_size: int, decode: bool = True) -> Iterable[dict]:
+    """Rows of a map-style `datasets.Dataset` (batched, images optionally left undecoded) or any sequence of dicts."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        datasets = None
+    if datasets is not None and isinstance(dataset, datasets.Dataset):
+        if not decode and "image" in dataset.column_names and isinstance(dataset.features["image"], datasets.Image):
+            dataset = dataset.cast_column("image", datasets.Image(decode=False))
+        for batch in dataset.iter(batch_size=batch_size):
+            keys = list(batch)
+            for values in zip(*(batch[k] for k in keys)):
+                yield dict(zip(keys, values))
+    else:
+        for i in range(len(dataset)):
+            yield dataset[i]
+
+
+def dataset_fingerprint(dataset, caption_index: int = 0, batch_size: int = 1024) -> str:
+    """sha256 over N, each row's encoded caption (`captions[caption_index]`) and its image identity (path when the
+    image has one, else a hash of its bytes). Independent of how the dataset was loaded, and computed without
+    decoding images. `datasets`' own `_fingerprint` is recorded in bank.json too, for information only (it changes
+    with every transform even when the content does not)."""
+    h = hashlib.sha256()
+    h.update(str(len(dataset)).encode())
+    for row in _iter_rows(dataset, batch_size, decode=False):
+        h.update(_captions_of(row, caption_index).encode() + b"\x00")
+        h.update(_image_identity(row.get("image")) + b"\x01")
+    return h.hexdigest()
+
+
+def _as_teacher(teacher, modality: str, device=None):
+    """A `Teacher` as it is, or a spec (str or None for the default) loaded with `load_teacher`."""
+    if teacher is None or isinstance(teacher, (str, os.PathLike)):
+        from .teachers import load_teacher
+
+        return load_teacher(None if teacher is None else str(teacher), modality, device=device)
+    return teacher
+
+
+def _teacher_meta(teacher) -> dict:
+    return {"spec": teacher.name, "dim": teacher.dim}
+
+
+class FeatureBank:
+    """A frozen feature bank with its neighbour lists, read-only and shared by every process (no all-gather).
+
+    >>> bank = FeatureBank.load("banks/shapes")                       # doctest: +SKIP
+    >>> targets = bank.lookup(batch["index"])                         # doctest: +SKIP
+    >>> targets["image_nn"].shape, targets["image_xnn"].shape         # doctest: +SKIP
+    (torch.Size([64, 208]), torch.Size([64, 384]))
+    """
+
+    def __init__(self, image_features: torch.Tensor, text_features: torch.Tensor, image_nn: torch.Tensor,
+                 text_nn: torch.Tensor, metadata: dict | None = None, path: str | None = None, seed: int = 0):
+        if not (len(image_features) == len(text_features) == len(image_nn) == len(text_nn)):
+            raise ValueError("bank tensors must all have N rows")
+        self.image_features, self.text_features = image_features, text_features
+        self.image_nn, self.text_nn = image_nn, text_nn
+        self.metadata = metadata or {}
+        self.path = path
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def load(cls, path: str, mmap: bool = True, seed: int = 0) -> "FeatureBank":
+        """Open a bank folder. With mmap=True the features are memory-mapped (nothing is read until looked up)."""
+        meta_path = os.path.join(path, METADATA_FILE)
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{path} is not a feature bank (no {METADATA_FILE}); build it with "
+                                    "examples/build_neighbors.py")
+        with open(meta_path, encoding="utf-8") as f:
+            metadata = json.load(f)
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: bank format version {metadata.get('format_version')}, this lightclip reads "
+                             f"version {FORMAT_VERSION}; rebuild the bank with --overwrite")
+        if mmap:
+            features = _mmap_safetensors(os.path.join(path, FEATURES_FILE))
+            neighbors = _mmap_safetensors(os.path.join(path, NEIGHBORS_FILE))
+        else:
+            from safetensors.torch import load_file
+
+            features = load_file(os.path.join(path, FEATURES_FILE))
+            neighbors = load_file(os.path.join(path, NEIGHBORS_FILE))
+        return cls(features["image"], features["text"], neighbors["image_nn"], neighbors["text_nn"], metadata,
+                   path, seed)
+
+    def __len__(self) -> int:
+        return self.image_features.shape[0]
+
+    @property
+    def image_dim(self) -> int:
+        return self.image_features.shape[1]
+
+    @property
+    def text_dim(self) -> int:
+        return self.text_features.shape[1]
+
+    @property
+    def k(self) -> int:
+        return self.image_nn.shape[1]
+
+    def _pick(self, table: torch.Tensor, indices: torch.Tensor, top_k: int, generator) -> torch.Tensor:
+        if top_k > table.shape[1]:
+            raise ValueError(f"top_k={top_k} but the bank stores only k={table.shape[1]} neighbours; rebuild with "
+                             f"--k {top_k}")
+        candidates = table[indices].long()
+        if top_k == 1:
+            return candidates[:, 0]
+        column = torch.randint(top_k, (len(indices),), generator=generator or self.generator)
+        picked = candidates.gather(1, column[:, None]).squeeze(1)
+        return torch.where(picked >= 0, picked, candidates[:, 0])  # fewer than top_k candidates: take the best
+
+    def lookup(self, indices: torch.Tensor, xnn_mode: str = "x2", top_k: int = 1,
+               generator: torch.Generator | None = None, device: torch.device | str | None = None,
+               neighbors: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Constant float32 targets for a batch of dataset indices (B,).
+
+        With n_I = image neighbour and n_T = text neighbour of each index (top-1, or drawn uniformly from the top_k
+        with `generator`, else the bank's own seeded generator):
+        - `image_nn`  = z̃_I[n_I]  (image head target, image teacher space);
+        - `text_nn`   = z̃_T[n_T]  (text head target, text teacher space);
+        - `image_xnn` (text teacher space):  x2 -> z̃_T[n_I], x1 -> z̃_T[n_T];
+        - `text_xnn`  (image teacher space): x2 -> z̃_I[n_T], x1 -> z̃_I[n_I];
+        - `image_nn_index`, `text_nn_index`: n_I, n_T (int64).
+        `neighbors=(n_I, n_T)` overrides the stored lists (used by `ActiveTeacherNeighbors`).
+        Outputs are on `device` (default: the device of `indices`).
+        """
+        if xnn_mode not in ("x1", "x2"):
+            raise ValueError(f"xnn_mode must be 'x1' or 'x2', got {xnn_mode!r}")
+        device = device if device is not None else (indices.device if isinstance(indices, torch.Tensor) else "cpu")
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu().reshape(-1)
+        if neighbors is None:
+            n_i = self._pick(self.image_nn, indices, top_k, generator)
+            n_t = self._pick(self.text_nn, indices, top_k, generator)
+        else:
+            n_i, n_t = (n.long().cpu() for n in neighbors)
+        z_i = lambda n: self.image_features[n].float()  # noqa: E731
+        z_t = lambda n: self.text_features[n].float()  # noqa: E731
+        out = {
+            "image_nn": z_i(n_i),
+            "text_nn": z_t(n_t),
+            "image_xnn": z_t(n_i) if xnn_mode == "x2" else z_t(n_t),
+            "text_xnn": z_i(n_t) if xnn_mode == "x2" else z_i(n_i),
+            "image_nn_index": n_i,
+            "text_nn_index": n_t,
+        }
+        return {key: value.to(device) for key, value in out.items()}
+
+    def state_dict(self) -> dict:
+        """The sampling RNG state, so `accelerator.register_for_checkpointing(bank)` resumes top-k sampling."""
+        return {"generator_state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator_state"])
+
+    def __repr__(self) -> str:
+        teachers = self.metadata.get("teachers", {})
+        return (f"FeatureBank(n={len(self)}, k={self.k}, image_dim={self.image_dim}, text_dim={self.text_dim}, "
+                f"image_teacher={teachers.get('image', {}).get('spec')!r}, "
+                f"text_teacher={teachers.get('text', {}).get('spec')!r}, path={self.path!r})")
+
+
+def _encode_dataset(dataset, image_teacher, text_teacher, batch_size, caption_index, show_progress):
+    from tqdm.auto import tqdm
+
+    n = len(dataset)
+    image = torch.empty(n, image_teacher.dim, dtype=torch.float16)
+    text = torch.empty(n, text_teacher.dim, dtype=torch.float16)
+    seen = torch.zeros(n, dtype=torch.bool)
+    rows = _iter_rows(dataset, batch_size, decode=not image_teacher.needs_indices)
+    bar = tqdm(total=n, desc="teacher features", unit="pair", disable=not show_progress)
+    position = 0
+    while position < n:
+        batch = [next(rows) for _ in range(min(batch_size, n - position))]
+        idx = torch.tensor([int(r.get("index", position + j)) for j, r in enumerate(batch)], dtype=torch.long)
+        if idx.min() < 0 or idx.max() >= n:
+            raise ValueError(f"dataset 'index' values must lie in [0, {n}), got {idx.min()}..{idx.max()}")
+        images = None if image_teacher.needs_indices else [r["image"] for r in batch]
+        texts = [_captions_of(r, caption_index) for r in batch]
+        image[idx] = image_teacher.encode(images or [None] * len(idx), indices=idx).cpu().half()
+        text[idx] = text_teacher.encode(texts, indices=idx).cpu().half()
+        seen[idx] = True
+        position += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    if not bool(seen.all()):
+        raise ValueError("dataset 'index' values are not a permutation of 0..N-1; the bank needs row i = index i")
+    # renormalise after the fp16 cast so every stored row has unit norm up to fp16 rounding
+    return F.normalize(image.float(), dim=-1).half(), F.normalize(text.float(), dim=-1).half()
+
+
+def _mine_bank(image, text, k, backend, block_size, nprobe, show_progress):
+    out = {}
+    index_dtype = torch.int32 if len(image) < 2**31 else torch.int64
+    for name, feats in (("image", image), ("text", text)):
+        if show_progress:
+            print(f"mining top-{k} {name} neighbours of {len(feats)} rows ({backend})", flush=True)
+        scores, idx = mine_neighbors(feats, k=k, block_size=block_size, backend=backend, nprobe=nprobe)
+        out[f"{name}_nn"] = idx.to(index_dtype).contiguous()
+        out[f"{name}_nn_scores"] = scores.float().contiguous()
+    return out
+
+
+def build_feature_bank(
+    dataset,
+    image_teacher=None,
+    text_teacher=None,
+    out_dir: str = "feature_bank",
+    k: int = 8,
+    batch_size: int = 256,
+    *,
+    caption_index: int = 0,
+    backend: str = "exact",
+    block_size: int = 4096,
+    nprobe: int = 32,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    show_progress: bool = True,
+) -> FeatureBank:
+    """Encode a dataset with two frozen teachers, mine top-k neighbours in each teacher space, write one folder.
+
+    Args:
+        dataset: map-style dataset with the standard lightclip columns `image`, `captions` (list[str]) and `index`
+            (row i of the bank = dataset index i). The caption encoded for row i is `captions[caption_index]`
+            (the first caption by default; the last one when a row has fewer).
+        image_teacher, text_teacher: `Teacher` objects or specs for `load_teacher` (None = the default teacher).
+        out_dir: the bank folder. An existing bank is reused when the dataset fingerprint, the teachers (spec and dim)
+            and the caption index match; a mismatch raises `ValueError` unless `overwrite=True`. When only k or the
+            backend differ, the stored features are re-mined without running the teachers.
+        k, backend, block_size, nprobe: see `mine_neighbors`.
+    Returns:
+        the loaded `FeatureBank`.
+    """
+    from safetensors.torch import save_file
+
+    image_teacher = _as_teacher(image_teacher, "image", device)
+    text_teacher = _as_teacher(text_teacher, "text", device)
+    fingerprint = dataset_fingerprint(dataset, caption_index)
+    expected = {
+        "fingerprint": fingerprint,
+        "teachers": {"image": _teacher_meta(image_teacher), "text": _teacher_meta(text_teacher)},
+        "caption_index": caption_index,
+    }
+    meta_path = os.path.join(out_dir, METADATA_FILE)
+    features = None
+    if os.path.isfile(meta_path) and not overwrite:
+        with open(meta_path, encoding="utf-8") as f:
+            found = json.load(f)
+        diffs = [f"{key}: bank has {found.get(key)!r}, requested {value!r}" for key, value in expected.items()
+                 if found.get(key) != value]
+        if found.get("format_version") != FORMAT_VERSION:
+            diffs.append(f"format_version: bank has {found.get('format_version')}, this code writes {FORMAT_VERSION}")
+        if diffs:
+            raise ValueError(f"The feature bank in {out_dir} was built for another dataset or other teachers:\n  "
+                             + "\n  ".join(diffs) + "\nPass overwrite=True (--overwrite) to rebuild it, or choose "
+                             "another output folder.")
+        if found.get("k") == k and found.get("backend") == backend:
+            return FeatureBank.load(out_dir)
+        bank = FeatureBank.load(out_dir, mmap=False)
+        features = {"image": bank.image_features, "text": bank.text_features}
+    if features is None:
+        image, text = _encode_dataset(dataset, image_teacher, text_teacher, batch_size, caption_index, show_progress)
+        features = {"image": image.contiguous(), "text": text.contiguous()}
+    neighbors = _mine_bank(features["image"], features["text"], k, backend, block_size, nprobe, show_progress)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(features, os.path.join(out_dir, FEATURES_FILE), metadata={"format": "pt"})
+    save_file(neighbors, os.path.join(out_dir, NEIGHBORS_FILE), metadata={"format": "pt"})
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "n": len(features["image"]),
+        "k": k,
+        "backend": backend,
+        **expected,
+        "fingerprint_method": "sha256(N, captions[caption_index], image path or sha256(image bytes)) per row",
+        "datasets_fingerprint": getattr(dataset, "_fingerprint", None),
+        "features": {"dtype": "float16", "normalized": True},
+        "neighbors": {"dtype": str(neighbors["image_nn"].dtype).removeprefix("torch."),
+                      "exclude_self": True, "exclude_duplicates": True, "tie_break": "lowest index"},
+    }
+    with open(meta_path, "w", encoding="utf-8") as f:
+        json.dump(metadata, f, indent=2)
+    return FeatureBank.load(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A-CLIP-PING
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ActiveTeacherNeighbors:
+    """A-CLIP-PING (METHOD.md §3.4, our reading): the teachers run online on the batch's own (augmented) inputs;
+    each query's nearest neighbour is searched in the frozen bank, in the teacher's space, excluding the sample's
+    own bank row and rows identical to it. Targets are then read from the bank exactly as `FeatureBank.lookup`.
+
+    Costs one forward pass of each teacher plus a (B × N) product per modality per step (see
+    benchmarks/RESULTS_neighbors.md). The search runs on CPU, blockwise, against the (memory-mapped) fp16 bank.
+    """
+
+    def __init__(self, bank: FeatureBank, image_teacher, text_teacher, block_size: int = 4096):
+        self.bank = bank
+        self.image_teacher = _as_teacher(image_teacher, "image")
+        self.text_teacher = _as_teacher(text_teacher, "text")
+        for teacher, dim, name in ((self.image_teacher, bank.image_dim, "image"),
+                                   (self.text_teacher, bank.text_dim, "text")):
+            if teacher.dim != dim:
+                raise ValueError(f"{name} teacher {teacher.name!r} has dim {teacher.dim}, the bank has {dim}")
+        self.block_size = block_size
+        self.image_groups = duplicate_groups(bank.image_features)
+        self.text_groups = duplicate_groups(bank.text_features)
+
+    def search(self, queries: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor, indices: torch.Tensor,
+               top_k: int, generator) -> torch.Tensor:
+        _, idx = mine_neighbors(queries, keys, k=top_k, block_size=self.block_size, query_indices=indices,
+                                key_groups=groups)
+        if top_k == 1:
+            return idx[:, 0]
+        column = torch.randint(top_k, (len(idx),), generator=generator or self.bank.generator)
+        picked = idx.gather(1, column[:, None]).squeeze(1)
+        return torch.where(picked >= 0, picked, idx[:, 0])
+
+    def lookup(self, indices: torch.Tensor, images, texts, xnn_mode: str = "x2", top_k: int = 1,
+               generator: torch.Generator | None = None, device=None) -> dict[str, torch.Tensor]:
+        """Like `FeatureBank.lookup`, but n_I, n_T come from the teachers' features of `images` / `texts` (lists of
+        PIL images or strings, or image tensors (B, 3, H, W) in [0, 1]) searched against the bank."""
+        device = device if device is not None else (indices.device if isinstance(indices, torch.Tensor) else "cpu")
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu().reshape(-1)
+        q_i = self.image_teacher.encode(images, indices=indices).cpu()
+        q_t = self.text_teacher.encode(texts, indices=indices).cpu()
+        n_i = self.search(q_i, self.bank.image_features, self.image_groups, indices, top_k, generator)
+        n_t = self.search(q_t, self.bank.text_features, self.text_groups, indices, top_k, generator)
+        return self.bank.lookup(indices, xnn_mode=xnn_mode, device=device, neighbors=(n_i, n_t))
+
+    def state_dict(self) -> dict:
+        return self.bank.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bank.load_state_dict(state)
