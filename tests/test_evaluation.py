@@ -349,14 +349,48 @@ def test_evaluate_shapes_keys():
     assert all(0.0 <= v <= 1.0 for k, v in result.items() if "num_" not in k)
 
 
-def test_cli_shapes_task(tmp_path):
-    pytest.importorskip("lightclip.shapes")
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny random lightclip model saved to disk, and the example CLI loaded as a module."""
     model, processor = _tiny_lightclip()
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+    path = tmp_path_factory.mktemp("cli") / "model"
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
     spec = importlib.util.spec_from_file_location("lightclip_evaluate_cli", REPO / "examples" / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    return cli, str(path)
+
+
+def test_cli_shapes_task(cli_model, tmp_path):
+    pytest.importorskip("lightclip.shapes")
+    cli, model = cli_model
     output = tmp_path / "results.json"
-    cli.main(["--model", str(tmp_path / "model"), "--task", "shapes", "--num_samples", "30", "--output", str(output)])
-    assert SHAPES_KEYS <= set(json.loads(output.read_text()))
+    cli.main(["--model", model, "--task", "shapes", "--num_samples", "30", "--output", str(output)])
+    results = json.loads(output.read_text())
+    assert results["task"] == "shapes" and results["model"] == model
+    assert SHAPES_KEYS <= set(results["metrics"])
+
+
+def test_cli_zero_shot_and_retrieval_on_imagefolder(cli_model, tmp_path):
+    cli, model = cli_model
+    rows = []
+    for i, row in enumerate(colour_dataset(per_colour=2)):
+        name = list(COLOURS)[row["label"]]
+        for root in ("classes", "captions"):  # class sub-folders; a flat folder with metadata.jsonl captions
+            folder = tmp_path / root / "test" / (name if root == "classes" else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            row["image"].save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": row["captions"][0]})
+    (tmp_path / "captions" / "test" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    zero_shot = cli.main(["--model", model, "--task", "zero_shot", "--data", str(tmp_path / "classes")])
+    assert zero_shot["metrics"]["num_images"] == 6 and "top5" not in zero_shot["metrics"]
+    retrieval = cli.main(["--model", model, "--task", "retrieval", "--data", str(tmp_path / "captions")])
+    assert retrieval["metrics"]["num_texts"] == 6  # read from the "text" column of metadata.jsonl
+
+
+def test_cli_linear_probe_on_shapes(cli_model):
+    pytest.importorskip("lightclip.shapes")
+    cli, model = cli_model
+    results = cli.main(["--model", model, "--task", "linear_probe", "--num_samples", "40", "--label_column", "colour"])
+    assert set(results["metrics"]) >= {"top1", "weight_decay", "val_top1", "num_train", "num_test"}

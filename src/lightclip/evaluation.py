@@ -49,6 +49,7 @@ __all__ = [
     "evaluate_retrieval",
     "evaluate_shapes",
     "evaluate_zero_shot",
+    "format_results",
     "linear_probe",
     "load_results",
     "retrieval_metrics",
@@ -232,7 +233,7 @@ def linear_probe(
     val_fraction: float = 0.2,
     weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
     seed: int = 0,
-    max_iter: int = 500,
+    max_iter: int = 100,
 ) -> dict[str, float]:
     """Logistic-regression probe on frozen features, regularisation chosen on a validation split.
 
@@ -534,14 +535,18 @@ def _jsonable(value, digits: int):
     return value
 
 
+def format_results(results: dict, digits: int = 6) -> str:
+    """`results` as JSON text: sorted keys, indented, floats to `digits` significant digits, NaN / inf as null."""
+    return json.dumps(_jsonable(results, digits), indent=2, sort_keys=True)
+
+
 def save_results(results: dict, path: str | os.PathLike, digits: int = 6) -> None:
-    """Write `results` as JSON (sorted keys, indented; floats to `digits` significant digits, NaN as null)."""
+    """Write `format_results(results, digits)` to `path`, creating its folder."""
     path = os.fspath(path)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(results, digits), f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(format_results(results, digits) + "\n")
 
 
 def load_results(path: str | os.PathLike) -> dict:

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Evaluate a lightclip model: zero-shot classification, retrieval, linear probe, or the built-in shapes benchmark.
+
+Examples:
+
+    # the built-in synthetic benchmark (no data needed)
+    python examples/evaluate.py --model runs/xxs/final --task shapes --output results/shapes.json
+
+    # zero-shot on an image folder (class names from the sub-folder names, generic templates)
+    python examples/evaluate.py --model runs/xxs/final --task zero_shot --data path/to/imagefolder --split test
+
+    # retrieval on an image folder with metadata.jsonl {"file_name", "text"}
+    python examples/evaluate.py --model runs/xxs/final --task retrieval --data path/to/captions --split train \
+        --caption_column text
+
+    # linear probe: train on --train_split, test on --split
+    python examples/evaluate.py --model runs/xxs/final --task linear_probe --data shapes --label_column shape
+
+Results are printed and, with --output, written as JSON: {"model", "task", "data", "split", "metrics": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# This file is called evaluate.py: keep its folder off sys.path so that `import evaluate` (the HF library), wherever
+# a dependency does it, does not import this script instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+TASKS = ("zero_shot", "retrieval", "linear_probe", "shapes")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="saved lightclip model folder or hub id")
+    parser.add_argument("--task", choices=TASKS, default="shapes")
+    parser.add_argument("--data", default="shapes", help="'shapes', an imagefolder path, or a hub dataset name")
+    parser.add_argument("--split", default="test", help="evaluation split (the test split for linear_probe)")
+    parser.add_argument("--train_split", default="train", help="linear_probe: split the probe is trained on")
+    parser.add_argument("--classnames_json", help='JSON file with "classnames" and "templates" (zero_shot)')
+    parser.add_argument("--label_column", help="class-index column (default: 'label', or 'shape' for shapes)")
+    parser.add_argument("--group_column", help="zero_shot: also report top1 per value of this column")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--caption_column", default="captions", help="retrieval: a caption or a list per image")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_samples", type=int, help="shapes only: number of rendered images per split")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--output", help="write the results JSON here")
+    return parser.parse_args(argv)
+
+
+def load_eval_dataset(data: str, split: str, num_samples: int | None = None):
+    """`shapes` renders the synthetic split; a folder loads as `imagefolder`; anything else goes to `load_dataset`."""
+    if data == "shapes":
+        from lightclip.shapes import make_shapes_dataset
+
+        return make_shapes_dataset(split=split, num_samples=num_samples)
+    from datasets import load_dataset
+
+    if os.path.isdir(data):
+        return load_dataset("imagefolder", data_dir=data, split=split)
+    return load_dataset(data, split=split)
+
+
+def zero_shot_prompts(args: argparse.Namespace, dataset, label_column: str) -> tuple[list[str], list[str]]:
+    """Class names and templates: from --classnames_json, the shapes task, or the label column's ClassLabel names."""
+    from lightclip.evaluation import DEFAULT_TEMPLATES
+
+    if args.classnames_json:
+        with open(args.classnames_json, encoding="utf-8") as f:
+            spec = json.load(f)
+        return list(spec["classnames"]), list(spec.get("templates") or DEFAULT_TEMPLATES)
+    if args.data == "shapes":
+        from lightclip.shapes import shapes_zero_shot_tasks
+
+        task = shapes_zero_shot_tasks()[label_column]
+        return task["classnames"], task["templates"]
+    names = getattr(dataset.features[label_column], "names", None)
+    if not names:
+        raise ValueError(f"column {label_column!r} is not a ClassLabel: pass --classnames_json")
+    return [name.replace("_", " ") for name in names], list(DEFAULT_TEMPLATES)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from lightclip import LightClipModel, LightClipProcessor
+    from lightclip import evaluation
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = LightClipModel.from_pretrained(args.model).to(device).eval()
+    processor = LightClipProcessor.from_pretrained(args.model)
+    label_column = args.label_column or ("shape" if args.data == "shapes" else "label")
+    common = dict(image_column=args.image_column, batch_size=args.batch_size)
+
+    if args.task == "shapes":
+        return evaluation.evaluate_shapes(model, processor, num_samples=args.num_samples, batch_size=args.batch_size)
+    dataset = load_eval_dataset(args.data, args.split, args.num_samples)
+    if args.task == "zero_shot":
+        classnames, templates = zero_shot_prompts(args, dataset, label_column)
+        group_column = args.group_column or ("composition_seen" if args.data == "shapes" else None)
+        return evaluation.evaluate_zero_shot(
+            model, processor, dataset, classnames, templates, label_column, group_column=group_column, **common
+        )
+    if args.task == "retrieval":
+        caption_column = args.caption_column
+        if caption_column not in dataset.column_names and "text" in dataset.column_names:
+            caption_column = "text"  # imagefolder metadata.jsonl names it so
+        return evaluation.evaluate_retrieval(model, processor, dataset, caption_column=caption_column, **common)
+    train_dataset = load_eval_dataset(args.data, args.train_split, args.num_samples)
+    return evaluation.evaluate_linear_probe(model, processor, train_dataset, dataset, label_column, **common)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    metrics = run(args)
+    results = {
+        "model": args.model, "task": args.task, "data": args.data,
+        "split": "test" if args.task == "shapes" else args.split, "metrics": metrics,
+    }
+    from lightclip.evaluation import format_results, save_results
+
+    if args.output:
+        save_results(results, args.output)
+    print(format_results(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
