@@ -174,48 +174,80 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
     def _scale(self, name: str) -> torch.Tensor:
         return getattr(self, f"{name}_logit_scale").clamp(max=self.config.logit_scale_max).exp()
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mlm_input_ids: torch.Tensor | None = None,
                 mlm_labels: torch.Tensor | None = None, neighbor_targets: dict[str, torch.Tensor] | None = None,
-                **kwargs) -> LightClipForPreTrainingOutput:
+                return_features: bool = False, **kwargs) -> LightClipForPreTrainingOutput | dict[str, torch.Tensor]:
         r"""Compute every active objective on one (local) batch.
 
         Args:
             mlm_input_ids, mlm_labels: a pre-masked copy of `input_ids` and its labels (-100 = not masked). When
                 absent and `mlm` is on, BERT masking is applied here.
             neighbor_targets: `image_nn`, `text_nn`, `image_xnn`, `text_xnn` teacher-space targets `(batch, dim)`.
+            return_features: return the per-sample features dict of `forward_features` instead of the losses;
+                gradient accumulation caches these and calls `compute_losses` on the merged set.
+        """
+        features = self.forward_features(input_ids, pixel_values, attention_mask, mlm_input_ids, mlm_labels,
+                                         neighbor_targets)
+        return features if return_features else self.compute_losses(features)
+
+    def forward_features(self, input_ids, pixel_values, attention_mask=None, mlm_input_ids=None, mlm_labels=None,
+                         neighbor_targets=None) -> dict[str, torch.Tensor]:
+        """Everything the losses need, per sample (rows), plus scalars (logit scales, the per-sample MLM loss).
+
+        Keeping every trainable map here means a loss over features merged from several micro-batches sends each
+        micro-batch's gradient through its own rows only (see `merge_features`).
         """
         config = self.config
         terms = config.objectives
         model = self.lightclip
         text_tower = model.text_model
+        if input_ids is None or pixel_values is None:
+            raise ValueError("LightClipForPreTraining needs input_ids and pixel_values")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = text_tower.truncate(input_ids, attention_mask)
         multiscale = "mlm" in terms and config.fusion_image_source == "multiscale"
         vision_out = model.vision_model(pixel_values, multiscale)
         text_out = text_tower(input_ids, attention_mask)
-        image_embeds = F.normalize(model.visual_projection(vision_out.pooler_output), dim=-1)
-        text_embeds = F.normalize(model.text_projection(text_out.pooler_output), dim=-1)
-        logit_scale = model.logit_scale_exp()
-
-        losses = dict(self.contrastive(image_embeds, text_embeds, logit_scale))
-        weights = {"contrastive_loss": 1.0}
+        features = {
+            "image_embeds": F.normalize(model.visual_projection(vision_out.pooler_output), dim=-1),
+            "text_embeds": F.normalize(model.text_projection(text_out.pooler_output), dim=-1),
+            "logit_scale": model.logit_scale_exp(),
+        }
         if "token" in terms:
             text_cfg = config.text_config
             specials = [t for t in (text_cfg.pad_token_id, text_cfg.bos_token_id, text_cfg.eos_token_id) if t is not None]
-            word_mask = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(specials, device=input_ids.device))
-            patches = F.normalize(self.image_token_proj(vision_out.patch_tokens), dim=-1)
-            words = F.normalize(self.text_token_proj(text_out.last_hidden_state), dim=-1)
-            losses.update(self.token_loss(patches, words, word_mask, self._scale("token")))
-            weights["token_loss"] = config.token_weight
+            features["word_mask"] = attention_mask.bool() & ~torch.isin(
+                input_ids, torch.tensor(specials, device=input_ids.device))
+            features["patch_tokens"] = F.normalize(self.image_token_proj(vision_out.patch_tokens), dim=-1)
+            features["word_tokens"] = F.normalize(self.text_token_proj(text_out.last_hidden_state), dim=-1)
+            features["token_logit_scale"] = self._scale("token")
         if "mlm" in terms:
-            losses.update(self._mlm(input_ids, attention_mask, mlm_input_ids, mlm_labels, vision_out))
-            weights["mlm_loss"] = config.mlm_weight
+            features.update(self._mlm(input_ids, attention_mask, mlm_input_ids, mlm_labels, vision_out))
         for name in ("nn", "xnn"):
             if name in terms:
-                losses.update(self._neighbor(name, image_embeds, text_embeds, neighbor_targets))
-                weights[f"{name}_loss"] = getattr(config, f"{name}_weight")
+                features.update(self._neighbor_features(name, features, neighbor_targets))
+        return features
+
+    def compute_losses(self, features: dict[str, torch.Tensor]) -> LightClipForPreTrainingOutput:
+        """The weighted objectives on (possibly merged) features."""
+        config = self.config
+        image_embeds, text_embeds, logit_scale = features["image_embeds"], features["text_embeds"], features["logit_scale"]
+        losses = dict(self.contrastive(image_embeds, text_embeds, logit_scale))
+        weights = {"contrastive_loss": 1.0, "token_loss": config.token_weight, "mlm_loss": config.mlm_weight,
+                   "nn_loss": config.nn_weight, "xnn_loss": config.xnn_weight}
+        if "token" in config.objectives:
+            losses.update(self.token_loss(features["patch_tokens"], features["word_tokens"], features["word_mask"],
+                                          features["token_logit_scale"]))
+        if "mlm" in config.objectives:
+            losses["mlm_loss"] = features["mlm_loss"]
+        for name in ("nn", "xnn"):
+            if name in config.objectives:
+                losses.update(getattr(self, f"{name}_loss")(
+                    features[f"{name}_image_queries"], features[f"{name}_text_queries"],
+                    features[f"{name}_image_targets"], features[f"{name}_text_targets"], features[f"{name}_logit_scale"],
+                ))
         loss = sum(weights[k] * v for k, v in losses.items())
         logits_per_text = logit_scale * text_embeds @ image_embeds.t()
         return LightClipForPreTrainingOutput(
@@ -245,9 +277,9 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
                 sources = [torch.cat([s.mean(1, keepdim=True), s], dim=1) for s in sources]
         token_embedding = self.lightclip.text_model.embeddings.token_embedding.weight
         logits = self.fusion(masked.hidden_states, sources, token_embedding)
-        return self.mlm_loss(logits, mlm_labels)
+        return self.mlm_loss(logits, mlm_labels)  # {"mlm_loss": ...}: per micro-batch, it has no negatives
 
-    def _neighbor(self, name: str, image_embeds, text_embeds, targets) -> dict[str, torch.Tensor]:
+    def _neighbor_features(self, name: str, features: dict, targets: dict | None) -> dict[str, torch.Tensor]:
         keys = (f"image_{name}", f"text_{name}")
         if targets is None or any(k not in targets for k in keys):
             raise ValueError(
@@ -255,6 +287,7 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
                 "FeatureBank.lookup(batch['index']) (see docs/neighbors.md)"
             )
         image_head, text_head = getattr(self, f"{name}_image_head"), getattr(self, f"{name}_text_head")
+        image_embeds, text_embeds = features["image_embeds"], features["text_embeds"]
         image_t = F.normalize(targets[keys[0]].to(image_embeds), dim=-1)
         text_t = F.normalize(targets[keys[1]].to(text_embeds), dim=-1)
         if self.config.neighbor_direction == "student_to_teacher":
@@ -263,7 +296,31 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
         else:  # teacher features are projected into the student space; the student embeddings are the queries
             queries = (image_embeds, text_embeds)
             goals = (F.normalize(image_head(image_t), dim=-1), F.normalize(text_head(text_t), dim=-1))
-        return getattr(self, f"{name}_loss")(queries[0], queries[1], goals[0], goals[1], self._scale(name))
+        return {f"{name}_image_queries": queries[0], f"{name}_text_queries": queries[1],
+                f"{name}_image_targets": goals[0], f"{name}_text_targets": goals[1],
+                f"{name}_logit_scale": self._scale(name)}
 
 
-__all__ = ["LightClipForPreTraining", "LightClipForPreTrainingOutput"]
+def merge_features(chunks: list[dict[str, torch.Tensor]], live: int) -> dict[str, torch.Tensor]:
+    """Concatenate the features of several micro-batches, for a loss that sees all their negatives.
+
+    `chunks[live]` carries gradients, the others are cached (no grad). Rows are concatenated (word tokens padded to
+    the longest); scalars come from the live chunk, their gradient divided by the number of chunks, so that summing
+    the backward of every chunk's merged loss gives exactly the full-batch gradient (open_clip's accumulation,
+    made exact for the logit scales and the per-micro-batch MLM loss).
+    """
+    count = len(chunks)
+    merged = {}
+    for key, value in chunks[live].items():
+        if value.dim() == 0:
+            merged[key] = value.detach() + (value - value.detach()) / count
+            continue
+        parts = [c[key] for c in chunks]
+        if value.dim() >= 2 and key in ("word_tokens", "word_mask"):
+            length = max(p.shape[1] for p in parts)
+            parts = [F.pad(p, (0, 0) * (p.dim() - 2) + (0, length - p.shape[1])) for p in parts]
+        merged[key] = torch.cat(parts)
+    return merged
+
+
+__all__ = ["LightClipForPreTraining", "LightClipForPreTrainingOutput", "merge_features"]
