@@ -96,6 +96,7 @@ class Teacher(nn.Module):
         self.name = name
         self.modality = modality
         self.dim = int(dim)
+        self.training = False
 
     def _freeze(self) -> "Teacher":
         self.eval()
