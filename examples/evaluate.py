@@ -28,8 +28,8 @@ import sys
 
 # This file is called evaluate.py: keep its folder off sys.path so that `import evaluate` (the HF library), wherever
 # a dependency does it, does not import this script instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 TASKS = ("zero_shot", "retrieval", "linear_probe", "shapes")
 
