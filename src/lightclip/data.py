@@ -235,13 +235,25 @@ def standardize_image_text_dataset(dataset, *, image_column: str | None = None,
             dataset = dataset.remove_columns("image")
         dataset = dataset.rename_column(image_column, "image")
     features = dataset.features
-    is_image = features is not None and isinstance(features.get("image"), datasets.Image)
-    if not is_image and base_dir is not None:
-        def absolute(paths):
-            return {"image": [p if p is None or os.path.isabs(p) else os.path.join(base_dir, p) for p in paths]}
+    if features is not None and isinstance(features.get("image"), datasets.Image):
+        return dataset.cast_column("image", datasets.Image(decode=False))
 
-        dataset = dataset.map(absolute, input_columns=["image"], batched=True, **map_kwargs)
-    return dataset.cast_column("image", datasets.Image(decode=False))
+    def as_image_dict(values):  # paths (relative to base_dir), bytes or {"bytes", "path"} dicts
+        return {"image": [_image_reference(v, base_dir) for v in values]}
+
+    dataset = dataset.map(as_image_dict, input_columns=["image"], batched=True, **map_kwargs)
+    return dataset if features is None else dataset.cast_column("image", datasets.Image(decode=False))
+
+
+def _image_reference(value: Any, base_dir: str | None) -> dict | None:
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if base_dir is not None and not os.path.isabs(path):
+            path = os.path.join(base_dir, path)
+        return {"bytes": None, "path": path}
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(value), "path": None}
+    return value
 
 
 # --------------------------------------------------------------------------------------------------- tar shards
