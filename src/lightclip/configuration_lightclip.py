@@ -32,7 +32,16 @@ _PASSTHROUGH_KWARGS = {
 
 
 def _reject_unknown_kwargs(config: PreTrainedConfig, kwargs: dict) -> None:
-    """Raise a clear error for misspelt keys instead of silently storing them as attributes."""
+    """Raise a clear error for misspelt keys instead of silently storing them as attributes, and for a config of
+    another model type (a `config.json` of CLIP or BERT would otherwise fail on its first foreign key)."""
+    given_type = kwargs.get("model_type")
+    if given_type is not None and given_type != type(config).model_type:
+        raise ValueError(
+            f"{type(config).__name__} expects model_type {type(config).model_type!r} but got a config of model_type "
+            f"{given_type!r}: this checkpoint is not a lightclip model"
+            + (" component" if type(config).base_config_key else "")
+            + ". Load it with its own class (e.g. AutoConfig / AutoModel)."
+        )
     known = {f for f in type(config).__dataclass_fields__} | _PASSTHROUGH_KWARGS
     unknown = [k for k in kwargs if k not in known and not k.startswith("_")]
     # generation parameters are popped by transformers itself
