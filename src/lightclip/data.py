@@ -98,12 +98,14 @@ def detect_source_kind(source: str) -> str:
     if source in SHAPES_SOURCES:
         return "shapes"
     lower = source.lower()
-    if lower.endswith(".tar") and (os.path.isfile(source) or "{" in source or glob.has_magic(source)):
+    if lower.endswith(".tar"):  # a file, a brace pattern or a glob; missing shards raise when listed
         return "tar"
     if os.path.isdir(source):
         names = os.listdir(source)
         has_metadata = any(n in names for n in ("metadata.jsonl", "metadata.csv"))
         return "tar" if not has_metadata and any(n.endswith(".tar") for n in names) else "imagefolder"
+    if lower.endswith((".csv", ".tsv", ".jsonl", ".json")) and not os.path.isfile(source):
+        raise FileNotFoundError(f"Data file not found: {source}")
     if os.path.isfile(source):
         if lower.endswith((".csv", ".tsv")):
             return "csv"

@@ -392,6 +392,7 @@ def make_shapes_dataset(split: str = "train", num_samples: int | None = None, im
     if num_samples < 0 or image_size < 16:
         raise ValueError("num_samples must be >= 0 and image_size >= 16")
     path = os.path.join(cache_root(), "shapes", _fingerprint(split, num_samples, image_size, seed))
+    stale = os.path.isdir(path)  # unless it loads below: partial, corrupted or from another version
     if use_cache and os.path.isfile(os.path.join(path, _COMPLETE_MARKER)):
         try:
             dataset = datasets.load_from_disk(path)
@@ -401,11 +402,12 @@ def make_shapes_dataset(split: str = "train", num_samples: int | None = None, im
             logger.warning("Regenerating lightclip-shapes: unreadable cache at %s (%s)", path, error)
     dataset = datasets.Dataset.from_dict(_generate(split, num_samples, image_size, seed), features=_features())
     if use_cache:
-        _save_atomically(dataset, path)
+        _save_atomically(dataset, path, replace=stale)
     return dataset
 
 
-def _save_atomically(dataset, path: str) -> None:
+def _save_atomically(dataset, path: str, replace: bool) -> None:
+    """Saves to a temporary folder, then renames it to `path`; keeps a copy another process wrote meanwhile."""
     parent = os.path.dirname(path)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -417,7 +419,9 @@ def _save_atomically(dataset, path: str) -> None:
         dataset.save_to_disk(tmp)
         with open(os.path.join(tmp, _COMPLETE_MARKER), "w") as f:
             json.dump({"generator_version": GENERATOR_VERSION, "num_rows": len(dataset)}, f)
-        if os.path.isdir(path):  # a stale or corrupted copy
+        if os.path.isdir(path):
+            if not replace:
+                return
             shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     except OSError as error:  # another process won the race, or the disk is full
