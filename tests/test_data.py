@@ -347,3 +347,26 @@ def test_random_resized_crop():
     t1 = crop.get_params(40, 36, torch.Generator().manual_seed(0))
     assert t1 == crop.get_params(40, 36, torch.Generator().manual_seed(0))
     assert ResizeCenterCrop(16)(image).size == (16, 16)
+
+
+def test_tar_shards_with_workers_and_skip_counts(tmp_path):
+    for s in range(2):
+        samples = [(f"k{s}_{k}", {"jpg": _png_bytes(), "txt": b"a cat"}) for k in range(4)]
+        samples[1] = (f"k{s}_1", {"jpg": b"broken", "txt": b"a dog"})
+        _write_shard(tmp_path / f"part-{s}.tar", samples)
+    dataset = load_image_text_dataset(str(tmp_path / "part-{0..1}.tar"))
+    collator = ImageTextCollator(FakeProcessor(), train=True, image_size=16, return_skip_counts=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=collator)
+    main, indices = SkipCounter(), []
+    for batch in loader:
+        main.merge(batch.pop("skip_counts"))
+        indices += batch["index"].tolist()
+    assert sorted(indices) == [0, 2, 3, 4, 6, 7]
+    assert main.summary() == {"unreadable image": 2} and sorted(main.examples["unreadable image"]) == [1, 5]
+
+
+def test_missing_local_files_raise(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_image_text_dataset(str(tmp_path / "pairs.csv"))
+    with pytest.raises(FileNotFoundError):
+        load_image_text_dataset(str(tmp_path / "x-{0..1}.tar"))
