@@ -113,6 +113,13 @@ def test_retrieval_metrics_skips_images_without_captions_in_image_to_text():
     assert result == {"image_retrieval_recall@1": 1.0, "text_retrieval_recall@1": 1.0}
 
 
+def test_nan_embeddings_score_zero_not_one():
+    nan = torch.full((3, 4), float("nan"))
+    assert zero_shot_accuracy(nan, torch.eye(4), torch.tensor([0, 1, 2]), topk=(1,)) == {"top1": 0.0}
+    result = retrieval_metrics(nan, nan, torch.tensor([0, 1, 2]), ks=(1,))
+    assert result == {"image_retrieval_recall@1": 0.0, "text_retrieval_recall@1": 0.0}
+
+
 def test_retrieval_metrics_rejects_bad_indices():
     with pytest.raises(ValueError):
         retrieval_metrics(torch.eye(2), torch.eye(2), torch.tensor([0, 2]))
