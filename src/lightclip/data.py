@@ -145,7 +145,8 @@ def load_image_text_dataset(
         dataset = make_shapes_dataset(split, num_samples=shapes_size, image_size=shapes_image_size, seed=seed)
         if max_samples is not None:
             dataset = dataset.select(range(min(max_samples, len(dataset))))
-        return dataset.cast_column("image", datasets.Image(decode=False))
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+        return dataset.to_iterable_dataset() if streaming else dataset
     if kind == "tar":
         return _load_tar_shards(source, max_samples=max_samples)
     base_dir = None
