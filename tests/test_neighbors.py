@@ -424,3 +424,30 @@ def test_teacher_parameters_get_no_gradient(tmp_path):
     loss.backward()
     assert not teacher.training
     assert student.weight.grad is not None and all(p.grad is None for p in teacher.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_build_neighbors_cli_on_shapes(tmp_path):
+    pytest.importorskip("lightclip.data")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_neighbors", os.path.join(os.path.dirname(__file__), "..", "examples", "build_neighbors.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    text = F.normalize(torch.randn(30, 8), dim=-1)
+    np.save(tmp_path / "text.npy", text.numpy())
+    argv = ["--train_data", "shapes", "--shapes_train_size", "30", "--shapes_test_size", "4",
+            "--image_teacher", "descriptor:color-hog", "--text_teacher", str(tmp_path / "text.npy"),
+            "--k", "2", "--output_dir", str(tmp_path / "bank"), "--batch_size", "8"]
+    bank = cli.main(argv)
+    assert len(bank) == 30 and bank.k == 2 and bank.image_dim == 208 and bank.text_dim == 8
+    assert torch.equal(bank.text_nn.long(), mine_neighbors(text.half(), k=2)[1])
+    assert len(cli.main(argv)) == 30  # reused
+    np.save(tmp_path / "text.npy", text[:, :4].numpy())
+    with pytest.raises(ValueError, match="--overwrite"):
+        cli.main(argv)
+    assert cli.main(argv + ["--overwrite"]).text_dim == 4

@@ -126,7 +126,8 @@ def _mine_exact(queries, keys, k, block_size, self_index, query_groups, key_grou
             if q_self is not None:
                 inside = (q_self >= ks) & (q_self < ks + cols)
                 r = torch.nonzero(inside).squeeze(1)
-                s[r, q_self[r] - ks] = -math.inf
+                if r.numel():
+                    sim.view(-1).index_fill_(0, r * s.stride(0) + (q_self.index_select(0, r) - ks), -math.inf)
             if q_group is not None:
                 r = torch.nonzero(q_dense).squeeze(1)
                 if r.numel():
@@ -297,34 +298,43 @@ def _image_identity(image: Any) -> bytes:
 
 
 def _iter_rows(dataset, batch_size: int, decode: bool = True) -> Iterable[dict]:
-    """Rows of a map-style `datasets.Dataset` (batched, images optionally left undecoded) or any sequence of dicts."""
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover
-        datasets = None
-    if datasets is not None and isinstance(dataset, datasets.Dataset):
+    """Rows of a `datasets.Dataset` (batched, images optionally left undecoded), of an `IterableDataset` (tar shards,
+    streaming) or of any sequence of dicts."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
         if not decode and "image" in dataset.column_names and isinstance(dataset.features["image"], datasets.Image):
             dataset = dataset.cast_column("image", datasets.Image(decode=False))
         for batch in dataset.iter(batch_size=batch_size):
             keys = list(batch)
             for values in zip(*(batch[k] for k in keys)):
                 yield dict(zip(keys, values))
-    else:
+    elif hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         for i in range(len(dataset)):
             yield dataset[i]
+    else:
+        yield from dataset
+
+
+def _fingerprint_and_len(dataset, caption_index: int, batch_size: int = 1024) -> tuple[str, int]:
+    rows = hashlib.sha256()
+    n = 0
+    for row in _iter_rows(dataset, batch_size, decode=False):
+        rows.update(_captions_of(row, caption_index).encode() + b"\x00")
+        rows.update(_image_identity(row.get("image")) + b"\x01")
+        n += 1
+    h = hashlib.sha256(str(n).encode())
+    h.update(rows.digest())
+    return h.hexdigest(), n
 
 
 def dataset_fingerprint(dataset, caption_index: int = 0, batch_size: int = 1024) -> str:
     """sha256 over N, each row's encoded caption (`captions[caption_index]`) and its image identity (path when the
     image has one, else a hash of its bytes). Independent of how the dataset was loaded, and computed without
-    decoding images. `datasets`' own `_fingerprint` is recorded in bank.json too, for information only (it changes
-    with every transform even when the content does not)."""
-    h = hashlib.sha256()
-    h.update(str(len(dataset)).encode())
-    for row in _iter_rows(dataset, batch_size, decode=False):
-        h.update(_captions_of(row, caption_index).encode() + b"\x00")
-        h.update(_image_identity(row.get("image")) + b"\x01")
-    return h.hexdigest()
+    decoding images (one pass over the rows; streamed datasets are read once for it). `datasets`' own
+    `_fingerprint` is recorded in bank.json too, for information only (it changes with every transform even when
+    the content does not)."""
+    return _fingerprint_and_len(dataset, caption_index, batch_size)[0]
 
 
 def _as_teacher(teacher, modality: str, device=None):
@@ -401,7 +411,7 @@ class FeatureBank:
         if top_k > table.shape[1]:
             raise ValueError(f"top_k={top_k} but the bank stores only k={table.shape[1]} neighbours; rebuild with "
                              f"--k {top_k}")
-        candidates = table[indices].long()
+        candidates = table.index_select(0, indices).long()  # index_select: advanced indexing is far slower on CPU
         if top_k == 1:
             return candidates[:, 0]
         column = torch.randint(top_k, (len(indices),), generator=generator or self.generator)
@@ -432,8 +442,8 @@ class FeatureBank:
             n_t = self._pick(self.text_nn, indices, top_k, generator)
         else:
             n_i, n_t = (n.long().cpu() for n in neighbors)
-        z_i = lambda n: self.image_features[n].float()  # noqa: E731
-        z_t = lambda n: self.text_features[n].float()  # noqa: E731
+        z_i = lambda n: self.image_features.index_select(0, n).float()  # noqa: E731
+        z_t = lambda n: self.text_features.index_select(0, n).float()  # noqa: E731
         out = {
             "image_nn": z_i(n_i),
             "text_nn": z_t(n_t),
@@ -458,10 +468,9 @@ class FeatureBank:
                 f"text_teacher={teachers.get('text', {}).get('spec')!r}, path={self.path!r})")
 
 
-def _encode_dataset(dataset, image_teacher, text_teacher, batch_size, caption_index, show_progress):
+def _encode_dataset(dataset, n, image_teacher, text_teacher, batch_size, caption_index, show_progress):
     from tqdm.auto import tqdm
 
-    n = len(dataset)
     image = torch.empty(n, image_teacher.dim, dtype=torch.float16)
     text = torch.empty(n, text_teacher.dim, dtype=torch.float16)
     seen = torch.zeros(n, dtype=torch.bool)
@@ -518,8 +527,9 @@ def build_feature_bank(
     """Encode a dataset with two frozen teachers, mine top-k neighbours in each teacher space, write one folder.
 
     Args:
-        dataset: map-style dataset with the standard lightclip columns `image`, `captions` (list[str]) and `index`
-            (row i of the bank = dataset index i). The caption encoded for row i is `captions[caption_index]`
+        dataset: a `datasets.Dataset` or `IterableDataset` (tar shards, streaming; read twice: once for the
+            fingerprint, once for the features) or a sequence of dicts, with the standard lightclip columns `image`,
+            `captions` (list[str]) and `index` (row i of the bank = dataset index i; must cover 0..N-1). The caption encoded for row i is `captions[caption_index]`
             (the first caption by default; the last one when a row has fewer).
         image_teacher, text_teacher: `Teacher` objects or specs for `load_teacher` (None = the default teacher).
         out_dir: the bank folder. An existing bank is reused when the dataset fingerprint, the teachers (spec and dim)
@@ -533,7 +543,7 @@ def build_feature_bank(
 
     image_teacher = _as_teacher(image_teacher, "image", device)
     text_teacher = _as_teacher(text_teacher, "text", device)
-    fingerprint = dataset_fingerprint(dataset, caption_index)
+    fingerprint, n = _fingerprint_and_len(dataset, caption_index)
     expected = {
         "fingerprint": fingerprint,
         "teachers": {"image": _teacher_meta(image_teacher), "text": _teacher_meta(text_teacher)},
@@ -557,7 +567,8 @@ def build_feature_bank(
         bank = FeatureBank.load(out_dir, mmap=False)
         features = {"image": bank.image_features, "text": bank.text_features}
     if features is None:
-        image, text = _encode_dataset(dataset, image_teacher, text_teacher, batch_size, caption_index, show_progress)
+        image, text = _encode_dataset(dataset, n, image_teacher, text_teacher, batch_size, caption_index,
+                                      show_progress)
         features = {"image": image.contiguous(), "text": text.contiguous()}
     neighbors = _mine_bank(features["image"], features["text"], k, backend, block_size, nprobe, show_progress)
     os.makedirs(out_dir, exist_ok=True)
@@ -591,10 +602,12 @@ class ActiveTeacherNeighbors:
     own bank row and rows identical to it. Targets are then read from the bank exactly as `FeatureBank.lookup`.
 
     Costs one forward pass of each teacher plus a (B × N) product per modality per step (see
-    benchmarks/RESULTS_neighbors.md). The search runs on CPU, blockwise, against the (memory-mapped) fp16 bank.
+    benchmarks/RESULTS_neighbors.md). The search runs on CPU, blockwise, against fp32 copies of the bank when both
+    fit in `max_cache_bytes` (2 GiB by default), else against the (memory-mapped) fp16 bank.
     """
 
-    def __init__(self, bank: FeatureBank, image_teacher, text_teacher, block_size: int = 4096):
+    def __init__(self, bank: FeatureBank, image_teacher, text_teacher, block_size: int = 4096,
+                 max_cache_bytes: int = 2 * 2**30):
         self.bank = bank
         self.image_teacher = _as_teacher(image_teacher, "image")
         self.text_teacher = _as_teacher(text_teacher, "text")
@@ -603,6 +616,10 @@ class ActiveTeacherNeighbors:
             if teacher.dim != dim:
                 raise ValueError(f"{name} teacher {teacher.name!r} has dim {teacher.dim}, the bank has {dim}")
         self.block_size = block_size
+        # fp32 copies of the bank avoid an fp16 -> fp32 conversion of all N rows on every step, if they fit
+        fits = (bank.image_features.numel() + bank.text_features.numel()) * 4 <= max_cache_bytes
+        self.image_keys = bank.image_features.float() if fits else bank.image_features
+        self.text_keys = bank.text_features.float() if fits else bank.text_features
         self.image_groups = duplicate_groups(bank.image_features)
         self.text_groups = duplicate_groups(bank.text_features)
 
@@ -624,8 +641,8 @@ class ActiveTeacherNeighbors:
         indices = torch.as_tensor(indices, dtype=torch.long).cpu().reshape(-1)
         q_i = self.image_teacher.encode(images, indices=indices).cpu()
         q_t = self.text_teacher.encode(texts, indices=indices).cpu()
-        n_i = self.search(q_i, self.bank.image_features, self.image_groups, indices, top_k, generator)
-        n_t = self.search(q_t, self.bank.text_features, self.text_groups, indices, top_k, generator)
+        n_i = self.search(q_i, self.image_keys, self.image_groups, indices, top_k, generator)
+        n_t = self.search(q_t, self.text_keys, self.text_groups, indices, top_k, generator)
         return self.bank.lookup(indices, xnn_mode=xnn_mode, device=device, neighbors=(n_i, n_t))
 
     def state_dict(self) -> dict:

@@ -207,7 +207,7 @@ class PrecomputedTeacher(Teacher):
         return self.table.shape[0]
 
     def _encode(self, batch, indices):
-        return self.table[indices].float()
+        return self.table.index_select(0, indices).float()
 
 
 class HFVisionTeacher(Teacher):
