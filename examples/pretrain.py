@@ -1,0 +1,466 @@
+#!/usr/bin/env python
+"""Pre-train a lightweight CLIP with any mix of the LightCLIP and CLIP-PING objectives, then evaluate it.
+
+    accelerate launch examples/pretrain.py                       # xxs preset, built-in shapes data, `lightclip` terms
+    accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py --objectives all --neighbors runs/bank
+
+Run with no arguments it trains `lightclip-xxs` on the built-in shapes dataset with every objective that needs no
+external teacher (`lightclip`: softened labels, token matching, MLM), evaluates, and saves a `LightClipModel`
+checkpoint with its processor to `--output_dir`. See `docs/training.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+
+import lightclip
+from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcessor
+from lightclip.configuration_lightclip import LightClipConfig as _Cfg
+from lightclip.data import ImageTextCollator, SkipCounter, add_data_args, load_datasets_from_args
+from lightclip.losses import mask_tokens
+from lightclip.pretraining import merge_features
+from lightclip.training import (
+    JsonlLog, cosine_with_warmup, param_groups, plot_log, resolve_checkpoint, save_checkpoint, truncate_log,
+)
+
+logger = logging.getLogger("lightclip.pretrain")
+
+# objective fields of LightClipConfig become command-line options (`--soft_alpha_max 0.5`, `--token_matching filip`)
+OBJECTIVE_FIELDS = {
+    name: field for name, field in _Cfg.__dataclass_fields__.items()
+    if name in _Cfg.__annotations__ and name not in ("text_config", "vision_config", "objectives",
+                                                        "teacher_image_dim", "teacher_text_dim")
+}
+
+
+def _field_type(default):
+    if isinstance(default, bool):
+        return lambda s: s.lower() in ("1", "true", "yes")
+    if isinstance(default, (int, float)):
+        return type(default)
+    return str
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_file", default=None,
+                        help="YAML or JSON file of any of these options (command line wins); copied into the output.")
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="lightclip-xxs", help="A preset name, or a config / checkpoint folder.")
+    group.add_argument("--tokenizer", default=None, help="A tokenizer folder or hub id (default: the package's).")
+    group.add_argument("--image_size", type=int, default=None, help="Override the image tower's input size.")
+    group.add_argument("--objectives", default="lightclip",
+                       help="Comma list of clip, soft, token, mlm, nn, xnn, or the groups lightclip, clip-ping, all.")
+    for name, field in OBJECTIVE_FIELDS.items():
+        if name in ("fusion_layers",):
+            group.add_argument(f"--{name}", type=int, nargs="+", default=None)
+        elif field.default is None or isinstance(field.default, (bool, int, float, str)):
+            group.add_argument(f"--{name}", type=_field_type(field.default), default=None,
+                               help=f"LightClipConfig.{name} (default {field.default!r})")
+    group = parser.add_argument_group("neighbours (CLIP-PING)")
+    group.add_argument("--neighbors", default=None,
+                       help="Feature-bank folder from examples/build_neighbors.py. Built into <output_dir>/neighbors "
+                            "with the default teachers when nn/xnn are on and this is not given.")
+    group.add_argument("--image_teacher", default=None, help="Teacher for an automatically built bank.")
+    group.add_argument("--text_teacher", default=None, help="Teacher for an automatically built bank.")
+    add_data_args(parser)
+    group = parser.add_argument_group("training")
+    group.add_argument("--output_dir", default="runs/lightclip-xxs-shapes")
+    group.add_argument("--overwrite_output_dir", action="store_true")
+    group.add_argument("--per_device_train_batch_size", type=int, default=64)
+    group.add_argument("--per_device_eval_batch_size", type=int, default=128)
+    group.add_argument("--learning_rate", type=float, default=2e-3)
+    group.add_argument("--weight_decay", type=float, default=0.1)
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.98)
+    group.add_argument("--adam_epsilon", type=float, default=1e-6)
+    group.add_argument("--num_train_epochs", type=float, default=None)
+    group.add_argument("--max_train_steps", type=int, default=None, help="Default 600 when no epochs are given.")
+    group.add_argument("--num_warmup_steps", type=int, default=None, help="Default: 5%% of the steps.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Micro-batches per step; the contrastive terms still see every micro-batch's negatives.")
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                       help="Default: what `accelerate launch` / `accelerate config` says.")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--checkpointing_steps", type=int, default=None)
+    group.add_argument("--checkpoints_total_limit", type=int, default=2)
+    group.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or `latest`.")
+    group.add_argument("--eval_steps", type=int, default=None)
+    group.add_argument("--logging_steps", type=int, default=10)
+    group.add_argument("--report_to", default="none", help="tensorboard, wandb, ..., all, or none.")
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_model_id", default=None)
+    group.add_argument("--hub_private", action="store_true")
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.config_file:
+        parser.set_defaults(**load_config_file(args.config_file, parser))
+        args = parser.parse_args(argv)
+    return args
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {unknown}")
+    return values
+
+
+def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining, LightClipProcessor]:
+    overrides = {k: getattr(args, k) for k in OBJECTIVE_FIELDS if getattr(args, k) is not None}
+    overrides["objectives"] = args.objectives
+    if bank is not None:
+        overrides.update(teacher_image_dim=bank.image_dim, teacher_text_dim=bank.text_dim)
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        if tokenizer.mask_token_id is None and "mlm" in lightclip.resolve_objectives(args.objectives):
+            raise ValueError(f"tokenizer {args.tokenizer} has no mask token; the mlm objective needs one")
+    text_overrides = {}
+    if tokenizer is not None:
+        text_overrides = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                              bos_token_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
+                              eos_token_id=tokenizer.eos_token_id or tokenizer.sep_token_id,
+                              mask_token_id=tokenizer.mask_token_id)
+    vision_overrides = {"image_size": args.image_size} if args.image_size else {}
+    if args.model in lightclip.list_presets():
+        config = LightClipConfig.from_preset(args.model, text_config=text_overrides, vision_config=vision_overrides,
+                                             **overrides)
+        model = LightClipForPreTraining(config)
+        processor = None
+    else:
+        config = LightClipConfig.from_pretrained(args.model, **overrides)
+        for key, value in text_overrides.items():
+            setattr(config.text_config, key, value)
+        for key, value in vision_overrides.items():
+            setattr(config.vision_config, key, value)
+        has_weights = any((Path(args.model) / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
+        model = LightClipForPreTraining.from_pretrained(args.model, config=config) if has_weights or not Path(
+            args.model).exists() else LightClipForPreTraining(config)
+        try:
+            processor = LightClipProcessor.from_pretrained(args.model)
+        except (OSError, ValueError, TypeError):
+            processor = None
+    if processor is None:
+        processor = LightClipProcessor.from_config(config) if tokenizer is None else LightClipProcessor(
+            lightclip.LightClipImageProcessor(image_size=config.vision_config.image_size), tokenizer)
+    elif tokenizer is not None:
+        processor = LightClipProcessor(processor.image_processor, tokenizer)
+    if args.image_size:
+        processor.image_processor = lightclip.LightClipImageProcessor(image_size=args.image_size)
+    return model, processor
+
+
+def load_or_build_bank(args, train_dataset, accelerator):
+    """The CLIP-PING feature bank: loaded from --neighbors, or built once with the default teachers."""
+    if not {"nn", "xnn"} & set(lightclip.resolve_objectives(args.objectives)):
+        return None
+    from lightclip.neighbors import FeatureBank, build_feature_bank
+    from lightclip.teachers import load_teacher
+
+    path = args.neighbors or os.path.join(args.output_dir, "neighbors")
+    if accelerator.is_main_process and not os.path.exists(os.path.join(path, "bank.json")):
+        if args.neighbors:
+            raise FileNotFoundError(f"--neighbors {path} holds no feature bank (bank.json); build one with "
+                                    "examples/build_neighbors.py")
+        logger.info("building the feature bank in %s with the default teachers", path)
+        build_feature_bank(train_dataset, load_teacher(args.image_teacher, "image"),
+                           load_teacher(args.text_teacher, "text"), out_dir=path)
+    accelerator.wait_for_everyone()
+    return FeatureBank.load(path)
+
+
+def resolve_steps(args, steps_per_epoch: int | None) -> int:
+    if args.max_train_steps:
+        return args.max_train_steps
+    if args.num_train_epochs:
+        if steps_per_epoch is None:
+            raise ValueError("a streamed dataset has no length: give --max_train_steps")
+        return math.ceil(args.num_train_epochs * steps_per_epoch)
+    return 600
+
+
+def align_across_processes(batch: dict, accelerator) -> dict:
+    """Under DDP the gathered losses need equal local batches and text lengths: cut every process to the
+    smallest batch (the rows cut are counted) and pad the text to the longest."""
+    if accelerator.num_processes == 1:
+        return batch
+    size = torch.tensor([batch["index"].numel()], device=accelerator.device)
+    smallest = int(accelerator.gather(size).min())
+    batch = {k: v[:smallest] for k, v in batch.items()}
+    batch["input_ids"] = accelerator.pad_across_processes(batch["input_ids"], dim=1, pad_index=0)
+    batch["attention_mask"] = accelerator.pad_across_processes(batch["attention_mask"], dim=1, pad_index=0)
+    return batch
+
+
+def mlm_inputs(batch: dict, config, seed: int, step: int, micro: int) -> dict:
+    """BERT masking with a generator seeded by (seed, step, micro-batch, process): reproducible across resumes."""
+    if "mlm" not in config.objectives:
+        return {}
+    text = config.text_config
+    generator = torch.Generator(device="cpu").manual_seed(hash((seed, step, micro, int(os.environ.get("RANK", 0)))) % 2**63)
+    specials = [t for t in (text.pad_token_id, text.bos_token_id, text.eos_token_id, text.mask_token_id) if t is not None]
+    ids, labels = mask_tokens(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), mask_token_id=text.mask_token_id,
+                              vocab_size=text.vocab_size, special_token_ids=specials,
+                              probability=config.mlm_probability, generator=generator)
+    return {"mlm_input_ids": ids.to(batch["input_ids"].device), "mlm_labels": labels.to(batch["input_ids"].device)}
+
+
+def training_step(model, accelerator, micro_batches: list[dict], extras: list[dict]):
+    """One optimiser step's forward/backward. With several micro-batches, their features are cached first so every
+    contrastive term sees all of them (open_clip's accumulation), then each is recomputed with gradients."""
+    unwrapped = accelerator.unwrap_model(model)
+    if len(micro_batches) == 1:
+        with accelerator.autocast():
+            out = model(**micro_batches[0], **extras[0])
+        accelerator.backward(out.loss)
+        return out
+    with torch.no_grad(), accelerator.autocast():
+        cached = [model(**b, **e, return_features=True) for b, e in zip(micro_batches, extras)]
+    for i, (b, e) in enumerate(zip(micro_batches, extras)):
+        sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else _nullcontext()
+        with sync, accelerator.autocast():
+            live = model(**b, **e, return_features=True)
+            out = unwrapped.compute_losses(merge_features(cached[:i] + [live] + cached[i + 1:], i))
+        accelerator.backward(out.loss)
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def evaluate(model, processor, args, validation, accelerator) -> dict:
+    """Built-in shapes benchmark when training on shapes, else retrieval on the validation set (main process)."""
+    from lightclip.evaluation import evaluate_retrieval, evaluate_shapes
+
+    results = {}
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(model).lightclip
+        was_training = inner.training
+        inner.eval()
+        if args.train_data in ("shapes", "lightclip-shapes") and validation is not None:
+            results = evaluate_shapes(inner, processor, dataset=validation, batch_size=args.per_device_eval_batch_size)
+        elif validation is not None:
+            results = evaluate_retrieval(inner, processor, validation, batch_size=args.per_device_eval_batch_size)
+        inner.train(was_training)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir, kwargs_handlers=[ddp],
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        if output_dir.exists() and args.overwrite_output_dir and not args.resume_from_checkpoint:
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True))
+        if args.config_file:
+            shutil.copy(args.config_file, output_dir / Path(args.config_file).name)
+    accelerator.wait_for_everyone()
+
+    with accelerator.main_process_first():
+        # the data seed stays 0 so every run (any --seed) trains and evaluates on the same shapes data
+        train_dataset, validation = load_datasets_from_args(args, seed=0)
+    bank = load_or_build_bank(args, train_dataset, accelerator)
+    model, processor = build_model_and_processor(args, bank)
+    config = model.config
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    n_params = sum(p.numel() for p in model.lightclip.parameters())
+    n_train = sum(p.numel() for p in model.parameters()) - n_params
+    logger.info("model: %s, %.2f M inference parameters (+%.2f M training-only), objectives %s",
+                args.model, n_params / 1e6, n_train / 1e6, config.objectives)
+
+    skips = SkipCounter()
+    image_size = config.vision_config.image_size
+    collator = ImageTextCollator(processor, train=True, image_size=image_size,
+                                 max_length=config.text_config.max_position_embeddings, seed=args.seed,
+                                 skip_counter=skips, return_skip_counts=args.dataloader_num_workers > 0)
+    iterable = not hasattr(train_dataset, "__len__")
+    micro_batch = args.per_device_train_batch_size
+    loader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=micro_batch, shuffle=not iterable, drop_last=True, collate_fn=collator,
+        num_workers=args.dataloader_num_workers,
+    )
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
+                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    loader_len = None if iterable else len(loader) // max(1, accelerator.num_processes)
+    steps_per_epoch = None if iterable else max(1, loader_len // args.gradient_accumulation_steps)
+    total_steps = resolve_steps(args, steps_per_epoch)
+    warmup = args.num_warmup_steps if args.num_warmup_steps is not None else int(0.05 * total_steps)
+    scheduler = cosine_with_warmup(optimizer, warmup, total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    accelerator.register_for_checkpointing(skips)
+
+    if args.report_to != "none":
+        flat = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("lightclip", config=flat)
+    log = JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
+
+    step = 0
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        if accelerator.is_main_process:
+            truncate_log(output_dir / "train_log.jsonl", step)
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    elif args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        raise FileNotFoundError(args.resume_from_checkpoint)
+
+    unwrapped = accelerator.unwrap_model(model)
+    batches_per_step = args.gradient_accumulation_steps
+    epoch = 0 if steps_per_epoch is None else step // steps_per_epoch
+    skip_batches = 0 if steps_per_epoch is None else (step % steps_per_epoch) * batches_per_step
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train",
+                    dynamic_ncols=True)
+    logger.info("training %d steps (%s per epoch), global batch %d", total_steps, steps_per_epoch,
+                micro_batch * batches_per_step * accelerator.num_processes)
+    last_eval: dict = {}
+    seen, window_start = 0, time.perf_counter()
+    model.train()
+    while step < total_steps:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        collator.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        skip_batches = 0
+        pending: list[dict] = []
+        for batch in epoch_loader:
+            counts = batch.pop("skip_counts", None)
+            if counts is not None:
+                skips.merge(counts)
+            batch = align_across_processes(batch, accelerator)
+            if batch["index"].numel() == 0:
+                continue
+            pending.append(batch)
+            if len(pending) < batches_per_step:
+                continue
+            unwrapped.set_progress(step / total_steps)
+            extras = []
+            for micro, b in enumerate(pending):
+                extra = mlm_inputs(b, config, args.seed, step, micro)
+                if bank is not None:
+                    extra["neighbor_targets"] = bank.lookup(b.pop("index"), xnn_mode=config.xnn_mode,
+                                                            top_k=config.neighbor_top_k, device=accelerator.device)
+                else:
+                    b.pop("index")
+                extras.append(extra)
+            out = training_step(model, accelerator, pending, extras)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            unwrapped.lightclip.clamp_logit_scale_()
+            seen += sum(b["input_ids"].shape[0] for b in pending) * accelerator.num_processes
+            pending = []
+            step += 1
+            progress.update(1)
+            if step % args.logging_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "epoch": epoch, "loss": accelerator.reduce(out.loss.detach(), "mean").item(),
+                          **{k: accelerator.reduce(v.detach(), "mean").item() for k, v in out.losses.items()},
+                          "lr": scheduler.get_last_lr()[0], "logit_scale": unwrapped.lightclip.logit_scale_exp().item(),
+                          "images_per_sec": round(seen / max(elapsed, 1e-9), 1)}
+                if "soft" in config.objectives:
+                    record["soft_alpha"] = unwrapped.contrastive.alpha
+                log.write(record)
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=record["images_per_sec"])
+                seen, window_start = 0, time.perf_counter()
+            if args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
+                last_eval = {f"eval/{k}": v for k, v in evaluate(model, processor, args, validation, accelerator).items()}
+                if last_eval:
+                    log.write({"step": step, **last_eval})
+                    accelerator.log(last_eval, step=step)
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, step, {"step": step, "epoch": epoch},
+                                keep=args.checkpoints_total_limit)
+            if step >= total_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    results = evaluate(model, processor, args, validation, accelerator)
+    skip_summary = skips.summary()
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        eval_results = {**results, "step": step, "skipped": skip_summary}
+        (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2, sort_keys=True))
+        log.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
+        plot_log(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
+        message = skips.warn(logger)
+        if message is None:
+            logger.info("no samples skipped")
+        for key in sorted(results):
+            if key.endswith("top1") or key.endswith("recall@1"):
+                logger.info("%s = %.4f", key, results[key])
+        _write_card(output_dir, args)
+        if args.push_to_hub:
+            _push(output_dir, args)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _write_card(output_dir: Path, args) -> None:
+    """Model card from the run's config and eval results (see lightclip.hub), when that module is available."""
+    try:
+        from lightclip.hub import write_model_card
+    except ImportError:
+        return
+    write_model_card(output_dir, command="accelerate launch examples/pretrain.py " + " ".join(sys.argv[1:]))
+
+
+def _push(output_dir: Path, args) -> None:
+    from lightclip.hub import push_folder
+
+    if not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id")
+    push_folder(output_dir, args.hub_model_id, private=args.hub_private)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Training utilities shared by `examples/pretrain.py` and the tests: optimizer groups, schedules, atomic
+checkpoints, the JSONL log and its plot. Training-only; never imported by the inference model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups with no weight decay on norms, biases, embeddings' 1-D params and the logit scales (CLIP recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "logit_scale" in name or "class_embedding" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                       min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then cosine decay to `min_ratio` of the peak learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (`checkpoint-<step>` holding `trainer_state.json`), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_FILE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """`latest` -> newest complete checkpoint in `output_dir` (None if there is none); a path -> that path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(f"{path} is not a complete lightclip checkpoint (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict, keep: int | None = None) -> Path:
+    """`accelerator.save_state` into a temporary folder, then an atomic rename: a run killed while saving never
+    leaves a corrupt `checkpoint-<step>`. Older checkpoints beyond `keep` are removed."""
+    root = Path(output_dir)
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if keep:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class JsonlLog:
+    """Append-only `train_log.jsonl`; one JSON object a line (a resumed run appends)."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            record = {"time": round(time.time(), 3), **record}
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.exists() else []
+
+
+def truncate_log(path: str | os.PathLike, step: int) -> None:
+    """Drop records after `step` (a resumed run re-logs them)."""
+    path = Path(path)
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
+    """Loss curves (every `*_loss` key) and eval metrics (`eval/*` top-1 and recall@1) over steps, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = JsonlLog(log_path).read()
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    loss_keys = sorted({k for r in train for k in r if k.endswith("loss")})
+    for key in loss_keys:
+        pts = [(r["step"], r[key]) for r in train if key in r]
+        axes[0].plot(*zip(*pts), label=key, linewidth=1.2 if key == "loss" else 0.8)
+    axes[0].set(xlabel="step", ylabel="loss", title="training losses", yscale="log")
+    metric_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and ("top1" in k or "recall@1" in k)})
+    for key in metric_keys:
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        axes[1].plot(*zip(*pts), marker="o", label=key.removeprefix("eval/"))
+    axes[1].set(xlabel="step", ylabel="metric", title="evaluation", ylim=(0, 1))
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["param_groups", "cosine_with_warmup", "save_checkpoint", "resolve_checkpoint", "list_checkpoints",
+           "JsonlLog", "truncate_log", "plot_log"]
