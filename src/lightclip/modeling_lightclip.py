@@ -381,10 +381,14 @@ class LightClipPreTrainedModel(PreTrainedModel):
             init.normal_(module.fc1.weight, std=(2 * width) ** -0.5)
             init.normal_(module.fc2.weight, std=width**-0.5 * (2 * module.config.num_hidden_layers) ** -0.5)
         elif isinstance(module, LightClipConvVisionTower):
-            # transformers' CNNs draw convs and norm scales from N(0, 0.02), which vanishes when trained from scratch
+            # transformers' CNNs draw convs and norm scales from N(0, 0.02), which vanishes when trained from scratch.
+            # He init on fan-out per group (timm's `fix_group_fanout`): torch's fan-out of a depthwise conv counts all
+            # channels, which shrinks it by sqrt(channels) and, with fresh BatchNorm statistics in eval mode, gave
+            # ~1e-14 embeddings that F.normalize could not normalise.
             for sub in module.modules():
                 if isinstance(sub, nn.Conv2d):
-                    init.kaiming_normal_(sub.weight, mode="fan_out", nonlinearity="relu")
+                    fan_out = sub.kernel_size[0] * sub.kernel_size[1] * sub.out_channels // sub.groups
+                    init.normal_(sub.weight, std=(2.0 / fan_out) ** 0.5)
                 elif isinstance(sub, nn.BatchNorm2d):
                     init.ones_(sub.weight)
                     init.zeros_(sub.bias)
