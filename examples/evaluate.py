@@ -9,9 +9,8 @@ Examples:
     # zero-shot on an image folder (class names from the sub-folder names, generic templates)
     python examples/evaluate.py --model runs/xxs/final --task zero_shot --data path/to/imagefolder --split test
 
-    # retrieval on an image folder with metadata.jsonl {"file_name", "text"}
-    python examples/evaluate.py --model runs/xxs/final --task retrieval --data path/to/captions --split train \
-        --caption_column text
+    # retrieval on anything lightclip.data reads: image folder with metadata.jsonl, csv/json, tar shards, hub
+    python examples/evaluate.py --model runs/xxs/final --task retrieval --data path/to/captions --split train
 
     # linear probe: train on --train_split, test on --split
     python examples/evaluate.py --model runs/xxs/final --task linear_probe --data shapes --label_column shape
@@ -44,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classnames_json", help='JSON file with "classnames" and "templates" (zero_shot)')
     parser.add_argument("--label_column", help="class-index column (default: 'label', or 'shape' for shapes)")
     parser.add_argument("--group_column", help="zero_shot: also report top1 per value of this column")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--caption_column", default="captions", help="retrieval: a caption or a list per image")
+    parser.add_argument("--image_column", help="default 'image' (retrieval: detected by lightclip.data)")
+    parser.add_argument("--caption_column", help="retrieval: caption column(s), default detected by lightclip.data")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_samples", type=int, help="shapes only: number of rendered images per split")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -64,6 +63,22 @@ def load_eval_dataset(data: str, split: str, num_samples: int | None = None):
     if os.path.isdir(data):
         return load_dataset("imagefolder", data_dir=data, split=split)
     return load_dataset(data, split=split)
+
+
+def load_retrieval_dataset(args: argparse.Namespace):
+    """Any source `lightclip.data` reads (shapes, imagefolder with metadata, csv/json, tar shards, hub), with columns
+    standardised to "image" and "captions" (a list per image); streamed sources are materialised."""
+    from datasets import Dataset, IterableDataset
+
+    from lightclip.data import load_image_text_dataset
+
+    dataset = load_image_text_dataset(
+        args.data, args.split, image_column=args.image_column, caption_column=args.caption_column,
+        shapes_size=args.num_samples,
+    )
+    if isinstance(dataset, IterableDataset):
+        dataset = Dataset.from_list([{"image": row["image"], "captions": row["captions"]} for row in dataset])
+    return dataset
 
 
 def zero_shot_prompts(args: argparse.Namespace, dataset, label_column: str) -> tuple[list[str], list[str]]:
@@ -95,10 +110,13 @@ def run(args: argparse.Namespace) -> dict:
     model = LightClipModel.from_pretrained(args.model).to(device).eval()
     processor = LightClipProcessor.from_pretrained(args.model)
     label_column = args.label_column or ("shape" if args.data == "shapes" else "label")
-    common = dict(image_column=args.image_column, batch_size=args.batch_size)
+    common = dict(image_column=args.image_column or "image", batch_size=args.batch_size)
 
     if args.task == "shapes":
         return evaluation.evaluate_shapes(model, processor, num_samples=args.num_samples, batch_size=args.batch_size)
+    if args.task == "retrieval":
+        dataset = load_retrieval_dataset(args)
+        return evaluation.evaluate_retrieval(model, processor, dataset, batch_size=args.batch_size)
     dataset = load_eval_dataset(args.data, args.split, args.num_samples)
     if args.task == "zero_shot":
         classnames, templates = zero_shot_prompts(args, dataset, label_column)
@@ -106,11 +124,6 @@ def run(args: argparse.Namespace) -> dict:
         return evaluation.evaluate_zero_shot(
             model, processor, dataset, classnames, templates, label_column, group_column=group_column, **common
         )
-    if args.task == "retrieval":
-        caption_column = args.caption_column
-        if caption_column not in dataset.column_names and "text" in dataset.column_names:
-            caption_column = "text"  # imagefolder metadata.jsonl names it so
-        return evaluation.evaluate_retrieval(model, processor, dataset, caption_column=caption_column, **common)
     train_dataset = load_eval_dataset(args.data, args.train_split, args.num_samples)
     return evaluation.evaluate_linear_probe(model, processor, train_dataset, dataset, label_column, **common)
 

@@ -271,6 +271,7 @@ def test_linear_probe_single_weight_decay_skips_selection():
 def test_evaluate_zero_shot_with_groups_restores_training_mode(fake):
     model, processor = fake
     model.train()
+    model.image_projection.eval()  # a frozen submodule must stay in eval mode
     dataset = colour_dataset()
     result = evaluate_zero_shot(
         model, processor, dataset, list(COLOURS), ["a photo of a {}.", "a {} object."], "label",
@@ -280,7 +281,8 @@ def test_evaluate_zero_shot_with_groups_restores_training_mode(fake):
         "top1": 1.0, "top1_seen": 1.0, "top1_unseen": 1.0, "num_images": 12, "num_images_seen": 6,
         "num_images_unseen": 6,
     }
-    assert model.training and model.modes_seen and not any(model.modes_seen)
+    assert model.training and not model.image_projection.training
+    assert model.modes_seen and not any(model.modes_seen)
 
 
 def test_evaluate_retrieval_matches_metrics_on_embeddings(fake):
@@ -401,3 +403,10 @@ def test_cli_linear_probe_on_shapes(cli_model):
     cli, model = cli_model
     results = cli.main(["--model", model, "--task", "linear_probe", "--num_samples", "40", "--label_column", "colour"])
     assert set(results["metrics"]) >= {"top1", "weight_decay", "val_top1", "num_train", "num_test"}
+
+
+def test_cli_retrieval_on_shapes_reads_undecoded_images(cli_model):
+    pytest.importorskip("lightclip.data")
+    cli, model = cli_model
+    results = cli.main(["--model", model, "--task", "retrieval", "--num_samples", "20"])
+    assert results["metrics"]["num_images"] == 20 and results["metrics"]["num_texts"] >= 20

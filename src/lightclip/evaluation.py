@@ -301,7 +301,9 @@ class _EvalMode:
         self.model = model
 
     def __enter__(self):
-        self.was_training = getattr(self.model, "training", False)
+        # per-module flags: a frozen submodule kept in eval mode inside a training model stays so
+        modules = self.model.modules() if hasattr(self.model, "modules") else []
+        self.modes = [(module, module.training) for module in modules]
         if hasattr(self.model, "eval"):
             self.model.eval()
         self.no_grad = torch.no_grad()
@@ -310,8 +312,8 @@ class _EvalMode:
 
     def __exit__(self, *exc):
         self.no_grad.__exit__(*exc)
-        if self.was_training:
-            self.model.train()
+        for module, training in self.modes:
+            module.training = training
         return False
 
 
