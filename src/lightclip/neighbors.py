@@ -492,8 +492,10 @@ def _encode_dataset(dataset, n, image_teacher, text_teacher, batch_size, caption
     bar.close()
     if not bool(seen.all()):
         raise ValueError("dataset 'index' values are not a permutation of 0..N-1; the bank needs row i = index i")
-    # renormalise after the fp16 cast so every stored row has unit norm up to fp16 rounding
-    return F.normalize(image.float(), dim=-1).half(), F.normalize(text.float(), dim=-1).half()
+    for table in (image, text):  # renormalise after the fp16 cast, blockwise (no fp32 copy of the whole bank)
+        for start in range(0, n, 65536):
+            table[start:start + 65536] = F.normalize(table[start:start + 65536].float(), dim=-1).half()
+    return image, text
 
 
 def _mine_bank(image, text, k, backend, block_size, nprobe, show_progress):
