@@ -67,18 +67,13 @@ def load_eval_dataset(data: str, split: str, num_samples: int | None = None):
 
 def load_retrieval_dataset(args: argparse.Namespace):
     """Any source `lightclip.data` reads (shapes, imagefolder with metadata, csv/json, tar shards, hub), with columns
-    standardised to "image" and "captions" (a list per image); streamed sources are materialised."""
-    from datasets import Dataset, IterableDataset
-
+    standardised to "image" and "captions" (a list per image); the runners read streamed sources into memory."""
     from lightclip.data import load_image_text_dataset
 
-    dataset = load_image_text_dataset(
+    return load_image_text_dataset(
         args.data, args.split, image_column=args.image_column, caption_column=args.caption_column,
         shapes_size=args.num_samples,
     )
-    if isinstance(dataset, IterableDataset):
-        dataset = Dataset.from_list([{"image": row["image"], "captions": row["captions"]} for row in dataset])
-    return dataset
 
 
 def zero_shot_prompts(args: argparse.Namespace, dataset, label_column: str) -> tuple[list[str], list[str]]:

@@ -371,6 +371,18 @@ def cli_model(tmp_path_factory):
     return cli, str(path)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_evaluate_shapes_on_loader_output(streaming):
+    """The trainer passes `lightclip.data.load_image_text_dataset("shapes", ...)`: undecoded images, maybe streamed."""
+    data = pytest.importorskip("lightclip.data")
+    from lightclip.evaluation import evaluate_shapes
+
+    model, processor = _tiny_lightclip()
+    dataset = data.load_image_text_dataset("shapes", "test", shapes_size=24, streaming=streaming)
+    result = evaluate_shapes(model, processor, dataset=dataset)
+    assert SHAPES_KEYS <= set(result) and result["shapes/num_images"] == 24
+
+
 def test_cli_shapes_task(cli_model, tmp_path):
     pytest.importorskip("lightclip.shapes")
     cli, model = cli_model

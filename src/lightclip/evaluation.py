@@ -405,6 +405,17 @@ def _format_template(template: str, classname: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _as_map_dataset(dataset):
+    """A streamed `datasets.IterableDataset` (tar shards, `streaming=True`) read into a `Dataset`; others unchanged."""
+    try:
+        from datasets import Dataset, IterableDataset
+    except ImportError:
+        return dataset
+    if isinstance(dataset, IterableDataset):
+        return Dataset.from_list(list(dataset), features=dataset.features)
+    return dataset
+
+
 def _group_name(value) -> str:
     """Key suffix of a group value; booleans read as "seen" / "unseen" (the `composition_seen` convention)."""
     if isinstance(value, (bool, np.bool_)):
@@ -437,6 +448,7 @@ def evaluate_zero_shot(
     With `group_column`, also reports `top1_<group>` and `num_images_<group>` per value of that column (booleans read
     as "seen"/"unseen").
     """
+    dataset = _as_map_dataset(dataset)
     classifier = zero_shot_classifier(model, processor, classnames, templates)
     image_embeds = encode_images(
         model, processor, dataset, image_column=image_column, batch_size=batch_size, progress=progress
@@ -459,6 +471,7 @@ def evaluate_retrieval(
     batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), progress: bool = True,
 ) -> dict[str, float]:
     """Retrieval recall@k in both directions; `caption_column` holds a caption or a list of captions per image."""
+    dataset = _as_map_dataset(dataset)
     image_embeds = encode_images(
         model, processor, dataset, image_column=image_column, batch_size=batch_size, progress=progress
     )
@@ -480,6 +493,7 @@ def evaluate_linear_probe(
 ) -> dict[str, float]:
     """Linear probe on frozen image features: `model.encode_image(..., normalize=False)`, i.e. the projected embedding
     before L2 normalisation (standardised inside `linear_probe`)."""
+    train_dataset, test_dataset = _as_map_dataset(train_dataset), _as_map_dataset(test_dataset)
     features = [
         encode_images(
             model, processor, dataset, image_column=image_column, batch_size=batch_size, normalize=False,
@@ -511,13 +525,15 @@ def evaluate_shapes(
         image_size: size the dataset is rendered at (`None`: the `make_shapes_dataset` default); the processor
             resizes to the model's input size anyway.
         num_samples: number of test images (`None`: the split's default size).
-        dataset: an already rendered shapes split, to skip rendering (e.g. cached by a trainer).
+        dataset: an already rendered shapes split, to skip rendering (e.g. cached by a trainer); it may come from
+            `lightclip.data.load_image_text_dataset("shapes", ...)` (undecoded images, streamed or not).
     """
     from .shapes import make_shapes_dataset, shapes_zero_shot_tasks
 
     if dataset is None:
         kwargs = {} if image_size is None else {"image_size": image_size}
         dataset = make_shapes_dataset(split="test", num_samples=num_samples, **kwargs)
+    dataset = _as_map_dataset(dataset)
     image_embeds = encode_images(model, processor, dataset, batch_size=batch_size, progress=progress)
     groups = dataset["composition_seen"]
 
