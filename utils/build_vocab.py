@@ -11,8 +11,10 @@ import string
 from pathlib import Path
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-SUFFIXES = ["s", "es", "ed", "ing", "ly", "er", "ers", "est", "ion", "ions", "al", "ness", "ment", "ful", "less",
-            "able", "ish", "ism", "ist", "ity", "ous", "ive", "y"]
+# multi-letter only: single letters are already among the `##` character continuations (a duplicate line would leave
+# an id the tokenizer never produces, and len(tokenizer) < vocab_size)
+SUFFIXES = ["ies", "es", "ed", "ing", "ly", "er", "ers", "est", "ion", "ions", "al", "ness", "ment", "ful", "less",
+            "able", "ish", "ism", "ist", "ity", "ous", "ive", "ic"]
 
 
 def build(size: int) -> list[str]:
@@ -21,6 +23,7 @@ def build(size: int) -> list[str]:
     chars = list(string.ascii_lowercase + string.digits) + list(string.punctuation)
     vocab = SPECIALS + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + ["##" + s for s in SUFFIXES]
     seen = set(vocab)
+    assert len(seen) == len(vocab), "duplicate entries in the fixed part of the vocabulary"
     for word in top_n_list("en", size * 4):
         if re.fullmatch(r"[a-z]{2,}", word) and word not in seen:
             vocab.append(word)

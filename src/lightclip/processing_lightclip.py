@@ -28,7 +28,7 @@ def build_default_tokenizer(vocab_size: int = 8192, model_max_length: int = 77) 
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    words = VOCAB_FILE.read_text(encoding="utf-8").split("\n")[:vocab_size]
+    words = VOCAB_FILE.read_text(encoding="utf-8").splitlines()[:vocab_size]
     if len(words) < vocab_size:
         raise ValueError(f"the shipped vocabulary has {len(words)} entries; vocab_size={vocab_size} is too large")
     vocab = {w: i for i, w in enumerate(words)}
