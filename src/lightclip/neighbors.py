@@ -150,7 +150,8 @@ def _mine_faiss(queries, keys, k, self_index, query_groups, key_groups, nlist, n
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
-    train = keys_np[np.sort(rng.choice(n, size=min(n, train_size or 64 * nlist), replace=False))]
+    train = keys_np[np.sort(rng.choice(n, size=min(n, train_size or 40 * nlist), replace=False))]
+    index.cp.niter = 10  # k-means iterations of the coarse quantizer (faiss' default is 25)
     index.train(train)
     index.add(keys_np)
     index.nprobe = nprobe
@@ -199,8 +200,9 @@ def mine_neighbors(
         query_indices: (Nq,) index of each query's own row among the keys (A-CLIP-PING: the batch's dataset indices).
         key_groups: precomputed `duplicate_groups(keys)`, to skip hashing the keys on every call.
         backend: "exact" (blockwise matrix products) or "faiss" (approximate, `IndexIVFFlat` with inner product,
-            `nlist` lists, default 4·sqrt(N); `nprobe` lists searched; `k + 1 + faiss_extra` candidates are fetched so
-            self and duplicates can be removed).
+            `nlist` lists, default 4·sqrt(N), trained with 10 k-means iterations on `faiss_train_size` rows, default
+            40·nlist; `nprobe` lists searched; `k + 1 + faiss_extra` candidates are fetched so self and duplicates
+            can be removed; a query left with fewer than k gets -1 slots).
 
     Returns:
         (scores, indices): float32 (Nq, k) and int64 (Nq, k), best first. Ties are broken deterministically: for equal
