@@ -280,8 +280,11 @@ def evaluate(model, processor, args, validation, accelerator) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    # `accelerate launch --multi_gpu` on a machine without GPUs starts ranks that Accelerate treats as independent
+    # unless told to use the CPU: then they form a gloo process group (MULTI_CPU)
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
+        cpu=multi_cpu, mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir, kwargs_handlers=[ddp],
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )

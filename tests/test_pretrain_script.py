@@ -1,0 +1,112 @@
+"""End-to-end tests of examples/pretrain.py on tiny shapes data (CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "pretrain.py"
+TINY = ["--shapes_train_size", "96", "--shapes_test_size", "32", "--shapes_image_size", "32",
+        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--logging_steps", "1"]
+
+
+def run_script(args: list[str], launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    cmd = (launcher or [sys.executable]) + [str(SCRIPT)] + TINY + args
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def test_all_local_objectives_train_save_and_load_in_pipeline(tmp_path):
+    """`lightclip` objectives + accumulation + a config file: a checkpoint the pipeline loads, logs and a plot."""
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("soft_alpha_max: 0.5\ntoken_matching: filip\n")
+    out = tmp_path / "run"
+    run_script(["--output_dir", str(out), "--max_train_steps", "3", "--gradient_accumulation_steps", "2",
+                "--config_file", str(config_file), "--objectives", "lightclip"])
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "processor_config.json", "eval_results.json",
+                 "train_log.jsonl", "training_curves.png", "train_config.json", "run.yaml"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["objectives"] == ["soft", "token", "mlm"]
+    assert config["soft_alpha_max"] == 0.5 and config["token_matching"] == "filip"
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all({"contrastive_loss", "token_loss", "mlm_loss"} <= set(r) for r in steps)
+    # softened-label weight rises with progress
+    assert steps[0]["soft_alpha"] < steps[-1]["soft_alpha"] <= 0.5
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= results["shapes/shape/top1"] <= 1.0
+
+    import lightclip  # noqa: F401
+    from PIL import Image
+    from transformers import pipeline
+
+    classifier = pipeline("zero-shot-image-classification", model=str(out))
+    scores = classifier(Image.new("RGB", (32, 32), "red"), candidate_labels=["a red circle", "a blue square"])
+    assert abs(sum(s["score"] for s in scores) - 1) < 1e-5
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """A run stopped after its first checkpoint and resumed with `latest` ends where an uninterrupted run ends."""
+    common = ["--objectives", "lightclip", "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_script(common + ["--output_dir", str(full)])
+    # the interrupted run: same schedule (4 steps), killed right after the checkpoint at step 2
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT)] + TINY + common + ["--output_dir", str(cut)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    checkpoint = cut / "checkpoint-2" / "trainer_state.json"
+    try:
+        import time
+
+        deadline = time.time() + 300
+        while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert checkpoint.exists(), "the run never wrote its first checkpoint"
+    for leftover in ("model.safetensors", "checkpoint-4"):
+        if (cut / leftover).exists():  # the run outpaced the kill: make sure we really resume from step 2
+            import shutil
+
+            shutil.rmtree(cut / leftover) if (cut / leftover).is_dir() else (cut / leftover).unlink()
+    run_script(common + ["--output_dir", str(cut), "--resume_from_checkpoint", "latest"])
+    a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    steps = [json.loads(line)["step"] for line in (cut / "train_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    proc = run_script(["--output_dir", str(tmp_path / "x"), "--max_train_steps", "1", "--objectives", "clip",
+                       "--resume_from_checkpoint", str(tmp_path / "nope")], check=False)
+    assert proc.returncode != 0
+    assert "not a complete lightclip checkpoint" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_two_process_cpu_run_completes(tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = run_script(["--output_dir", str(out), "--max_train_steps", "2", "--objectives", "lightclip"], launcher)
+    assert (out / "model.safetensors").exists()
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert "global batch 32" in proc.stdout + proc.stderr
