@@ -339,14 +339,18 @@ def encode_texts(
     model, processor, texts: Sequence[str], *, batch_size: int = 256, device=None, progress: bool = False,
     desc: str = "Encoding texts",
 ) -> torch.Tensor:
-    """L2-normalised text embeddings `(len(texts), D)` on CPU, float32."""
+    """L2-normalised text embeddings `(len(texts), D)` on CPU, float32.
+
+    Texts are batched in order of length (less padding), and the embeddings returned in the input order.
+    """
     device = _model_device(model, device)
+    texts = list(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     chunks = []
     with _EvalMode(model):
         for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
-            batch = processor(
-                text=list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt"
-            )
+            batch_texts = [texts[i] for i in order[start : start + batch_size]]
+            batch = processor(text=batch_texts, padding=True, truncation=True, return_tensors="pt")
             attention_mask = batch.get("attention_mask")
             embeds = model.encode_text(
                 batch["input_ids"].to(device),
@@ -356,7 +360,9 @@ def encode_texts(
             chunks.append(F.normalize(embeds.float(), dim=-1).cpu())
     if not chunks:
         raise ValueError("no texts to encode")
-    return torch.cat(chunks)
+    embeds = torch.empty_like(torch.cat(chunks))
+    embeds[torch.tensor(order)] = torch.cat(chunks)
+    return embeds
 
 
 def encode_images(
