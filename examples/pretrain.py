@@ -72,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                help=f"LightClipConfig.{name} (default {field.default!r})")
     group = parser.add_argument_group("neighbours (CLIP-PING)")
     group.add_argument("--neighbors", default=None,
-                       help="Feature-bank folder from examples/build_neighbors.py. Built into <output_dir>/neighbors "
-                            "with the default teachers when nn/xnn are on and this is not given.")
+                       help="Feature-bank folder from examples/build_neighbors.py (default <output_dir>/neighbors). "
+                            "When nn/xnn are on and it holds no bank, one is built there with the given teachers.")
     group.add_argument("--image_teacher", default=None, help="Teacher for an automatically built bank.")
     group.add_argument("--text_teacher", default=None, help="Teacher for an automatically built bank.")
     add_data_args(parser)
@@ -185,10 +185,8 @@ def load_or_build_bank(args, train_dataset, accelerator):
 
     path = args.neighbors or os.path.join(args.output_dir, "neighbors")
     if accelerator.is_main_process and not os.path.exists(os.path.join(path, "bank.json")):
-        if args.neighbors:
-            raise FileNotFoundError(f"--neighbors {path} holds no feature bank (bank.json); build one with "
-                                    "examples/build_neighbors.py")
-        logger.info("building the feature bank in %s with the default teachers", path)
+        logger.info("no feature bank in %s: building one (image teacher %s, text teacher %s)", path,
+                    args.image_teacher or "default", args.text_teacher or "default")
         build_feature_bank(train_dataset, load_teacher(args.image_teacher, "image"),
                            load_teacher(args.text_teacher, "text"), out_dir=path)
     accelerator.wait_for_everyone()

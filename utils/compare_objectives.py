@@ -1,0 +1,52 @@
+"""Train the same model on the built-in shapes data under the same step budget and seed with each objective set,
+then print the README results table (zero-shot top-1 on seen / unseen compositions, retrieval R@1).
+
+    python utils/compare_objectives.py --max_train_steps 600 --output_dir runs/compare
+
+Every run is `accelerate launch examples/pretrain.py ...`; the CLIP-PING runs share one feature bank built with the
+default teachers (MiniLM text encoder, colour-HOG image descriptor). Extra arguments go to every run.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = ["clip", "lightclip", "clip-ping", "all"]
+COLUMNS = [
+    ("shape top-1 seen", "shapes/shape/top1_seen"), ("shape top-1 unseen", "shapes/shape/top1_unseen"),
+    ("colour top-1 seen", "shapes/colour/top1_seen"), ("colour top-1 unseen", "shapes/colour/top1_unseen"),
+    ("I→T R@1", "shapes/retrieval/text_retrieval_recall@1"), ("T→I R@1", "shapes/retrieval/image_retrieval_recall@1"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="runs/compare")
+    parser.add_argument("--sets", nargs="+", default=SETS)
+    parser.add_argument("--max_train_steps", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    args, extra = parser.parse_known_args()
+    out = Path(args.output_dir)
+    rows = []
+    for name in args.sets:
+        run_dir = out / name
+        if not (run_dir / "eval_results.json").exists():
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "examples" / "pretrain.py"),
+                   "--objectives", name, "--output_dir", str(run_dir), "--max_train_steps", str(args.max_train_steps),
+                   "--seed", str(args.seed), "--neighbors", str(out / "neighbors"), *extra]
+            print("+", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        results = json.loads((run_dir / "eval_results.json").read_text())
+        rows.append((name, results))
+    header = "| objectives | " + " | ".join(c for c, _ in COLUMNS) + " |"
+    print("\n" + header + "\n|" + "---|" * (len(COLUMNS) + 1))
+    for name, results in rows:
+        print(f"| `{name}` | " + " | ".join(f"{100 * results[k]:.1f}" for _, k in COLUMNS) + " |")
+
+
+if __name__ == "__main__":
+    main()
