@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from .processing_lightclip import to_rgb8
+
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "png", "image_path", "file_name", "filepath")
@@ -409,27 +411,6 @@ def _open_image(image: Any) -> Image.Image:
         raise UnreadableImageError(f"cannot decode image {name}: {error}") from error
 
 
-def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
-    """16-bit and float images as 8-bit, scaled by the range of their type (never clipped to 255).
-
-    'I;16*': 0..65535. 'I': 0..65535 when the values fit (16-bit PNGs open as 'I'), else min..max.
-    'F': 0..1 when the values fit, else 0..255, else 0..65535, else min..max.
-    """
-    array = np.asarray(image, dtype=np.float64)
-    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
-    if image.mode.startswith("I;16") or (image.mode == "I" and lo >= 0 and hi <= 65535):
-        scale_lo, scale_hi = 0.0, 65535.0
-    elif image.mode == "F" and lo >= 0 and hi <= 1:
-        scale_lo, scale_hi = 0.0, 1.0
-    elif image.mode == "F" and lo >= 0 and hi <= 255:
-        scale_lo, scale_hi = 0.0, 255.0
-    elif image.mode == "F" and lo >= 0 and hi <= 65535:
-        scale_lo, scale_hi = 0.0, 65535.0
-    else:
-        scale_lo, scale_hi = lo, max(hi, lo + 1e-12)
-    return np.round((array - scale_lo) * 255.0 / (scale_hi - scale_lo)).clip(0, 255).astype(np.uint8)
-
-
 def load_rgb_image(image: Any) -> Image.Image:
     """An 8-bit RGB PIL image from a PIL image, a path, bytes, a numpy array or a {"bytes", "path"} dict.
 
@@ -441,18 +422,8 @@ def load_rgb_image(image: Any) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block is not a reason to lose the picture
         pass
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I") or image.mode == "F":  # 'I;16', 'I;16B', 'I', 'F'
-        return Image.fromarray(_high_bit_depth_to_uint8(image)).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
     try:
-        return image.convert("RGB")
+        return to_rgb8(image)
     except (ValueError, OSError) as error:
         raise UnreadableImageError(f"cannot convert image mode {image.mode} to RGB: {error}") from error
 

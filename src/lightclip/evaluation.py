@@ -328,10 +328,8 @@ def _model_device(model, device=None) -> torch.device:
 
 def _to_rgb(image):
     """A PIL RGB image from whatever an image column holds (PIL image, path, array, `{"bytes"|"path"}` dict)."""
-    try:
-        from .data import load_rgb_image
-    except ImportError:  # lightclip.data not available: PIL images only
-        return image.convert("RGB")
+    from .data import load_rgb_image
+
     return load_rgb_image(image)
 
 

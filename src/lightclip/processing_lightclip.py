@@ -45,19 +45,40 @@ def build_default_tokenizer(vocab_size: int = 8192, model_max_length: int = 77) 
     )
 
 
+def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
+    """16-bit and float images as 8-bit, scaled by the range of their type (never clipped to 255).
+
+    'I;16*': 0..65535. 'I': 0..65535 when the values fit (16-bit PNGs open as 'I'), else min..max.
+    'F': 0..1 when the values fit, else 0..255, else 0..65535, else min..max.
+    """
+    array = np.asarray(image, dtype=np.float64)
+    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and lo >= 0 and hi <= 65535):
+        scale_lo, scale_hi = 0.0, 65535.0
+    elif image.mode == "F" and lo >= 0 and hi <= 1:
+        scale_lo, scale_hi = 0.0, 1.0
+    elif image.mode == "F" and lo >= 0 and hi <= 255:
+        scale_lo, scale_hi = 0.0, 255.0
+    elif image.mode == "F" and lo >= 0 and hi <= 65535:
+        scale_lo, scale_hi = 0.0, 65535.0
+    else:
+        scale_lo, scale_hi = lo, max(hi, lo + 1e-12)
+    return np.round((array - scale_lo) * 255.0 / (scale_hi - scale_lo)).clip(0, 255).astype(np.uint8)
+
+
 def to_rgb8(image: Image.Image) -> Image.Image:
-    """PIL image in any mode -> 8-bit RGB. 16-bit and float images are rescaled by their range, not saturated;
-    transparency is composited on white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if image.mode == "F" and arr.max() <= 1.0:
-            top = 1.0
-        image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    """PIL image in any mode -> 8-bit RGB: 16-bit and float images rescaled by their range (not saturated),
+    transparency composited on white, grayscale / palette / CMYK converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":  # 'I;16', 'I;16B', 'I', 'F'
+        return Image.fromarray(_high_bit_depth_to_uint8(image)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
 
 
