@@ -17,7 +17,7 @@ PRESETS: dict[str, dict] = {
         ),
         text_config=dict(
             vocab_size=4096, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=32,
+            max_position_embeddings=64,
         ),
         projection_dim=64,
         token_dim=64,

@@ -1,0 +1,90 @@
+"""Gradient accumulation with cached features, optimizer groups, schedule and atomic checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+from lightclip import LightClipConfig, LightClipForPreTraining
+from lightclip.pretraining import merge_features
+from lightclip.training import cosine_with_warmup, list_checkpoints, param_groups, resolve_checkpoint
+
+
+def _batch(seed: int, size: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 4096, (size, 12), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    ids[: size // 2, 8:], ids[: size // 2, 7] = 0, 3  # half the rows are shorter (padded)
+    targets = {"image_nn": torch.randn(size, 16, generator=g), "text_nn": torch.randn(size, 24, generator=g),
+               "image_xnn": torch.randn(size, 24, generator=g), "text_xnn": torch.randn(size, 16, generator=g)}
+    return dict(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=torch.randn(size, 3, 32, 32, generator=g),
+                neighbor_targets=targets)
+
+
+@pytest.mark.parametrize("objectives", ["clip", "soft,token,nn,xnn"])
+def test_accumulated_gradients_equal_the_full_batch(objectives):
+    """Two micro-batches of 4 (different text lengths) with cached features == one batch of 8."""
+    torch.manual_seed(0)
+    config = LightClipConfig.from_preset("lightclip-xxs", objectives=objectives, teacher_image_dim=16,
+                                         teacher_text_dim=24)
+    model = LightClipForPreTraining(config).eval()
+    model.set_progress(0.6)
+    batch = _batch(1)
+    full = model(**batch)
+    full.loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    def micro(rows: slice, length: int) -> dict:
+        return dict(input_ids=batch["input_ids"][rows, :length], attention_mask=batch["attention_mask"][rows, :length],
+                    pixel_values=batch["pixel_values"][rows],
+                    neighbor_targets={k: v[rows] for k, v in batch["neighbor_targets"].items()})
+
+    parts = [micro(slice(0, 4), 8), micro(slice(4, 8), 12)]
+    with torch.no_grad():
+        cached = [model(**p, return_features=True) for p in parts]
+    for i, part in enumerate(parts):
+        live = model(**part, return_features=True)
+        out = model.compute_losses(merge_features(cached[:i] + [live] + cached[i + 1:], i))
+        out.loss.backward()
+        assert torch.allclose(out.loss, full.loss, atol=1e-5)
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, reference[name], atol=2e-5, rtol=1e-4), name
+
+
+def test_param_groups_exclude_norms_biases_and_logit_scales():
+    model = LightClipForPreTraining(LightClipConfig.from_preset("lightclip-xxs", objectives="token"))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "lightclip.logit_scale" in no_decay_names and "token_logit_scale" in no_decay_names
+    assert all(n.endswith(("bias", "logit_scale", "class_embedding")) or "norm" in n for n in no_decay_names)
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_cosine_schedule_with_warmup():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_with_warmup(opt, warmup_steps=4, total_steps=14)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    expected = [0.5 * (1 + math.cos(math.pi * (s - 4) / 10)) for s in range(4, 14)]
+    assert lrs[4:] == pytest.approx(expected)
+
+
+def test_latest_checkpoint_ignores_incomplete_ones(tmp_path):
+    for step, complete in [(2, True), (4, True), (6, False)]:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / ".tmp-checkpoint-8").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-4"
+    assert resolve_checkpoint(None, tmp_path) is None
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(str(tmp_path / "checkpoint-6"), tmp_path)
