@@ -184,6 +184,19 @@ def test_bank_round_trip_and_reuse(tmp_path, text_features_file):
     assert remined.k == 5 and torch.equal(remined.image_nn[:, :3], image_nn)
 
 
+def test_bank_from_streamed_dataset(tmp_path, text_features_file):
+    from lightclip.neighbors import dataset_fingerprint
+
+    text_path, _ = text_features_file
+    ds = _tiny_dataset()
+    streamed = ds.to_iterable_dataset(num_shards=3)
+    assert dataset_fingerprint(streamed) == dataset_fingerprint(ds) != dataset_fingerprint(ds, caption_index=1)
+    a = build_feature_bank(ds, "descriptor:color-hog", text_path, str(tmp_path / "a"), k=2, show_progress=False)
+    b = build_feature_bank(streamed, "descriptor:color-hog", text_path, str(tmp_path / "b"), k=2,
+                           show_progress=False)
+    assert torch.equal(a.image_features, b.image_features) and torch.equal(a.image_nn, b.image_nn)
+
+
 def test_bank_mismatch_is_refused(tmp_path, text_features_file):
     text_path, _ = text_features_file
     ds = _tiny_dataset()

@@ -304,9 +304,10 @@ def _iter_rows(dataset, batch_size: int, decode: bool = True) -> Iterable[dict]:
     streaming) or of any sequence of dicts."""
     import datasets
 
+    features = getattr(dataset, "features", None) or {}
+    if not decode and isinstance(features.get("image"), datasets.Image) and features["image"].decode:
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))  # identify images by path or bytes
     if isinstance(dataset, datasets.Dataset):
-        if not decode and "image" in dataset.column_names and isinstance(dataset.features["image"], datasets.Image):
-            dataset = dataset.cast_column("image", datasets.Image(decode=False))
         for batch in dataset.iter(batch_size=batch_size):
             keys = list(batch)
             for values in zip(*(batch[k] for k in keys)):
