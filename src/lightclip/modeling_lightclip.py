@@ -392,6 +392,22 @@ def build_vision_tower(config: LightClipVisionConfig) -> nn.Module:
     return LightClipVisionTransformer(config) if config.backbone == "vit" else LightClipConvVisionTower(config)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _pickle_refusal_message(source) -> str:
+    pickled = []
+    if os.path.isdir(source):
+        pickled = sorted(f for f in os.listdir(source) if f.endswith(PICKLE_SUFFIXES))
+    found = f" It holds only pickled weights ({', '.join(pickled)})." if pickled else ""
+    return (
+        f"{source} has no model.safetensors.{found} lightclip loads weights from safetensors only and never "
+        "unpickles a checkpoint, because loading a pickle can run arbitrary code. If you trust the file, convert it "
+        "once: `from safetensors.torch import save_file; save_file(torch.load(path, weights_only=True), "
+        "'model.safetensors')`, or load it into a LightClipModel and call `save_pretrained`."
+    )
+
+
 class LightClipPreTrainedModel(PreTrainedModel):
     config: LightClipConfig
     base_model_prefix = "lightclip"
@@ -400,6 +416,26 @@ class LightClipPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["LightClipEncoderLayer", "LightClipTextEmbeddings", "LightClipVisionEmbeddings"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, reading weights from safetensors only.
+
+        transformers 5 still falls back to `pytorch_model.bin` (a pickle, which can run code when loaded) when a folder
+        or repo has no safetensors file. lightclip never unpickles a checkpoint: such a source is refused with an
+        error naming the pickled files, before any of them is opened.
+        """
+        if pretrained_model_name_or_path is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("lightclip loads weights from safetensors only; use_safetensors=False is not supported")
+        kwargs["use_safetensors"] = True
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except OSError as error:
+            if "safetensors" not in str(error):
+                raise
+            raise OSError(_pickle_refusal_message(pretrained_model_name_or_path)) from error
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
