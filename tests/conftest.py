@@ -1,0 +1,68 @@
+"""Shared fixtures: the `lightclip-xxs` preset (32 px, 2 + 2 layers, width 64), a seeded model, its processor and a
+session-wide saved folder holding both, so the save/load, Auto and pipeline tests share one checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lightclip  # noqa: F401  (registers the Auto classes)
+from lightclip import LightClipConfig, LightClipModel, LightClipProcessor
+
+PRESET = "lightclip-xxs"
+CAPTIONS = ["a red circle", "two small blue squares on a white table", "a dog", "the green triangle is large"]
+
+
+def make_config(**overrides) -> LightClipConfig:
+    """A fresh `lightclip-xxs` config; `overrides` as in `LightClipConfig.from_preset`."""
+    return LightClipConfig.from_preset(PRESET, **overrides)
+
+
+def context_length() -> int:
+    """The preset's text context (position table)."""
+    return make_config().text_config.max_position_embeddings
+
+
+def make_model(seed: int = 0, **overrides) -> LightClipModel:
+    torch.manual_seed(seed)
+    return LightClipModel(make_config(**overrides)).eval()
+
+
+def random_pixels(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def processor() -> LightClipProcessor:
+    return LightClipProcessor.from_preset(PRESET)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(processor):
+    return processor.tokenizer
+
+
+@pytest.fixture(scope="session")
+def model() -> LightClipModel:
+    """A seeded xxs model in eval mode. Shared: tests must not modify it (use `make_model` for that)."""
+    return make_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def text_batch(tokenizer) -> dict[str, torch.Tensor]:
+    """`CAPTIONS`, padded to the longest, with attention mask."""
+    return dict(tokenizer(CAPTIONS, padding=True, return_tensors="pt"))
+
+
+@pytest.fixture(scope="session")
+def saved_dir(tmp_path_factory, model, processor) -> str:
+    """`model` and `processor` saved together, as a user would publish them."""
+    path = tmp_path_factory.mktemp("lightclip-xxs")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)

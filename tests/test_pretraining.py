@@ -1,0 +1,226 @@
+"""LightClipForPreTraining: objective composition, loss weighting, gradients, soft-label schedule, saving."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import CAPTIONS, context_length, make_config, random_pixels
+
+from lightclip import LightClipConfig, LightClipForPreTraining, LightClipModel
+
+TEACHER_IMAGE_DIM, TEACHER_TEXT_DIM = 24, 40
+WEIGHTS = dict(token_weight=0.7, mlm_weight=1.3, nn_weight=0.5, xnn_weight=2.0)
+LOSS_KEY = {"clip": "contrastive_loss", "soft": "contrastive_loss", "token": "token_loss", "mlm": "mlm_loss",
+            "nn": "nn_loss", "xnn": "xnn_loss"}
+WEIGHT_OF = {"contrastive_loss": None, "token_loss": "token_weight", "mlm_loss": "mlm_weight",
+             "nn_loss": "nn_weight", "xnn_loss": "xnn_weight"}
+# top-level parameter owners each objective adds to the inner `lightclip` model
+MODULES = {"clip": set(), "soft": set(), "token": {"image_token_proj", "text_token_proj", "token_logit_scale"},
+           "mlm": {"fusion"}, "nn": {"nn_image_head", "nn_text_head", "nn_logit_scale"},
+           "xnn": {"xnn_image_head", "xnn_text_head", "xnn_logit_scale"}}
+
+CASES = {
+    "clip": dict(objectives="clip"),
+    "soft": dict(objectives="soft"),
+    "token": dict(objectives="token"),
+    "mlm": dict(objectives="mlm"),
+    "nn": dict(objectives="nn"),
+    "xnn": dict(objectives="xnn"),
+    "lightclip": dict(objectives="lightclip"),
+    "clip-ping": dict(objectives="clip-ping"),
+    "all": dict(objectives="all"),
+    "hungarian": dict(objectives="token", token_matching="hungarian"),
+    "filip": dict(objectives="token", token_matching="filip"),
+    "additive": dict(objectives="mlm", fusion_type="additive"),
+    "multiscale": dict(objectives="mlm", fusion_image_source="multiscale"),
+    "teacher_to_student": dict(objectives="clip-ping", neighbor_direction="teacher_to_student"),
+    "mlp_head": dict(objectives="clip-ping", neighbor_head="mlp"),
+}
+
+
+def pretraining_config(**overrides) -> LightClipConfig:
+    return make_config(teacher_image_dim=TEACHER_IMAGE_DIM, teacher_text_dim=TEACHER_TEXT_DIM,
+                       **{**WEIGHTS, **overrides})
+
+
+def build(seed: int = 0, **overrides) -> LightClipForPreTraining:
+    torch.manual_seed(seed)
+    return LightClipForPreTraining(pretraining_config(**overrides))
+
+
+def neighbor_targets(batch: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    dims = {"image_nn": TEACHER_IMAGE_DIM, "text_nn": TEACHER_TEXT_DIM,
+            "image_xnn": TEACHER_TEXT_DIM, "text_xnn": TEACHER_IMAGE_DIM}  # XNN targets come from the other modality
+    return {k: torch.randn(batch, d, generator=g) for k, d in dims.items()}
+
+
+def inputs(text_batch, with_mlm: bool = True) -> dict:
+    batch = dict(text_batch)
+    n = batch["input_ids"].shape[0]
+    batch.update(pixel_values=random_pixels(n), neighbor_targets=neighbor_targets(n))
+    if with_mlm:  # mask the second token of every caption (a word), deterministically
+        mlm_input_ids = batch["input_ids"].clone()
+        labels = torch.full_like(mlm_input_ids, -100)
+        labels[:, 1] = mlm_input_ids[:, 1]
+        mlm_input_ids[:, 1] = 4
+        batch.update(mlm_input_ids=mlm_input_ids, mlm_labels=labels)
+    return batch
+
+
+def expected_keys(objectives: list[str]) -> set[str]:
+    return {LOSS_KEY[o] for o in objectives}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, text_batch):
+    """(name, model, output) of one forward + backward, shared by the checks below."""
+    model = build(**CASES[request.param]).train()
+    out = model(**inputs(text_batch))
+    out.loss.backward()
+    return request.param, model, out
+
+
+def test_losses_have_exactly_the_active_keys(case):
+    name, model, out = case
+    assert set(out.losses) == expected_keys(model.config.objectives)
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in out.losses.values())
+
+
+def test_total_is_weighted_sum(case):
+    _, model, out = case
+    assert {k: getattr(model.config, k) for k in WEIGHTS} == WEIGHTS  # non-default weights: a dropped one shows
+    weights = {k: 1.0 if WEIGHT_OF[k] is None else WEIGHTS[WEIGHT_OF[k]] for k in out.losses}
+    total = sum(weights[k] * v.item() for k, v in out.losses.items())
+    assert out.loss.item() == pytest.approx(total, rel=1e-6)
+
+
+def test_inactive_objectives_build_nothing(case):
+    _, model, _ = case
+    owners = {name.split(".")[0] for name, _ in model.named_parameters()}
+    expected = {"lightclip"}.union(*(MODULES[o] for o in model.config.objectives))
+    assert owners == expected
+    assert type(model.contrastive).__name__ == ("SoftClipLoss" if "soft" in model.config.objectives else "ClipLoss")
+
+
+def test_every_parameter_gets_a_gradient(case):
+    name, model, _ = case
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    if name == "teacher_to_student" and missing and all("_head." in n for n in missing):
+        pytest.xfail("NeighborContrastiveLoss detaches its targets; with neighbor_direction='teacher_to_student' the "
+                     f"heads map the targets, so they get no gradient: {missing}")
+    assert missing == []
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert bad == []
+
+
+def test_missing_neighbor_targets_is_a_clear_error(text_batch):
+    model = build(objectives="nn")
+    batch = inputs(text_batch, with_mlm=False)
+    del batch["neighbor_targets"]
+    with pytest.raises(ValueError, match=r"nn objective needs neighbor_targets.*image_nn"):
+        model(**batch)
+    batch["neighbor_targets"] = {"image_nn": torch.randn(len(CAPTIONS), TEACHER_IMAGE_DIM)}
+    with pytest.raises(ValueError, match="text_nn"):
+        model(**batch)
+
+
+def test_neighbor_objectives_need_teacher_dims():
+    with pytest.raises(ValueError, match="teacher_image_dim"):
+        LightClipForPreTraining(make_config(objectives="clip-ping"))
+
+
+def test_mlm_masks_by_itself(text_batch):
+    torch.manual_seed(0)
+    model = build(objectives="mlm", mlm_probability=0.5)
+    out = model(**inputs(text_batch, with_mlm=False))
+    assert out.losses["mlm_loss"].item() > 0  # something was masked and predicted
+    assert out.losses["mlm_loss"].item() == pytest.approx(math.log(4096), rel=0.3)  # near chance at init
+
+
+def manual_contrastive(logits_per_image: torch.Tensor, alpha: float) -> float:
+    """Symmetric soft-label cross-entropy: target (1 - alpha) on the diagonal, alpha spread over the negatives in
+    proportion to softmax of the detached logits (mode "similarity", temperature 1)."""
+    def side(logits):
+        n = logits.shape[0]
+        eye = torch.eye(n, dtype=torch.bool)
+        negatives = logits.masked_fill(eye, float("-inf")).softmax(-1)
+        target = (1 - alpha) * eye.double() + alpha * negatives
+        return -(target * logits.log_softmax(-1)).sum(-1).mean()
+
+    logits = logits_per_image.detach().double()
+    return (0.5 * (side(logits) + side(logits.T))).item()
+
+
+def test_set_progress_drives_the_soft_labels(text_batch):
+    soft = build(objectives="soft", soft_alpha_max=0.4)
+    clip = build(objectives="clip")
+    batch = inputs(text_batch, with_mlm=False)
+    with torch.no_grad():
+        clip_out = clip(**batch)
+        soft.set_progress(0.0)
+        start = soft(**batch)
+        soft.set_progress(1.0)
+        end = soft(**batch)
+        soft.set_progress(0.5)
+        middle = soft(**batch)
+    torch.testing.assert_close(start.losses["contrastive_loss"], clip_out.losses["contrastive_loss"])
+    assert start.losses["contrastive_loss"].item() == pytest.approx(manual_contrastive(start.logits_per_image, 0.0),
+                                                                    rel=1e-5)
+    assert end.losses["contrastive_loss"].item() == pytest.approx(manual_contrastive(end.logits_per_image, 0.4),
+                                                                  rel=1e-5)
+    assert middle.losses["contrastive_loss"].item() == pytest.approx(
+        manual_contrastive(middle.logits_per_image, 0.2), rel=1e-5)
+    assert abs(end.losses["contrastive_loss"].item() - start.losses["contrastive_loss"].item()) > 1e-3
+
+
+def test_over_long_text_is_truncated_for_every_objective(tokenizer):
+    model = build(objectives="all")
+    long = " ".join(["word"] * 2 * context_length())
+    batch = dict(tokenizer([long, "a dog", "a cat"], padding=True, return_tensors="pt"))
+    assert batch["input_ids"].shape[1] > context_length()
+    out = model(**batch, pixel_values=random_pixels(3), neighbor_targets=neighbor_targets(3))
+    assert torch.isfinite(out.loss)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# saving: only the inference model
+
+
+@pytest.fixture(scope="module")
+def saved_all(tmp_path_factory, text_batch):
+    model = build(objectives="all").eval()
+    path = tmp_path_factory.mktemp("pretraining-all")
+    model.save_pretrained(path)
+    return model, str(path)
+
+
+def test_saved_pretraining_loads_as_plain_model(saved_all, text_batch):
+    pretraining, path = saved_all
+    loaded, info = LightClipModel.from_pretrained(path, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    inner = pretraining.lightclip
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in inner.parameters())
+    assert sum(p.numel() for p in pretraining.parameters()) > sum(p.numel() for p in inner.parameters())
+    pixels = random_pixels(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(**text_batch), inner.encode_text(**text_batch), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.encode_image(pixels), inner.encode_image(pixels), rtol=0, atol=0)
+
+
+def test_pretraining_resumes_from_plain_checkpoint(saved_all, text_batch):
+    """Training-only modules are absent from the folder: they must start from their init, not from garbage."""
+    pretraining, path = saved_all
+    resumed = LightClipForPreTraining.from_pretrained(path).eval()
+    for name, tensor in pretraining.lightclip.state_dict().items():
+        torch.testing.assert_close(resumed.lightclip.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    config = resumed.config
+    assert resumed.token_logit_scale.item() == pytest.approx(config.logit_scale_init_value)
+    assert resumed.nn_logit_scale.item() == pytest.approx(config.neighbor_logit_scale_init_value)
+    assert torch.count_nonzero(resumed.fusion.head_bias) == 0
+    for name, p in resumed.named_parameters():
+        assert torch.isfinite(p).all() and p.abs().max() < 100, name
+    out = resumed(**inputs(text_batch))
+    assert torch.isfinite(out.loss)
