@@ -1,0 +1,620 @@
+"""Training objectives of lightclip, in the shape of open_clip's `loss.py`.
+
+One small `nn.Module` per objective. Each `forward` takes features (never raw batches), handles data parallelism
+itself and returns a dict whose keys end in `_loss`, so a trainer can sum them with its own weights.
+
+Distribution follows open_clip's `local_loss=True, gather_with_grad=True`: every process scores its local rows
+against the all-gathered columns of the global batch, with labels offset by `rank * B_local`. Averaging the per-rank
+losses, and the per-rank gradients as DDP does, gives exactly the loss and the gradients of one process on the
+global batch (see `docs/method.md`, "Distributed training").
+
+This module is training-only: the inference model never imports it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# stands in for log(0): finite, so that masked entries never produce inf - inf = nan in the backward pass
+_LOG_ZERO = -1e9
+
+__all__ = [
+    "world_info",
+    "gather_with_grad",
+    "gather_no_grad",
+    "ClipLoss",
+    "SoftClipLoss",
+    "TokenMatchingLoss",
+    "sinkhorn_plan",
+    "sinkhorn_pair_scores",
+    "hungarian_pair_scores",
+    "filip_pair_scores",
+    "mask_tokens",
+    "MaskedLanguageModelingLoss",
+    "NeighborContrastiveLoss",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# distribution helpers
+
+
+def world_info() -> tuple[int, int]:
+    """`(rank, world_size)`; `(0, 1)` when torch.distributed is not initialised, so every loss runs unchanged."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather_autograd(x: Tensor) -> Tensor:
+    """All-gather along dim 0 with a backward pass (sum of the gradients of every rank's copy)."""
+    from torch.distributed import _functional_collectives as fc
+
+    gather = getattr(fc, "all_gather_single_autograd", None)  # the name torch >= 2.13 recommends
+    if gather is not None:
+        return gather(x.contiguous(), 0, dist.group.WORLD)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Rank-ordered concatenation of `x` from every process (rank 0 rows first), differentiable.
+
+    The backward pass sends each rank the gradient that every process computed for its rows, which is what makes
+    local loss + DDP averaging equal the global-batch loss. Identity on a single process.
+    """
+    _, world_size = world_info()
+    if world_size == 1:
+        return x
+    return _all_gather_autograd(x)
+
+
+@torch.no_grad()
+def gather_no_grad(x: Tensor) -> Tensor:
+    """Rank-ordered concatenation of `x` without autograd: for constants such as feature-bank targets."""
+    _, world_size = world_info()
+    if world_size == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def _global_labels(batch_size: int, device: torch.device) -> Tensor:
+    """Column index of each local row's positive in the gathered batch."""
+    rank, _ = world_info()
+    return torch.arange(batch_size, device=device) + rank * batch_size
+
+
+def _symmetric_ce(logits_per_image: Tensor, logits_per_text: Tensor, labels: Tensor) -> Tensor:
+    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# instance level
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE of CLIP over the global batch (open_clip `local_loss=True, gather_with_grad=True`).
+
+    Example:
+
+    ```python
+    >>> import torch, torch.nn.functional as F
+    >>> from lightclip.losses import ClipLoss
+    >>> img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    >>> sorted(ClipLoss()(img, txt, torch.tensor(14.3)))
+    ['contrastive_loss']
+    ```
+    """
+
+    def logits(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> tuple[Tensor, Tensor]:
+        """Local image rows against all texts, and local text rows against all images: (B_local, B_global) each."""
+        all_image = gather_with_grad(image_features)
+        all_text = gather_with_grad(text_features)
+        return logit_scale * image_features @ all_text.T, logit_scale * text_features @ all_image.T
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> dict[str, Tensor]:
+        """`image_features`, `text_features`: L2-normalised (B_local, D); `logit_scale`: the exponentiated scale."""
+        logits_per_image, logits_per_text = self.logits(image_features, text_features, logit_scale)
+        labels = _global_labels(image_features.shape[0], image_features.device)
+        return {"contrastive_loss": _symmetric_ce(logits_per_image, logits_per_text, labels)}
+
+
+def _soft_ce(logits: Tensor, labels: Tensor, alpha: float, mode: str, temperature: float) -> Tensor:
+    """Cross-entropy against q = (1 - alpha) onehot + alpha r, r spread over the negatives of each row."""
+    log_probs = F.log_softmax(logits, dim=-1)
+    positive = F.one_hot(labels, logits.shape[-1]).bool()
+    if mode == "uniform":
+        negatives = (~positive).to(logits.dtype) / (logits.shape[-1] - 1)
+    else:
+        teacher = (logits.detach() / temperature).masked_fill(positive, float("-inf"))
+        negatives = teacher.softmax(dim=-1)
+    target = (1.0 - alpha) * positive.to(logits.dtype) + alpha * negatives
+    return -(target * log_probs).sum(dim=-1).mean()
+
+
+class SoftClipLoss(ClipLoss):
+    """CLIP loss with progressively softened negative labels (LightCLIP, instance level; METHOD 2.2).
+
+    Image-text pairs are not strictly one-to-one, so part of each target row moves from the positive to the
+    negatives: q_i = (1 - alpha) onehot(i) + alpha r_i. `mode="similarity"` (our reading of the paper) weights the
+    negatives by the model's own detached similarities, r_ij = softmax_{j != i}(sg(s_ij) / temperature);
+    `mode="uniform"` spreads alpha evenly, r_ij = 1 / (B_global - 1). alpha rises from 0 to `alpha_max` with training
+    progress, because early similarities are noise; at alpha = 0 the loss equals `ClipLoss` exactly.
+    """
+
+    def __init__(
+        self,
+        mode: str = "similarity",
+        alpha_max: float = 0.2,
+        schedule: str = "linear",
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if mode not in ("similarity", "uniform"):
+            raise ValueError(f"mode must be 'similarity' or 'uniform', got {mode!r}")
+        if schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
+        if not 0.0 <= alpha_max <= 1.0:
+            raise ValueError(f"alpha_max must be in [0, 1], got {alpha_max}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.mode = mode
+        self.alpha_max = alpha_max
+        self.schedule = schedule
+        self.temperature = temperature
+        self.progress = 0.0
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress `step / total_steps`, set by the trainer every step; clamped to [0, 1]."""
+        self.progress = min(max(float(progress), 0.0), 1.0)
+
+    @property
+    def alpha(self) -> float:
+        """Current softening: 0 at the start, `alpha_max` at the end, monotone in between."""
+        p = self.progress
+        ramp = p if self.schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * p))
+        return self.alpha_max * ramp
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, alpha_max={self.alpha_max}, schedule={self.schedule!r}, alpha={self.alpha:.4f}"
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> dict[str, Tensor]:
+        alpha = self.alpha
+        if alpha == 0.0:
+            return super().forward(image_features, text_features, logit_scale)
+        logits_per_image, logits_per_text = self.logits(image_features, text_features, logit_scale)
+        labels = _global_labels(image_features.shape[0], image_features.device)
+        loss = 0.5 * (
+            _soft_ce(logits_per_image, labels, alpha, self.mode, self.temperature)
+            + _soft_ce(logits_per_text, labels, alpha, self.mode, self.temperature)
+        )
+        return {"contrastive_loss": loss}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# token level: relaxed bipartite matching between patches and words
+
+
+def _log_sinkhorn(sim: Tensor, text_mask: Tensor, epsilon: float, iterations: int) -> Tensor:
+    """Log transport plan of entropic OT maximising <Pi, sim>, batched over leading dims.
+
+    sim (..., N, M); text_mask (..., M) bool, broadcastable. Marginals: 1/N per patch, 1/M_valid per valid word,
+    zero mass on padding. Log-domain updates keep it stable for any epsilon; the last update fixes the word
+    marginal exactly. Masked entries use a finite log(0), so the backward pass never meets inf - inf.
+    """
+    n = sim.shape[-2]
+    mask = text_mask.unsqueeze(-2)  # (..., 1, M)
+    log_kernel = torch.where(mask, sim / epsilon, torch.full_like(sim, _LOG_ZERO))
+    log_b = _log_word_marginal(text_mask, sim.dtype)
+    log_a = -math.log(n)
+    log_v = torch.zeros_like(log_b)
+    log_u = None
+    for _ in range(max(iterations, 1)):
+        log_u = log_a - torch.logsumexp(log_kernel + log_v.unsqueeze(-2), dim=-1)  # (..., N)
+        log_v = log_b - torch.logsumexp(log_kernel + log_u.unsqueeze(-1), dim=-2)  # (..., M)
+    return log_kernel + log_u.unsqueeze(-1) + log_v.unsqueeze(-2)
+
+
+def _log_word_marginal(text_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """log(1 / M_valid) on valid words, a finite log(0) on padding."""
+    num_words = text_mask.sum(-1, keepdim=True).clamp(min=1).to(dtype)
+    return torch.where(text_mask, -torch.log(num_words), torch.full(text_mask.shape, _LOG_ZERO, dtype=dtype,
+                                                                    device=text_mask.device))
+
+
+# the fast path is exact while exp(-(max - min) / epsilon) stays far from float32 underflow (exp(-87))
+_FAST_SPREAD = 60.0
+
+
+def _sinkhorn_weights_fast(sim: Tensor, text_mask: Tensor, epsilon: float, iterations: int) -> Tensor:
+    """The same iterations as `_log_sinkhorn`, with every log-sum-exp written as a matrix-vector product.
+
+    log sum_m exp(L_nm + g_m) = max L + max g + log(K @ exp(g - max g)) with K = exp(L - max L) computed once per pair,
+    so an iteration costs two batched mat-vecs instead of two passes of exp over (N, M). Exact while the per-pair
+    spread of L = sim / epsilon stays below `_FAST_SPREAD`; `_sinkhorn_weights` checks that and falls back otherwise.
+    Returns the plan normalised to mass 1 per pair.
+    """
+    n = sim.shape[-2]
+    tiny = torch.finfo(sim.dtype).tiny
+    logits = sim / epsilon
+    mask = text_mask.unsqueeze(-2).expand_as(sim)
+    top = logits.masked_fill(~mask, float("-inf")).amax((-2, -1), keepdim=True).clamp(min=-1e4)  # (..., 1, 1)
+    kernel = torch.where(mask, (logits - top).exp(), torch.zeros_like(logits))  # (..., N, M), entries in [0, 1]
+    log_b = _log_word_marginal(text_mask, sim.dtype)
+    log_a = -math.log(n)
+    top = top.squeeze(-1)  # (..., 1)
+    log_v = torch.zeros_like(log_b)
+    scaled_u = None
+    for _ in range(max(iterations, 1)):
+        v_max = log_v.amax(-1, keepdim=True)
+        row = (kernel @ (log_v - v_max).exp().unsqueeze(-1)).squeeze(-1)  # (..., N)
+        log_u = log_a - top - v_max - row.clamp(min=tiny).log()
+        u_max = log_u.amax(-1, keepdim=True)
+        scaled_u = (log_u - u_max).exp()
+        col = (scaled_u.unsqueeze(-2) @ kernel).squeeze(-2)  # (..., M)
+        log_v = log_b - top - u_max - col.clamp(min=tiny).log()
+    # Pi = exp(top + log_u + log_v) * kernel; the constant factors cancel in the normalisation
+    scaled_v = (log_v - log_v.amax(-1, keepdim=True)).exp()
+    weights = scaled_u.unsqueeze(-1) * kernel * scaled_v.unsqueeze(-2)
+    return weights / weights.sum((-2, -1), keepdim=True).clamp(min=tiny)
+
+
+def _sinkhorn_weights(
+    sim: Tensor, text_mask: Tensor, epsilon: float, iterations: int, fast: bool | None = None
+) -> Tensor:
+    """Pi / sum Pi per pair; `fast=None` takes the mat-vec form whenever it is exact, the log-sum-exp one otherwise."""
+    if fast is None:
+        valid = text_mask.unsqueeze(-2).expand_as(sim)
+        high = sim.masked_fill(~valid, float("-inf")).amax((-2, -1))
+        low = sim.masked_fill(~valid, float("inf")).amin((-2, -1))
+        spread = (high - low).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        fast = sim.numel() == 0 or bool(spread.max() / epsilon < _FAST_SPREAD)
+    if fast:
+        return _sinkhorn_weights_fast(sim, text_mask, epsilon, iterations)
+    plan = _log_sinkhorn(sim, text_mask, epsilon, iterations).exp()
+    return plan / plan.sum((-2, -1), keepdim=True).clamp(min=1e-30)
+
+
+def sinkhorn_plan(
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    text_mask: Tensor | None = None,
+    epsilon: float = 0.05,
+    iterations: int = 10,
+) -> Tensor:
+    """Transport plan between the patches of image k and the words of text k, for aligned pairs.
+
+    image_tokens (N, D) or (B, N, D); text_tokens (M, D) or (B, M, D); returns (N, M) or (B, N, M), total mass 1
+    per pair. As epsilon -> 0 (with enough iterations) it approaches an optimal matching: a permutation / N when
+    N == M. Exposed for inspection and tests; the loss uses `sinkhorn_pair_scores`.
+    """
+    if text_mask is None:
+        text_mask = torch.ones(text_tokens.shape[:-1], dtype=torch.bool, device=text_tokens.device)
+    image_tokens, text_tokens = _upcast(image_tokens, text_tokens)
+    sim = image_tokens @ text_tokens.transpose(-1, -2)
+    return _log_sinkhorn(sim, text_mask.bool(), epsilon, iterations).exp()
+
+
+def _sinkhorn_chunk(
+    image_chunk: Tensor, text_tokens: Tensor, text_mask: Tensor, epsilon: float, iterations: int, unroll: bool
+) -> Tensor:
+    sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)  # (c, B_txt, N, M)
+    mask = text_mask.unsqueeze(0).expand(sim.shape[:2] + text_mask.shape[-1:])
+    if unroll:
+        weights = _sinkhorn_weights(sim, mask, epsilon, iterations)
+    else:
+        with torch.no_grad():
+            # on CPU, iterate over blocks that stay in cache: the iterations are memory-bound
+            rows = max(1, _CPU_BLOCK // max(sim[0].numel(), 1)) if sim.device.type == "cpu" else len(sim)
+            weights = torch.cat(
+                [_sinkhorn_weights(sim[p], mask[p], epsilon, iterations) for p in _chunks(len(sim), rows)]
+            )
+    return (weights * sim).sum((-2, -1))
+
+
+# elements per Sinkhorn block on CPU (2 MiB of float32)
+_CPU_BLOCK = 1 << 19
+
+
+def _upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Token scores run in float32 at least (bf16 / fp16 autocast would round the iterations), float64 stays."""
+    return tuple(t if t.dtype == torch.float64 else t.float() for t in tensors)
+
+
+def _chunks(n: int, chunk_size: int) -> list[slice]:
+    chunk_size = max(int(chunk_size), 1)
+    return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+
+
+def _empty_texts_to_zero(scores: Tensor, text_mask: Tensor) -> Tensor:
+    """A text without a single valid word carries no token information: it scores 0 with every image."""
+    return torch.where(text_mask.any(-1).unsqueeze(0), scores, torch.zeros_like(scores))
+
+
+def sinkhorn_pair_scores(
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    text_mask: Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 10,
+    chunk_size: int = 32,
+    *,
+    unroll: bool = False,
+) -> Tensor:
+    """Sinkhorn matching score S = sum Pi A / sum Pi of every image with every text, (B_img, B_txt).
+
+    image_tokens (B_img, N, D), text_tokens (B_txt, M, D) L2-normalised; text_mask (B_txt, M) bool.
+
+    Gradients: by default the plan is a constant of the backward pass (dS/dA = Pi / sum Pi, as the Hungarian method
+    gathers A at its matched entries, and as the envelope theorem gives for the OT value), so the backward pass never
+    stores the iterations. `unroll=True` backpropagates through every iteration instead (exact, several times
+    slower). Memory: chunks of `chunk_size` images, each checkpointed, so only one chunk's (c, B_txt, N, M) tensors
+    live at a time, in the forward and in the backward pass (which recomputes the chunk).
+    """
+    (image_tokens, text_tokens), text_mask = _upcast(image_tokens, text_tokens), text_mask.bool()
+    rows = []
+    for part in _chunks(image_tokens.shape[0], chunk_size):
+        args = (image_tokens[part], text_tokens, text_mask, epsilon, iterations, unroll)
+        if torch.is_grad_enabled() and (image_tokens.requires_grad or text_tokens.requires_grad):
+            rows.append(checkpoint(_sinkhorn_chunk, *args, use_reentrant=False))
+        else:
+            rows.append(_sinkhorn_chunk(*args))
+    return _empty_texts_to_zero(torch.cat(rows, dim=0), text_mask)
+
+
+def _filip_chunk(image_chunk: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
+    sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)  # (c, B_txt, N, M)
+    mask = text_mask[None, :, None, :]  # (1, B_txt, 1, M)
+    num_words = text_mask.sum(-1).clamp(min=1).to(sim.dtype)  # (B_txt,)
+    word_to_patch = sim.amax(dim=2)  # (c, B_txt, M): best patch for each word
+    text_side = (word_to_patch * text_mask).sum(-1) / num_words
+    patch_to_word = sim.masked_fill(~mask, float("-inf")).amax(dim=3)  # (c, B_txt, N): best valid word per patch
+    image_side = patch_to_word.clamp(min=-1.0).mean(-1)  # clamp only touches texts without valid words (-inf)
+    return 0.5 * (text_side + image_side)
+
+
+def filip_pair_scores(image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor, chunk_size: int = 32) -> Tensor:
+    """FILIP late-interaction score (B_img, B_txt): mean over valid words of the max over patches, and mean over
+    patches of the max over valid words, averaged. Exact, computed in image chunks of `chunk_size`."""
+    (image_tokens, text_tokens), text_mask = _upcast(image_tokens, text_tokens), text_mask.bool()
+    rows = [_filip_chunk(image_tokens[part], text_tokens, text_mask) for part in _chunks(len(image_tokens), chunk_size)]
+    return _empty_texts_to_zero(torch.cat(rows, dim=0), text_mask)
+
+
+def _capacity_matching(sim: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each word to one patch, each patch to at most `capacity` words, maximising the summed similarity.
+
+    sim (N, M) for the valid words only; returns (patch indices, word indices) of the matched entries.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    n = sim.shape[0]
+    tiled = np.tile(sim.T, (1, capacity))  # (M, capacity * N): column k * N + p is copy k of patch p
+    words, columns = linear_sum_assignment(tiled, maximize=True)
+    return columns % n, words
+
+
+def hungarian_pair_scores(
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    text_mask: Tensor,
+    capacity: int = 2,
+    num_negatives: int = 4,
+    labels: Tensor | None = None,
+    dim: int = 1,
+    chunk_size: int = 32,
+) -> Tensor:
+    """Hungarian-with-capacity scores on the positives and hardest negatives, FILIP scores elsewhere; (B_img, B_txt).
+
+    The assignment is solved with scipy on detached similarities; the score gathers the live similarities at the
+    matched entries (mean over matched words), so gradients flow. It is CPU-bound, so only the positive pair of each
+    query and its `num_negatives` hardest in-batch negatives (by FILIP score) are matched.
+
+    Queries run along `dim`: `dim=1` means each image row is a query over the text columns, `dim=0` each text column
+    a query over the image rows. `labels` gives each query's positive index along the other axis (default arange).
+    Selecting per query keeps a local block of rows or columns exactly equal to the same block of the global matrix.
+    """
+    (image_tokens, text_tokens), text_mask = _upcast(image_tokens, text_tokens), text_mask.bool()
+    scores = filip_pair_scores(image_tokens, text_tokens, text_mask, chunk_size)
+    query_scores = scores if dim == 1 else scores.T  # (queries, keys)
+    num_queries, num_keys = query_scores.shape
+    if labels is None:
+        labels = torch.arange(num_queries, device=scores.device)
+    hard = query_scores.detach().scatter(1, labels[:, None], float("-inf"))
+    k = min(num_negatives, num_keys - 1)
+    keys = torch.cat([labels[:, None], hard.topk(k, dim=1).indices], dim=1)  # (queries, 1 + k)
+    queries = torch.arange(num_queries, device=scores.device)[:, None].expand_as(keys)
+    pairs = torch.stack([queries.reshape(-1), keys.reshape(-1)], dim=1)
+    if dim == 0:
+        pairs = pairs.flip(1)  # to (image, text)
+    img_idx, txt_idx = pairs[:, 0], pairs[:, 1]
+
+    matched = []
+    for i, j in pairs.tolist():
+        words = text_mask[j].nonzero().squeeze(-1)
+        if len(words) == 0:
+            matched.append(scores.new_zeros(()))
+            continue
+        sim = image_tokens[i] @ text_tokens[j, words].T  # (N, M_j), live
+        patches, picked = _capacity_matching(sim.detach().cpu().numpy(), capacity)
+        p = torch.as_tensor(patches, device=sim.device)
+        w = torch.as_tensor(picked, device=sim.device)
+        matched.append(sim[p, w].mean())
+    return scores.index_put((img_idx, txt_idx), torch.stack(matched))
+
+
+class TokenMatchingLoss(nn.Module):
+    """Patch-word relaxed bipartite matching (LightCLIP, token level; METHOD 2.3).
+
+    The pair score S_tok(i, j) = sum Pi A / sum Pi aligns the patches of image i with the valid words of text j under a
+    matching Pi: entropic OT (`"sinkhorn"`, our reading, default), Hungarian matching with patch capacity
+    (`"hungarian"`), or FILIP's independent max (`"filip"`, baseline). The loss is a symmetric InfoNCE over the global
+    batch on S_tok, scaled by its own learnable temperature `logit_scale` (exponentiated, owned by the caller).
+    """
+
+    def __init__(
+        self,
+        method: str = "sinkhorn",
+        epsilon: float = 0.05,
+        iterations: int = 10,
+        capacity: int = 2,
+        num_negatives: int = 4,
+        chunk_size: int = 32,
+        unroll: bool = False,
+    ) -> None:
+        super().__init__()
+        if method not in ("sinkhorn", "hungarian", "filip"):
+            raise ValueError(f"method must be 'sinkhorn', 'hungarian' or 'filip', got {method!r}")
+        self.method = method
+        self.epsilon = epsilon
+        self.iterations = iterations
+        self.capacity = capacity
+        self.num_negatives = num_negatives
+        self.chunk_size = chunk_size
+        self.unroll = unroll
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, epsilon={self.epsilon}, iterations={self.iterations}"
+
+    def pair_scores(
+        self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor, labels: Tensor | None = None, dim: int = 1
+    ) -> Tensor:
+        """S_tok of every image with every text; `labels` / `dim` only matter for the Hungarian method."""
+        if self.method == "sinkhorn":
+            return sinkhorn_pair_scores(
+                image_tokens, text_tokens, text_mask, self.epsilon, self.iterations, self.chunk_size, unroll=self.unroll
+            )
+        if self.method == "hungarian":
+            return hungarian_pair_scores(
+                image_tokens, text_tokens, text_mask, self.capacity, self.num_negatives, labels, dim, self.chunk_size
+            )
+        return filip_pair_scores(image_tokens, text_tokens, text_mask, self.chunk_size)
+
+    def forward(
+        self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor, logit_scale: Tensor
+    ) -> dict[str, Tensor]:
+        """image_tokens (B, N, D) and text_tokens (B, M, D) L2-normalised; text_mask (B, M) bool, True = valid word."""
+        labels = _global_labels(image_tokens.shape[0], image_tokens.device)
+        _, world_size = world_info()
+        if world_size == 1 and self.method != "hungarian":
+            scores = self.pair_scores(image_tokens, text_tokens, text_mask)
+            return {"token_loss": _symmetric_ce(logit_scale * scores, logit_scale * scores.T, labels)}
+        # local image rows against all texts, and all images against the local text columns
+        all_image = gather_with_grad(image_tokens)
+        all_text = gather_with_grad(text_tokens)
+        all_mask = gather_no_grad(text_mask)
+        per_image = self.pair_scores(image_tokens, all_text, all_mask, labels, dim=1)  # (B_local, B_global)
+        per_text = self.pair_scores(all_image, text_tokens, text_mask, labels, dim=0)  # (B_global, B_local)
+        return {"token_loss": _symmetric_ce(logit_scale * per_image, logit_scale * per_text.T, labels)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# masked language modelling
+
+
+def mask_tokens(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    special_token_ids: list[int] | tuple[int, ...] | set[int],
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BERT masking: returns `(masked_input_ids, labels)`.
+
+    `probability` of the non-special, non-padding tokens are chosen; of those 80 % become `mask_token_id`, 10 % a
+    random non-special token, 10 % stay. `labels` holds the original id at chosen positions and -100 elsewhere.
+    Every row with at least one maskable token gets at least one chosen token (one drawn uniformly when the coin
+    flips chose none): short captions would otherwise often give the masked pass nothing to predict.
+    """
+    device = input_ids.device
+    gen_device = generator.device if generator is not None else device
+
+    def rand(shape: torch.Size) -> Tensor:
+        return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+    specials = torch.tensor(sorted(set(special_token_ids) | {mask_token_id}), device=device, dtype=input_ids.dtype)
+    maskable = attention_mask.bool() & ~torch.isin(input_ids, specials)
+    chosen = maskable & (rand(input_ids.shape) < probability)
+    # rows that drew nothing but could: pick one maskable position uniformly
+    empty = maskable.any(-1) & ~chosen.any(-1)
+    pick = (rand(input_ids.shape) * maskable).argmax(-1)
+    chosen[empty, pick[empty]] = True
+
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    action = rand(input_ids.shape)
+    to_mask = chosen & (action < 0.8)
+    to_random = chosen & (action >= 0.8) & (action < 0.9)
+    allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
+    allowed[specials[(specials >= 0) & (specials < vocab_size)]] = False
+    allowed_ids = allowed.nonzero().squeeze(-1).to(input_ids.dtype)
+    random_ids = allowed_ids[(rand(input_ids.shape) * len(allowed_ids)).long().clamp(max=len(allowed_ids) - 1)]
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+class MaskedLanguageModelingLoss(nn.Module):
+    """Cross-entropy over the masked positions only (labels != -100)."""
+
+    def forward(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """logits (B, L, V), labels (B, L). A batch with nothing masked gives 0, still attached to the graph, so
+        every rank runs the same backward under DDP."""
+        selected = labels != -100
+        if not selected.any():
+            return {"mlm_loss": logits.sum() * 0.0}
+        return {"mlm_loss": F.cross_entropy(logits[selected].float(), labels[selected])}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLIP-PING neighbour guidance
+
+
+class NeighborContrastiveLoss(nn.Module):
+    """In-batch InfoNCE of mapped student embeddings against frozen neighbour targets (CLIP-PING NN / XNN; METHOD 3.3).
+
+    NCE(a, b) is one-directional: rows are the local queries, columns the gathered targets of the global batch, the
+    label is the query's own target. Targets are constants (feature banks or frozen teachers): they are detached and
+    gathered without autograd. One instance per term; `name` sets the output key (`"nn"` -> `"nn_loss"`).
+    """
+
+    def __init__(self, name: str = "nn") -> None:
+        super().__init__()
+        self.name = name
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+    @staticmethod
+    def nce(queries: Tensor, targets: Tensor, logit_scale: Tensor) -> Tensor:
+        """One-directional InfoNCE of local query rows against the global batch of (constant) targets."""
+        all_targets = gather_no_grad(targets.detach().to(queries.dtype))
+        logits = logit_scale * queries @ all_targets.T
+        return F.cross_entropy(logits, _global_labels(queries.shape[0], queries.device))
+
+    def forward(
+        self,
+        image_queries: Tensor,
+        text_queries: Tensor,
+        image_targets: Tensor,
+        text_targets: Tensor,
+        logit_scale: Tensor,
+    ) -> dict[str, Tensor]:
+        """Queries (B_local, D_t) L2-normalised, already mapped by the caller's heads; targets (B_local, D_t)
+        L2-normalised. Returns `{f"{name}_loss": 0.5 * (NCE(image) + NCE(text))}`."""
+        loss = 0.5 * (
+            self.nce(image_queries, image_targets, logit_scale) + self.nce(text_queries, text_targets, logit_scale)
+        )
+        return {f"{self.name}_loss": loss}
