@@ -101,6 +101,8 @@ def _mine_exact(queries, keys, k, block_size, self_index, query_groups, key_grou
     nq, nk = queries.shape[0], keys.shape[0]
     best_scores = torch.full((nq, k), -math.inf)
     best_idx = torch.full((nq, k), -1, dtype=torch.int64)
+    if nq == 0 or nk == 0:
+        return best_scores, best_idx
     needs_dense = None
     if query_groups is not None:
         # a query needs the dense group comparison only if some key other than itself shares its features
@@ -109,20 +111,24 @@ def _mine_exact(queries, keys, k, block_size, self_index, query_groups, key_grou
         if self_index is not None:
             matching = matching - (key_groups[self_index.clamp(0, nk - 1)] == query_groups).long()
         needs_dense = matching > 0
-    sim = torch.empty(block_size, block_size, dtype=torch.float32)
-    keys_t = [keys[s:s + block_size].float().t().contiguous() for s in range(0, nk, block_size)] \
-        if nk <= 4 * block_size else None  # small key sets: convert once
-    for qs in range(0, nq, block_size):
-        q = queries[qs:qs + block_size].float()
+    # few queries (A-CLIP-PING batches): wider key blocks, same block_size² buffer
+    q_block = min(nq, block_size)
+    k_block = min(nk, max(block_size, block_size * block_size // max(q_block, 1)))
+    sim = torch.empty(q_block, k_block, dtype=torch.float32)
+    converted = None  # fp16 keys of a small key set: convert once, not once per query block
+    if keys.dtype != torch.float32 and nk <= 4 * k_block and nq > q_block:
+        converted = [keys[s:s + k_block].float() for s in range(0, nk, k_block)]
+    for qs in range(0, nq, q_block):
+        q = queries[qs:qs + q_block].float()
         rows = q.shape[0]
         run_s, run_i = best_scores[qs:qs + rows], best_idx[qs:qs + rows]
         q_self = None if self_index is None else self_index[qs:qs + rows]
         q_group = None if query_groups is None else query_groups[qs:qs + rows]
         q_dense = None if needs_dense is None else needs_dense[qs:qs + rows]
-        for b, ks in enumerate(range(0, nk, block_size)):
-            kt = keys_t[b] if keys_t is not None else keys[ks:ks + block_size].float().t()
-            cols = kt.shape[1]
-            s = torch.mm(q, kt, out=sim[:rows, :cols])
+        for b, ks in enumerate(range(0, nk, k_block)):
+            kb = converted[b] if converted is not None else keys[ks:ks + k_block].float()
+            cols = kb.shape[0]
+            s = torch.mm(q, kb.t(), out=sim[:rows, :cols])
             if q_self is not None:
                 inside = (q_self >= ks) & (q_self < ks + cols)
                 r = torch.nonzero(inside).squeeze(1)
@@ -193,7 +199,8 @@ def mine_neighbors(
         queries: (Nq, D) features, any float dtype (fp16 banks are read block by block; products accumulate in fp32).
         keys: (Nk, D) features; `None` mines the queries against themselves.
         k: neighbours per query.
-        block_size: rows per query block and per key block; memory is O(block_size² + Nq · k), never O(N²).
+        block_size: rows per query block and per key block (key blocks widen to block_size² / Nq when there are
+            fewer queries); memory is O(block_size² + Nq · k), never O(N²).
         exclude_self: drop the query itself: key i for query i when `keys is None`, else key `query_indices[i]`.
         exclude_duplicates: also drop keys whose features are identical to the query's own (to the query row, and,
             with `query_indices`, to its bank row), so a duplicated image or caption is never its own neighbour.
