@@ -1,0 +1,199 @@
+"""Shared helpers of the lightclip benchmarks: arguments, machine description, timing, inputs, reference models.
+
+Every script measures the variants it compares in ONE process, with the same threads, interleaved round by round
+(variant A, variant B, A, B, ...) after a warmup, and reports the median of the rounds, so slow drift of the machine
+hits all variants alike. Ratios are the numbers to quote; absolute numbers depend on the machine printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def parser(description: str, quick_help: str = "") -> argparse.ArgumentParser:
+    """The arguments every benchmark takes; scripts add their own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: nproc)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per variant; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds per variant before timing")
+    p.add_argument("--bf16", action="store_true", help="run under bf16 autocast (mainly for --device cuda)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds / smaller settings. " + quick_help)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def setup(args: argparse.Namespace, default_repeats: int = 7, quick_repeats: int = 3) -> torch.device:
+    """Apply threads and seed; fill in `args.repeats`; return the device."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.repeats is None:
+        args.repeats = quick_repeats if args.quick else default_repeats
+    if args.quick:
+        args.warmup = min(args.warmup, 1)
+    torch.manual_seed(args.seed)
+    args.load_at_start = os.getloadavg()[0]
+    if device_is_cpu(args) and args.load_at_start > os.cpu_count() and torch.get_num_threads() > 1:
+        print(f"warning: load average {args.load_at_start:.1f} on {os.cpu_count()} cores. Multi-threaded timings "
+              "swing 10x or more when other processes hold the cores (every OpenMP barrier waits for a descheduled "
+              "thread); --threads 1 gives steadier ratios.", file=sys.stderr)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda asked for, but torch.cuda.is_available() is False")
+    return device
+
+
+def device_is_cpu(args: argparse.Namespace) -> bool:
+    return torch.device(args.device).type == "cpu"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(args: argparse.Namespace) -> str:
+    """A markdown block: machine, library versions, threads, device and the exact command."""
+    import transformers
+
+    lines = [
+        f"- CPU: {cpu_model()}, nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}",
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
+        f"- device: {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+        + (", bf16 autocast" if args.bf16 else ", fp32"),
+        f"- 1-min load average: {getattr(args, 'load_at_start', float('nan')):.1f} at start, {os.getloadavg()[0]:.1f} at end"
+        " (above the thread count means other processes shared the cores)",
+        f"- rounds: warmup {args.warmup}, median of {args.repeats} (variants interleaved)",
+        "- command: `" + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]) + "`",
+    ]
+    return "\n".join(lines)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(args: argparse.Namespace, device: torch.device):
+    """bf16 autocast when `--bf16`, else a no-op context."""
+    if args.bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Timings(dict):
+    """`name -> [seconds of each round]`, from `time_interleaved`."""
+
+    def median(self, name: str) -> float:
+        return statistics.median(self[name])
+
+    def ratio(self, name: str, reference: str) -> float:
+        """Median over rounds of `time(name) / time(reference)` taken in the same round: under a shared, drifting
+        machine this paired estimate is steadier than a ratio of medians."""
+        return statistics.median(a / b for a, b in zip(self[name], self[reference]))
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+                     ) -> Timings:
+    """Wall time (s) of each callable per round, timed round-robin: every round runs every variant once."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times = Timings({name: [] for name in fns})
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call, as `torch.utils.flop_counter.FlopCounterMode` counts them (matmuls, convs, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inputs and the transformers reference model
+
+
+def lightclip_config(preset: str, image_size: int | None = None, **overrides):
+    """A preset's `LightClipConfig`, optionally at another image size (ViT towers)."""
+    from lightclip import LightClipConfig
+
+    if image_size is not None:
+        overrides["vision_config"] = {"image_size": image_size}
+    return LightClipConfig.from_preset(preset, **overrides)
+
+
+def make_batch(config, batch_size: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random images and full-length texts `[bos, words..., eos]` (attention mask all ones), on `device`."""
+    g = torch.Generator().manual_seed(seed)
+    text, vision = config.text_config, config.vision_config
+    length = text.max_position_embeddings
+    ids = torch.randint(10, text.vocab_size, (batch_size, length), generator=g)
+    ids[:, 0] = text.bos_token_id
+    ids[:, -1] = text.eos_token_id
+    size = vision.image_size
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": torch.randn(batch_size, vision.num_channels, size, size, generator=g).to(device),
+    }
+
+
+def hf_clip_model(config):
+    """transformers' `CLIPModel` with the widths, depths, heads, MLP size, activation, image and patch size,
+    vocabulary, context length, projection and special tokens of a lightclip ViT config (SDPA attention)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text, vision = config.text_config, config.vision_config
+    if vision.backbone != "vit":
+        raise ValueError("the CLIPModel reference exists only for ViT image towers")
+    clip_config = CLIPConfig(
+        text_config=dict(
+            vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+            num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+            max_position_embeddings=text.max_position_embeddings, hidden_act=text.hidden_act,
+            layer_norm_eps=text.layer_norm_eps, pad_token_id=text.pad_token_id, bos_token_id=text.bos_token_id,
+            eos_token_id=text.eos_token_id, projection_dim=config.projection_dim,
+        ),
+        vision_config=dict(
+            hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+            num_hidden_layers=vision.num_hidden_layers, num_attention_heads=vision.num_attention_heads,
+            image_size=vision.image_size, patch_size=vision.patch_size, num_channels=vision.num_channels,
+            hidden_act=vision.hidden_act, layer_norm_eps=vision.layer_norm_eps, projection_dim=config.projection_dim,
+        ),
+        projection_dim=config.projection_dim,
+        logit_scale_init_value=config.logit_scale_init_value,
+    )
+    clip_config._attn_implementation = "sdpa"
+    return CLIPModel(clip_config)
+
+
+def num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,127 @@
+"""Inference throughput: image and text embeddings of `LightClipModel` vs transformers' `CLIPModel` of the same dims.
+
+Both models run in eval mode under `torch.no_grad()` in one process, timed round-robin (see `_common.py`). Each
+backend is a function `config, device, args -> Encoders` returning the two embedding callables, so another runtime
+(ONNX Runtime, torch.compile) is one more entry in `BACKENDS`.
+
+    python benchmarks/inference.py            # xxs at 32 and 64 px, xs at 64 and 224 px (about 2 minutes on 2 cores)
+    python benchmarks/inference.py --quick    # xxs 64 px and xs 64 px only, 3 rounds
+    python benchmarks/inference.py --device cuda --bf16 --batch-size 256
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+@dataclass
+class Encoders:
+    """The two embedding functions of one backend; each takes a `_common.make_batch` dict and returns embeddings."""
+
+    image: Callable[[dict], torch.Tensor]
+    text: Callable[[dict], torch.Tensor]
+
+
+def lightclip_backend(config, device, args) -> Encoders:
+    from lightclip import LightClipModel
+
+    model = LightClipModel(config).eval().to(device)
+    return Encoders(
+        image=lambda b: model.encode_image(b["pixel_values"]),
+        text=lambda b: model.encode_text(b["input_ids"], b["attention_mask"]),
+    )
+
+
+def hf_clip_backend(config, device, args) -> Encoders:
+    model = _common.hf_clip_model(config).eval().to(device)
+    normalize = torch.nn.functional.normalize
+    return Encoders(
+        image=lambda b: normalize(model.get_image_features(pixel_values=b["pixel_values"]).pooler_output, dim=-1),
+        text=lambda b: normalize(
+            model.get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).pooler_output,
+            dim=-1),
+    )
+
+
+def lightclip_full_backend(config, device, args) -> Encoders:
+    """lightclip through the full tower forward (`get_*_features`, every token through every layer), the same work
+    as `CLIPModel`: separates implementation speed from the pooled-only last layer of `encode_*`."""
+    from lightclip import LightClipModel
+
+    model = LightClipModel(config).eval().to(device)
+    normalize = torch.nn.functional.normalize
+    return Encoders(
+        image=lambda b: normalize(model.get_image_features(b["pixel_values"]).pooler_output, dim=-1),
+        text=lambda b: normalize(model.get_text_features(b["input_ids"], b["attention_mask"]).pooler_output, dim=-1),
+    )
+
+
+BACKENDS: dict[str, Callable] = {
+    "lightclip encode_*": lightclip_backend,
+    "lightclip get_*_features": lightclip_full_backend,
+    "CLIPModel": hf_clip_backend,
+}
+REFERENCE = "CLIPModel"
+
+# (preset, image size); the quick run keeps the first two
+DEFAULT_SETTINGS = [("lightclip-xxs", 64), ("lightclip-xs", 64), ("lightclip-xxs", 32), ("lightclip-xs", 224)]
+
+
+def measure(preset: str, image_size: int, args, device) -> list[dict]:
+    """Items/s of every backend for both modalities at one setting."""
+    config = _common.lightclip_config(preset, image_size)
+    batch_size = args.batch_size or (32 if image_size >= 224 else 64)
+    batch = _common.make_batch(config, batch_size, device, seed=args.seed)
+    encoders = {name: build(config, device, args) for name, build in BACKENDS.items()}
+    rows = []
+    for modality in ("image", "text"):
+        fns = {name: (lambda e=e: getattr(e, modality)(batch)) for name, e in encoders.items()}
+        with torch.no_grad(), _common.autocast(args, device):
+            times = _common.time_interleaved(fns, device, args.warmup, args.repeats)
+        for name in times:
+            rows.append(dict(preset=preset, image_size=image_size, modality=modality, backend=name,
+                             batch=batch_size, items_per_s=batch_size / times.median(name),
+                             speedup=1 / times.ratio(name, REFERENCE)))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| preset | image px | embedding | batch | backend | items/s | speed vs CLIPModel |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['preset']} | {r['image_size']} | {r['modality']} | {r['batch']} | {r['backend']} | "
+                   f"{r['items_per_s']:,.0f} | {r['speedup']:.2f}x |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = _common.parser(__doc__.splitlines()[0], "Runs xxs and xs at 64 px only.")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64 (32 at 224 px)")
+    p.add_argument("--settings", nargs="*", default=None, metavar="PRESET:PX",
+                   help="e.g. lightclip-xs:224 (default: xxs:64 xs:64 xxs:32 xs:224)")
+    args = p.parse_args()
+    device = _common.setup(args, default_repeats=5, quick_repeats=3)
+    if args.settings:
+        settings = [(s.split(":")[0], int(s.split(":")[1])) for s in args.settings]
+    else:
+        settings = DEFAULT_SETTINGS[:2] if args.quick else DEFAULT_SETTINGS
+    rows = []
+    for preset, size in settings:
+        rows += measure(preset, size, args, device)
+        print(f"done {preset} @ {size}px", file=sys.stderr, flush=True)
+    print(_common.machine(args))
+    print()
+    print(table(rows))
+    print()
+    print("items/s: median round; speed vs CLIPModel: median over rounds of the paired time ratio (same round).")
+
+
+if __name__ == "__main__":
+    main()
