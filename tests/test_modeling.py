@@ -216,6 +216,26 @@ def test_encode_is_normalised_projection(model, text_batch):
     assert (raw_text.norm(dim=-1) - 1).abs().max() > 1e-3  # the features really are unnormalised
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(causal=False), dict(num_hidden_layers=1), dict(eos_token_id=7)],
+                         ids=["causal", "bidirectional", "one-layer", "eos-7"])
+def test_encode_helpers_equal_full_forward(overrides):
+    """encode_* may take a shortcut for the pooled token; it must give the full forward's embedding."""
+    model = make_model(text_config=overrides)
+    limit = model.config.text_config.max_position_embeddings
+    eos = model.config.text_config.eos_token_id
+    rows = [[BOS, 40, 41, eos], [BOS, 40, eos, 50, 51, eos], [BOS, 60, 61, 62],  # eos mid-text; no eos at all
+            [BOS] + list(range(100, 100 + limit)) + [eos]]  # over-long: truncated inside the model
+    batch = ids(*[r + [PAD] * (limit + 2 - len(r)) for r in rows])
+    mask = (torch.arange(batch.shape[1]) < torch.tensor([len(r) for r in rows])[:, None]).long()
+    pixels = random_pixels(3)
+    with torch.no_grad():
+        full_text = model.get_text_features(batch, mask).pooler_output
+        full_image = model.get_image_features(pixels).pooler_output
+        torch.testing.assert_close(model.encode_text(batch, mask, normalize=False), full_text, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.encode_text(batch, mask), F.normalize(full_text, dim=-1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.encode_image(pixels, normalize=False), full_image, rtol=1e-5, atol=1e-6)
+
+
 def test_return_dict_false_gives_tuple(model, text_batch):
     pixels = random_pixels(2)
     with torch.no_grad():
@@ -325,7 +345,8 @@ def test_forward_backward_batch_8_trains_every_parameter(tokenizer):
 def cnn_model(request):
     torch.manual_seed(0)
     # the preset's CNN at 64 px; a small text tower, which these tests do not exercise, keeps them fast
-    small_text = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    small_text = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2)
     config = LightClipConfig.from_preset(request.param, vision_config=dict(image_size=64), text_config=small_text)
     return LightClipModel(config).eval()
 

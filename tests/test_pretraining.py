@@ -37,6 +37,9 @@ CASES = {
     "multiscale": dict(objectives="mlm", fusion_image_source="multiscale"),
     "teacher_to_student": dict(objectives="clip-ping", neighbor_direction="teacher_to_student"),
     "mlp_head": dict(objectives="clip-ping", neighbor_head="mlp"),
+    # a transformers CNN tower: feature-map tokens for matching, its own stages for multiscale fusion
+    "cnn_all_multiscale": dict(objectives="all", fusion_image_source="multiscale",
+                               vision_config=dict(backbone="mobilenetv2", image_size=64)),
 }
 
 
@@ -57,10 +60,10 @@ def neighbor_targets(batch: int) -> dict[str, torch.Tensor]:
     return {k: torch.randn(batch, d, generator=g) for k, d in dims.items()}
 
 
-def inputs(text_batch, with_mlm: bool = True) -> dict:
+def inputs(text_batch, with_mlm: bool = True, image_size: int = 32) -> dict:
     batch = dict(text_batch)
     n = batch["input_ids"].shape[0]
-    batch.update(pixel_values=random_pixels(n), neighbor_targets=neighbor_targets(n))
+    batch.update(pixel_values=random_pixels(n, size=image_size), neighbor_targets=neighbor_targets(n))
     if with_mlm:  # mask the second token of every caption (a word), deterministically
         mlm_input_ids = batch["input_ids"].clone()
         labels = torch.full_like(mlm_input_ids, -100)
@@ -78,7 +81,7 @@ def expected_keys(objectives: list[str]) -> set[str]:
 def case(request, text_batch):
     """(name, model, output) of one forward + backward, shared by the checks below."""
     model = build(**CASES[request.param]).train()
-    out = model(**inputs(text_batch))
+    out = model(**inputs(text_batch, image_size=model.config.vision_config.image_size))
     out.loss.backward()
     return request.param, model, out
 
