@@ -1,0 +1,113 @@
+"""Two-process gloo check of `lightclip.losses`: run as `python _dist_losses_worker.py OUT.pt`.
+
+Each rank runs a tiny shared "model" (linear maps, a learnable logit scale) on its slice of a fixed global batch,
+computes every loss with local rows against gathered columns, backpropagates, and averages loss and gradients over
+the ranks as DDP does. Rank 0 saves the averages; `test_losses_distributed.py` compares them with `run_case` on the
+whole batch in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lightclip.losses import ClipLoss, NeighborContrastiveLoss, SoftClipLoss, TokenMatchingLoss
+
+WORLD_SIZE = 2
+LOCAL_BATCH = 3
+GLOBAL_BATCH = WORLD_SIZE * LOCAL_BATCH
+CASES = ("clip", "soft", "token_sinkhorn", "token_hungarian", "token_filip", "nn")
+
+
+def make_inputs() -> dict[str, torch.Tensor]:
+    """The fixed global batch: raw inputs of the towers, word masks and constant neighbour targets."""
+    g = torch.Generator().manual_seed(1234)
+    b, d_in, n, m, d = GLOBAL_BATCH, 5, 4, 5, 4
+    lengths = torch.randint(1, m + 1, (b,), generator=g)
+    return {
+        "image": torch.randn(b, d_in, generator=g, dtype=torch.float64),
+        "text": torch.randn(b, d_in, generator=g, dtype=torch.float64),
+        "image_tokens": torch.randn(b, n, d_in, generator=g, dtype=torch.float64),
+        "text_tokens": torch.randn(b, m, d_in, generator=g, dtype=torch.float64),
+        "text_mask": torch.arange(m)[None, :] < lengths[:, None],
+        "image_targets": F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1),
+        "text_targets": F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1),
+    }
+
+
+class TinyModel(nn.Module):
+    """Linear towers and heads with a learnable log logit scale, the same weights on every rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = nn.Linear(5, 4, dtype=torch.float64)
+        self.text = nn.Linear(5, 4, dtype=torch.float64)
+        self.head = nn.Linear(4, 4, dtype=torch.float64)
+        self.log_scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+
+def run_case(name: str, rows: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss on `rows` of the global batch and the gradients of every model parameter."""
+    data = {k: v[rows] for k, v in make_inputs().items()}
+    model = TinyModel()
+    scale = model.log_scale.exp()
+    img = F.normalize(model.image(data["image"]), dim=-1)
+    txt = F.normalize(model.text(data["text"]), dim=-1)
+    if name == "clip":
+        loss = ClipLoss()(img, txt, scale)["contrastive_loss"]
+    elif name == "soft":
+        soft = SoftClipLoss(mode="similarity", alpha_max=0.5, temperature=0.5)
+        soft.set_progress(0.7)
+        loss = soft(img, txt, scale)["contrastive_loss"]
+    elif name.startswith("token_"):
+        img_tok = F.normalize(model.image(data["image_tokens"]), dim=-1)
+        txt_tok = F.normalize(model.text(data["text_tokens"]), dim=-1)
+        matcher = TokenMatchingLoss(name.removeprefix("token_"), epsilon=0.1, iterations=8, num_negatives=2, chunk_size=2)
+        loss = matcher(img_tok, txt_tok, data["text_mask"], scale)["token_loss"]
+    elif name == "nn":
+        queries_i = F.normalize(model.head(img), dim=-1)
+        queries_t = F.normalize(model.head(txt), dim=-1)
+        loss = NeighborContrastiveLoss()(queries_i, queries_t, data["image_targets"], data["text_targets"], scale)[
+            "nn_loss"
+        ]
+    else:
+        raise ValueError(name)
+    loss.backward()
+    grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()}
+    return loss.detach(), grads
+
+
+def _worker(rank: int, port: int, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        results = {}
+        for name in CASES:
+            loss, grads = run_case(name, slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH))
+            for t in (loss, *grads.values()):
+                dist.all_reduce(t)  # DDP semantics: the mean over ranks
+                t /= WORLD_SIZE
+            results[name] = {"loss": loss, "grads": grads}
+        if rank == 0:
+            torch.save(results, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(out_path: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_worker, args=(port, out_path), nprocs=WORLD_SIZE, join=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
