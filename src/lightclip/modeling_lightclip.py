@@ -234,10 +234,12 @@ class LightClipTextTransformer(nn.Module):
             return None
         keys = attention_mask.bool()[:, None, None, :]
         if self.config.causal:
-            causal = torch.ones(length, length, dtype=torch.bool, device=keys.device).tril()
-            keys = keys & causal
+            # built from comparisons of positions (not tril / eye), so the graph exports to ONNX Runtime, which has
+            # no boolean EyeLike kernel
+            positions = torch.arange(length, device=keys.device)
+            keys = keys & (positions[None, :] <= positions[:, None])
             # a padded query row with no visible key would give NaN; let it see itself
-            keys = keys | torch.eye(length, dtype=torch.bool, device=keys.device)
+            keys = keys | (positions[None, :] == positions[:, None])
         return keys
 
     def pool_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
