@@ -1,0 +1,200 @@
+"""ONNX export of a lightclip dual encoder: one graph per tower, plus everything a runtime needs to preprocess.
+
+`export_onnx(model_dir, output_dir)` writes
+
+- `image_encoder.onnx`: `pixel_values` `(batch, 3, S, S)` float32 -> `image_embeds` `(batch, D)`, L2-normalised;
+- `text_encoder.onnx`: `input_ids`, `attention_mask` `(batch, length)` int64 -> `text_embeds` `(batch, D)`,
+  L2-normalised; `length` may be anything from 1 to the context length;
+- `preprocessing.json`: image size, resize / crop, rescale, mean / std, tokenizer file, context length, special ids,
+  how over-long text is cut (keeping the end-of-text token), and the logit scale;
+- the tokenizer (`tokenizer.json`, `tokenizer_config.json`) and image processor (`preprocessor_config.json`) files.
+
+Both graphs compute `LightClipModel.encode_image` / `encode_text` (the last layer runs for the pooled token only).
+torch 2.13's default exporter (`dynamo=True`) needs `onnxscript`, which lightclip does not depend on; the TorchScript
+exporter (`dynamo=False`) needs nothing beyond torch and gives graphs that match eager PyTorch to ~1e-6. The text
+graph is traced on a padded batch, so its attention masking is always in the graph (an unpadded batch gives the same
+result through it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGE_FILE = "image_encoder.onnx"
+TEXT_FILE = "text_encoder.onnx"
+PREPROCESSING_FILE = "preprocessing.json"
+DEFAULT_OPSET = 17
+
+
+class ImageEncoder(nn.Module):
+    """`pixel_values -> encode_image(pixel_values)` as a module to trace."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+
+class TextEncoder(nn.Module):
+    """`(input_ids, attention_mask) -> encode_text(input_ids, attention_mask)` as a module to trace."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask)
+
+
+def preprocessing_spec(model, processor) -> dict:
+    """What a runtime must do to turn a picture and a string into the graphs' inputs (written as preprocessing.json)."""
+    image_processor, tokenizer = processor.image_processor, processor.tokenizer
+    text = model.config.text_config
+    size = image_processor.size
+    crop = image_processor.crop_size
+    return {
+        "image": {
+            "input_name": "pixel_values",
+            "layout": "NCHW float32, RGB",
+            "image_size": model.config.vision_config.image_size,
+            "convert_rgb": "8-bit RGB; transparency composited on white (lightclip.processing_lightclip.to_rgb8)",
+            "resize_shortest_edge": size.get("shortest_edge"),
+            "resample": "bicubic" if int(image_processor.resample) == 3 else int(image_processor.resample),
+            "center_crop": [crop["height"], crop["width"]] if image_processor.do_center_crop else None,
+            "rescale_factor": image_processor.rescale_factor,
+            "image_mean": list(image_processor.image_mean),
+            "image_std": list(image_processor.image_std),
+            "order": "convert_rgb -> resize shortest edge -> center crop -> x * rescale_factor -> (x - mean) / std",
+        },
+        "text": {
+            "input_names": ["input_ids", "attention_mask"],
+            "dtype": "int64",
+            "tokenizer_file": "tokenizer.json",
+            "context_length": text.max_position_embeddings,
+            "bos_token_id": text.bos_token_id,
+            "eos_token_id": text.eos_token_id,
+            "pad_token_id": text.pad_token_id,
+            "lowercase": True,
+            "padding": "right, with pad_token_id and attention_mask 0",
+            "truncation": (
+                f"at most context_length tokens, end-of-text kept: tokenize with truncation to context_length "
+                f"(tokenizer.json's post-processor adds [CLS] ... [SEP] after cutting), i.e. a text longer than "
+                f"context_length becomes its first context_length - 1 tokens followed by eos_token_id "
+                f"{text.eos_token_id}, as LightClipModel does inside. The graph rejects longer input."
+            ),
+            "pooling": "hidden state at the first eos_token_id",
+        },
+        "outputs": {
+            "image_embeds": "(batch, projection_dim) L2-normalised",
+            "text_embeds": "(batch, projection_dim) L2-normalised",
+            "projection_dim": model.config.projection_dim,
+            "logit_scale": float(model.logit_scale_exp().detach()),
+            "zero_shot": "softmax(logit_scale * image_embeds @ text_embeds.T, axis=-1)",
+        },
+        "files": {"image_encoder": IMAGE_FILE, "text_encoder": TEXT_FILE},
+    }
+
+
+def _example_text(tokenizer, context_length: int) -> dict[str, torch.Tensor]:
+    """Two captions of different lengths, padded: the traced graph then carries the masking path."""
+    texts = ["a red circle", "two small blue squares to the left of a large green star on a white background"]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=context_length, return_tensors="pt")
+    if bool(batch["attention_mask"].all()):
+        raise AssertionError("the example text batch must contain padding")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def export_onnx(model_dir: str | os.PathLike, output_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                check: bool = True) -> dict[str, Path]:
+    """Export both towers of a saved lightclip folder to ONNX (see the module docstring). Returns the written paths."""
+    from . import LightClipModel, LightClipProcessor
+
+    if opset < 17:
+        raise ValueError("opset must be >= 17 (LayerNormalization is an ONNX op from 17 on)")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = LightClipModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = LightClipProcessor.from_pretrained(model_dir)
+    size = model.config.vision_config.image_size
+    context_length = model.config.text_config.max_position_embeddings
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    text = _example_text(processor.tokenizer, context_length)
+
+    paths = {"image_encoder": output_dir / IMAGE_FILE, "text_encoder": output_dir / TEXT_FILE}
+    common = dict(dynamo=False, opset_version=opset, do_constant_folding=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        # the TorchScript exporter's deprecation notice and its tracer warnings about Python-side shape checks
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            ImageEncoder(model), (pixels,), str(paths["image_encoder"]), input_names=["pixel_values"],
+            output_names=["image_embeds"], dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+            **common,
+        )
+        torch.onnx.export(
+            TextEncoder(model), (text["input_ids"], text["attention_mask"]), str(paths["text_encoder"]),
+            input_names=["input_ids", "attention_mask"], output_names=["text_embeds"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                          "text_embeds": {0: "batch"}},
+            **common,
+        )
+    if check:
+        import onnx
+
+        for path in paths.values():
+            onnx.checker.check_model(str(path))
+    spec = preprocessing_spec(model, processor)
+    spec["source"] = {"model": str(model_dir), "opset": opset, "torch": torch.__version__}
+    paths["preprocessing"] = output_dir / PREPROCESSING_FILE
+    paths["preprocessing"].write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    processor.tokenizer.save_pretrained(output_dir)
+    processor.image_processor.save_pretrained(output_dir)
+    return paths
+
+
+class OnnxClip:
+    """Both exported towers in onnxruntime, with numpy in and out.
+
+    Example:
+
+    ```python
+    >>> clip = OnnxClip("exported/")                                    # doctest: +SKIP
+    >>> clip.encode_image(pixel_values).shape                           # doctest: +SKIP
+    (2, 64)
+    ```
+    """
+
+    def __init__(self, export_dir: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        export_dir = Path(export_dir)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = providers or ["CPUExecutionProvider"]
+        self.image_session = ort.InferenceSession(str(export_dir / IMAGE_FILE), options, providers=providers)
+        self.text_session = ort.InferenceSession(str(export_dir / TEXT_FILE), options, providers=providers)
+        self.preprocessing = json.loads((export_dir / PREPROCESSING_FILE).read_text(encoding="utf-8"))
+
+    def encode_image(self, pixel_values):
+        import numpy as np
+
+        return self.image_session.run(None, {"pixel_values": np.asarray(pixel_values, dtype=np.float32)})[0]
+
+    def encode_text(self, input_ids, attention_mask):
+        import numpy as np
+
+        feed = {"input_ids": np.asarray(input_ids, dtype=np.int64),
+                "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+        return self.text_session.run(None, feed)[0]
+
+
+__all__ = ["OnnxClip", "export_onnx", "preprocessing_spec"]

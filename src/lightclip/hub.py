@@ -1,0 +1,466 @@
+"""Publishing lightclip checkpoints: model cards, upload to the Hugging Face Hub, and checks before upload.
+
+- `write_model_card(folder, command=...)` fills `model_cards/lightclip_model_card.md` (a Jinja template, rendered by
+  `huggingface_hub.ModelCard.from_template`) from the folder's `config.json`, `model.safetensors`, `train_config.json`
+  and `eval_results.json`, and writes it as the folder's `README.md`. The YAML metadata is built with
+  `ModelCardData` / `EvalResult`, never by hand.
+- `push_folder(folder, repo_id)` validates the folder, then `HfApi.create_repo(..., exist_ok=True)` and
+  `HfApi.upload_folder` with an allow-list of the model files (weights, configs, processor, card, copied code,
+  results, curves); `dry_run=True` validates and lists what would be uploaded, uploading nothing.
+- `validate_folder(folder)` loads the folder for real: `LightClipModel.from_pretrained`, the zero-shot pipeline on a
+  synthetic picture, and `ModelCard.load` of its card.
+
+The token comes from the `token` argument, else `HF_TOKEN` or the stored login (`huggingface_hub.get_token()`); it is
+passed to the client and never printed or logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_NAME = "lightclip_model_card.md"
+# searched in order: an installed copy next to this module, then the repository's model_cards/ folder
+TEMPLATE_DIRS = (Path(__file__).parent / "model_cards", Path(__file__).resolve().parents[2] / "model_cards")
+
+LICENSE = "apache-2.0"
+PIPELINE_TAG = "zero-shot-image-classification"
+# library_name "transformers": the Hub's widget and "Use this model" snippets know transformers, and the folder loads
+# with transformers alone through trust_remote_code; the `lightclip` tag finds every lightclip checkpoint.
+LIBRARY_NAME = "transformers"
+TAGS = ["lightclip", "clip", "zero-shot-image-classification", "vision", "synthetic-data", "custom_code"]
+DATASET_ID = "lightclip-shapes"
+
+# top-level files that make up a model repository; sub-folders (training checkpoints, feature banks, logs) and
+# anything pickled are never uploaded
+UPLOAD_SUFFIXES = (".safetensors", ".json", ".py", ".md", ".txt", ".png", ".model")
+NEVER_UPLOAD = ("train_log.jsonl",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "README.md")
+CARD_KEYS = ("license", "library_name", "pipeline_tag", "tags", "datasets", "model-index")
+
+SHAPES_METRICS = (
+    ("shapes/shape/top1", "zero-shot shape top-1"),
+    ("shapes/shape/top5", "zero-shot shape top-5"),
+    ("shapes/shape/top1_seen", "zero-shot shape top-1, seen compositions"),
+    ("shapes/shape/top1_unseen", "zero-shot shape top-1, held-out compositions"),
+    ("shapes/colour/top1", "zero-shot colour top-1"),
+    ("shapes/colour/top5", "zero-shot colour top-5"),
+    ("shapes/colour/top1_unseen", "zero-shot colour top-1, held-out compositions"),
+    ("shapes/retrieval/image_retrieval_recall@1", "text-to-image retrieval recall@1"),
+    ("shapes/retrieval/image_retrieval_recall@5", "text-to-image retrieval recall@5"),
+    ("shapes/retrieval/text_retrieval_recall@1", "image-to-text retrieval recall@1"),
+    ("shapes/retrieval/text_retrieval_recall@5", "image-to-text retrieval recall@5"),
+)
+# the metrics that go into the model-index (zero-shot classification only; retrieval has no Hub task id)
+MODEL_INDEX_METRICS = (
+    ("shapes/shape/top1", "Zero-shot shape classification", "shape top-1 accuracy"),
+    ("shapes/shape/top1_unseen", "Zero-shot shape classification", "shape top-1 accuracy, held-out compositions"),
+    ("shapes/colour/top1", "Zero-shot colour classification", "colour top-1 accuracy"),
+)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading a saved folder
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def human_size(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    raise AssertionError
+
+
+def weight_summary(folder: str | os.PathLike) -> dict:
+    """Parameter counts per tower and the stored dtypes, read from the safetensors header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    counts = {"image": 0, "text": 0, "other": 0}
+    dtypes: set[str] = set()
+    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            tensor_slice = f.get_slice(key)
+            numel = 1
+            for dim in tensor_slice.get_shape():
+                numel *= dim
+            dtypes.add(str(tensor_slice.get_dtype()))
+            part = key.split(".", 1)[0]
+            if part in ("vision_model", "visual_projection"):
+                counts["image"] += numel
+            elif part in ("text_model", "text_projection"):
+                counts["text"] += numel
+            else:
+                counts["other"] += numel
+    counts["total"] = counts["image"] + counts["text"] + counts["other"]
+    return {"params": counts, "dtypes": sorted(dtypes)}
+
+
+def upload_files(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(files to upload, files and folders left out): top-level model files only, by suffix; never pickles."""
+    folder = Path(folder)
+    keep, skip = [], []
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        ok = (path.is_file() and not name.startswith(".") and name.endswith(UPLOAD_SUFFIXES)
+              and name not in NEVER_UPLOAD and not name.endswith(PICKLE_SUFFIXES))
+        (keep if ok else skip).append(name + ("/" if path.is_dir() else ""))
+    return keep, skip
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model card
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def find_template(template_path: str | os.PathLike | None = None) -> Path:
+    if template_path is not None:
+        return Path(template_path)
+    for directory in TEMPLATE_DIRS:
+        if (directory / TEMPLATE_NAME).is_file():
+            return directory / TEMPLATE_NAME
+    raise FileNotFoundError(f"model card template {TEMPLATE_NAME} not found in {[str(d) for d in TEMPLATE_DIRS]}")
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n / 1e6:.2f} M ({n:,})" if n >= 1e5 else f"{n:,}"
+
+
+def _objective_rows(config: dict) -> list[tuple[str, str]]:
+    rows = []
+    for term in config.get("objectives") or ["clip"]:
+        if term == "clip":
+            rows.append(("clip: symmetric image-text InfoNCE", "1.0"))
+        elif term == "soft":
+            rows.append(("soft: InfoNCE with progressively softened negatives (replaces clip)",
+                         f"1.0; alpha rises to {config.get('soft_alpha_max')} ({config.get('soft_schedule')}, "
+                         f"{config.get('soft_mode')})"))
+        elif term == "token":
+            rows.append(("token: patch-word relaxed bipartite matching",
+                         f"{config.get('token_weight')} ({config.get('token_matching')})"))
+        elif term == "mlm":
+            rows.append(("mlm: masked language modelling through the image-text fusion module",
+                         f"{config.get('mlm_weight')} (mask probability {config.get('mlm_probability')})"))
+        elif term == "nn":
+            rows.append(("nn: nearest-neighbour guidance, same modality (CLIP-PING)", str(config.get("nn_weight"))))
+        elif term == "xnn":
+            rows.append(("xnn: nearest-neighbour guidance, cross modality (CLIP-PING)",
+                         f"{config.get('xnn_weight')} ({config.get('xnn_mode')})"))
+    rows.append(("training-only modules", "dropped at save: the checkpoint is a plain dual encoder"))
+    return rows
+
+
+def _training_rows(train: dict | None, eval_results: dict | None) -> list[tuple[str, str]]:
+    if not train:
+        return []
+    data = train.get("train_data")
+    if data in ("shapes", "lightclip-shapes"):
+        size = train.get("shapes_train_size") or 4000
+        data = (f"lightclip-shapes (built-in synthetic generator): {size} training pictures rendered at "
+                f"{train.get('shapes_image_size') or 64} px, 3 captions each")
+    batch = train.get("per_device_train_batch_size")
+    accumulation = train.get("gradient_accumulation_steps") or 1
+    steps = (eval_results or {}).get("step") or train.get("max_train_steps")
+    rows = [
+        ("data", str(data)),
+        ("steps", str(steps)),
+        ("batch size", f"{batch} per device x {accumulation} accumulation"),
+        ("images seen", f"{steps * batch * accumulation:,} (per device)" if steps and batch else "n/a"),
+        ("optimiser", f"AdamW, lr {train.get('learning_rate')}, weight decay {train.get('weight_decay')}, cosine "
+                      "schedule with warmup"),
+        ("seed", str(train.get("seed"))),
+        ("mixed precision", str(train.get("mixed_precision") or "no")),
+    ]
+    return rows
+
+
+def _eval_rows(eval_results: dict | None) -> list[tuple[str, str]]:
+    if not eval_results:
+        return []
+    rows = [(label, f"{eval_results[key]:.4f}") for key, label in SHAPES_METRICS
+            if isinstance(eval_results.get(key), (int, float))]
+    if "shapes/num_images" in eval_results:
+        rows.append(("test pictures", str(eval_results["shapes/num_images"])))
+    return rows
+
+
+def model_card_data(folder: str | os.PathLike, model_name: str | None = None):
+    """`huggingface_hub.ModelCardData` for a saved lightclip folder (metadata only)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    folder = Path(folder)
+    model_name = model_name or folder.resolve().name
+    eval_results = _read_json(folder / "eval_results.json") or {}
+    results = [
+        EvalResult(
+            task_type=PIPELINE_TAG, task_name=task_name, dataset_type=DATASET_ID,
+            dataset_name="lightclip-shapes (synthetic)", dataset_split="test", metric_type="accuracy",
+            metric_name=metric_name, metric_value=round(float(eval_results[key]), 4),
+        )
+        for key, task_name, metric_name in MODEL_INDEX_METRICS
+        if isinstance(eval_results.get(key), (int, float))
+    ]
+    return ModelCardData(
+        language="en", license=LICENSE, library_name=LIBRARY_NAME, pipeline_tag=PIPELINE_TAG, tags=list(TAGS),
+        datasets=[DATASET_ID], model_name=model_name, eval_results=results or None,
+    )
+
+
+def write_model_card(folder: str | os.PathLike, command: str | None = None, *, repo_id: str | None = None,
+                     model_name: str | None = None, template_path: str | os.PathLike | None = None) -> Path:
+    """Render the lightclip model card for a saved folder and write it as `<folder>/README.md`.
+
+    Args:
+        folder: a `save_pretrained` folder (model and processor) with `config.json`; `train_config.json` and
+            `eval_results.json` are used when present. An `eval_results.json` holding a `"command"` key names the
+            command that computed its numbers; otherwise they come from the end of the training run.
+        command: the training command, shown in the card.
+        repo_id: the Hub id used in the loading examples (default `<your-org>/<folder name>`).
+    """
+    from huggingface_hub import ModelCard
+
+    folder = Path(folder)
+    config = _read_json(folder / "config.json")
+    if config is None:
+        raise FileNotFoundError(f"{folder} has no config.json: save the model with save_pretrained first")
+    train = _read_json(folder / "train_config.json")
+    eval_results = _read_json(folder / "eval_results.json")
+    weights = weight_summary(folder)
+    vision, text = config["vision_config"], config["text_config"]
+    model_name = model_name or folder.resolve().name
+    repo_id = repo_id or f"<your-org>/{model_name}"
+    preset = (train or {}).get("model")
+
+    if vision.get("backbone", "vit") == "vit":
+        tower = (f"ViT, {vision['image_size']} px input, patch {vision['patch_size']}, width {vision['hidden_size']}, "
+                 f"{vision['num_hidden_layers']} layers, {vision['num_attention_heads']} heads")
+    else:
+        tower = f"{vision['backbone']} (transformers), {vision['image_size']} px input"
+    details = [
+        ("model type", "lightclip dual encoder (CLIP-style), trained from scratch"),
+        ("preset", f"`{preset}`" if preset else "n/a"),
+        ("image tower", tower),
+        ("text tower", f"{'causal ' if text.get('causal', True) else ''}transformer, width {text['hidden_size']}, "
+                       f"{text['num_hidden_layers']} layers, {text['num_attention_heads']} heads, vocabulary "
+                       f"{text['vocab_size']}, context {text['max_position_embeddings']} tokens"),
+        ("embedding", f"{config['projection_dim']}-d, L2-normalised; learned logit scale"),
+        ("weights on disk", f"{', '.join(weights['dtypes'])} safetensors, "
+                            f"{human_size((folder / 'model.safetensors').stat().st_size)}"
+                            + ("; loads as float32 (`dtype` in config.json)" if "F32" not in weights["dtypes"] else "")),
+        ("license", LICENSE),
+    ]
+    params = weights["params"]
+    param_rows = [("image tower (incl. projection)", _fmt_count(params["image"])),
+                  ("text tower (incl. projection)", _fmt_count(params["text"])),
+                  ("logit scale", _fmt_count(params["other"])),
+                  ("total", _fmt_count(params["total"]))]
+    eval_command = (eval_results or {}).get("command")
+    if eval_command:
+        eval_intro = "Zero-shot classification and retrieval on the lightclip-shapes test split, with these weights:"
+    else:
+        eval_intro = "Zero-shot classification and retrieval on the lightclip-shapes test split, at the end of training:"
+        eval_command = command
+    files = [(name, human_size((folder / name).stat().st_size)) for name in upload_files(folder)[0]
+             if name != "README.md"]
+
+    card = ModelCard.from_template(
+        model_card_data(folder, model_name),
+        template_path=str(find_template(template_path)),
+        model_name=model_name,
+        summary=(f"A small CLIP-style image-text model trained with the lightclip package"
+                 + (f", preset `{preset}`" if preset else "") + f": {_fmt_count(params['total'])} parameters."),
+        details=details,
+        param_rows=param_rows,
+        training_rows=_training_rows(train, eval_results),
+        objective_rows=_objective_rows(config),
+        train_command=command,
+        eval_intro=eval_intro,
+        eval_rows=_eval_rows(eval_results),
+        eval_command=eval_command,
+        context_length=text["max_position_embeddings"],
+        projection_dim=config["projection_dim"],
+        repo_id=repo_id,
+        files=files,
+    )
+    path = folder / "README.md"
+    card.save(path)
+    return path
+
+
+def package_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
+                       train_command: str | None = None, evaluate: bool = True, eval_command: str | None = None) -> Path:
+    """Copy a training run's model files into a clean folder to publish, optionally storing the weights in float16.
+
+    Only the files `upload_files` selects are copied (no training checkpoints, logs or feature banks). With
+    `dtype="float16"` every floating tensor of `model.safetensors` is stored in half precision (half the size);
+    `config.json` keeps `dtype: float32`, so `from_pretrained` and the pipeline (`dtype="auto"`) upcast on load and
+    the model computes in float32 as it was trained. With `evaluate=True` the packaged weights are evaluated on the
+    shapes test split (`evaluate_shapes`) and `eval_results.json` is rewritten with the numbers and `eval_command`.
+    Finally the model card is written.
+    """
+    import shutil
+
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{run_dir} has no model.safetensors")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    for name in upload_files(run_dir)[0]:
+        if name != "README.md":
+            shutil.copyfile(run_dir / name, out_dir / name)
+    if dtype == "float16":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(run_dir / "model.safetensors")
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    if evaluate:
+        from . import LightClipModel, LightClipProcessor
+        from .evaluation import evaluate_shapes, save_results
+
+        model = LightClipModel.from_pretrained(out_dir).eval()
+        processor = LightClipProcessor.from_pretrained(out_dir)
+        results = evaluate_shapes(model, processor)
+        previous = _read_json(run_dir / "eval_results.json") or {}
+        results["step"] = previous.get("step")
+        results["command"] = eval_command or f"python examples/evaluate.py --model {out_dir} --task shapes"
+        save_results(results, out_dir / "eval_results.json")
+    write_model_card(out_dir, command=train_command)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Validation and upload
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _synthetic_picture(size: int = 64):
+    """A red disc on a white background."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(220, 30, 30))
+    return image
+
+
+def validate_folder(folder: str | os.PathLike) -> dict:
+    """Load a folder as a user would, and raise `ValueError` listing every problem found.
+
+    Checks: the required files exist and no pickled weights are present; `LightClipModel.from_pretrained` loads it
+    (float32, safetensors only) and embeds; `pipeline("zero-shot-image-classification", model=folder)` classifies a
+    synthetic picture; `ModelCard.load` parses `README.md` and its metadata has the keys in `CARD_KEYS`.
+    Returns a report dict (files, sizes, pipeline output, card metadata keys).
+    """
+    import torch
+    from huggingface_hub import ModelCard
+    from transformers import pipeline
+
+    from . import LightClipModel, LightClipProcessor
+
+    folder = Path(folder)
+    problems = [f"missing {name}" for name in REQUIRED_FILES if not (folder / name).is_file()]
+    pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        problems.append(f"pickled files {pickled} (lightclip publishes safetensors only; remove them)")
+    if problems:
+        raise ValueError(f"{folder} is not ready to upload: " + "; ".join(problems))
+
+    report: dict = {}
+    model = LightClipModel.from_pretrained(folder).eval()
+    processor = LightClipProcessor.from_pretrained(folder)
+    if model.dtype != torch.float32:
+        problems.append(f"loads as {model.dtype}, expected torch.float32")
+    picture = _synthetic_picture()
+    labels = ["a red circle", "a blue square", "a green triangle"]
+    with torch.no_grad():
+        batch = processor(text=labels, images=[picture], return_tensors="pt", padding=True)
+        image = model.encode_image(batch["pixel_values"])
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    if not (torch.isfinite(image).all() and torch.isfinite(text).all()):
+        problems.append("non-finite embeddings")
+    classifier = pipeline(PIPELINE_TAG, model=str(folder))
+    scores = classifier(picture, candidate_labels=labels)
+    total = sum(s["score"] for s in scores)
+    if len(scores) != len(labels) or abs(total - 1.0) > 1e-4:
+        problems.append(f"pipeline returned {scores}")
+    report["pipeline"] = scores
+
+    card = ModelCard.load(folder / "README.md")
+    metadata = card.data.to_dict()
+    missing = [key for key in CARD_KEYS if not metadata.get(key)]
+    if missing:
+        problems.append(f"model card metadata lacks {missing}")
+    report["card_keys"] = sorted(metadata)
+    if problems:
+        raise ValueError(f"{folder} is not ready to upload: " + "; ".join(problems))
+
+    files, skipped = upload_files(folder)
+    report["files"] = [(name, (folder / name).stat().st_size) for name in files]
+    report["skipped"] = skipped
+    report["total_bytes"] = sum(size for _, size in report["files"])
+    return report
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """The explicit token, else `HF_TOKEN` / the stored login (huggingface_hub's own lookup)."""
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
+                dry_run: bool = False, api=None, commit_message: str | None = None) -> dict:
+    """Validate a saved lightclip folder and upload its model files to a Hub model repository.
+
+    `HfApi().create_repo(repo_id, private=private, exist_ok=True, repo_type="model")`, then `HfApi.upload_folder`
+    with the files of `upload_files(folder)` as `allow_patterns` (no sub-folders, logs or pickles). With
+    `dry_run=True` it validates and prints what would be uploaded, and contacts nobody. `api` replaces the
+    `HfApi` client (tests pass a fake). Returns the validation report, plus `repo_url` / `commit_url` after an upload.
+    """
+    folder = Path(folder)
+    report = validate_folder(folder)
+    verb = "would upload" if dry_run else "uploading"
+    print(f"{folder}: valid. {verb} {len(report['files'])} files ({human_size(report['total_bytes'])}) "
+          f"to {repo_id}{' (private)' if private else ''}:")
+    for name, size in report["files"]:
+        print(f"  {name:40s} {human_size(size):>10s}")
+    if report["skipped"]:
+        print(f"  left out: {', '.join(report['skipped'])}")
+    if dry_run:
+        return report
+
+    token = resolve_token(token)
+    if token is None:
+        raise RuntimeError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+    commit = api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, repo_type="model", token=token,
+        allow_patterns=[name for name, _ in report["files"]],
+        commit_message=commit_message or f"Upload {folder.resolve().name} with lightclip",
+    )
+    report["repo_url"] = str(repo_url)
+    report["commit_url"] = getattr(commit, "commit_url", None)
+    print(f"uploaded to {report['repo_url']}" + (f" ({report['commit_url']})" if report["commit_url"] else ""))
+    return report
+
+
+__all__ = ["model_card_data", "package_checkpoint", "push_folder", "upload_files", "validate_folder", "weight_summary", "write_model_card"]

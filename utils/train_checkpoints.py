@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Train and package the tiny checkpoints shipped in `checkpoints/`: the exact commands, and how they were packaged.
+
+    python utils/train_checkpoints.py                                  # both, one after the other
+    python utils/train_checkpoints.py --only lightclip-xxs-shapes      # one (run two of these in parallel on 2 cores)
+    python utils/train_checkpoints.py --only lightclip-xxs-shapes --package_only   # re-package an existing run
+
+Each checkpoint is trained by `examples/pretrain.py` on the built-in shapes data into `runs/checkpoints/<name>`
+(ignored by git), then `lightclip.hub.package_checkpoint` copies the model files into `checkpoints/<name>` (weights,
+config, processor, copied code, train_config.json, training_curves.png), re-evaluates the packaged weights on the
+shapes test split into `eval_results.json`, and writes the model card (`README.md`).
+
+Choices (see docs/checkpoints.md):
+
+- `lightclip-xxs-shapes`: preset `lightclip-xxs` (32 px, 0.49 M parameters) with the default `lightclip`
+  objectives (softened InfoNCE, token matching, MLM), 600 steps of batch 64: the default training run. float32, 2 MB.
+- `lightclip-xs-shapes-64px`: preset `lightclip-xs` unchanged (ViT width 256, 6 layers; text width 256, 6 layers,
+  vocabulary 8192; 11.9 M parameters) except `--image_size 64` (patch 16: 16 patches), trained with the plain `clip`
+  objective: on our 2 shared CPU cores a step of the `lightclip` objectives costs about 3x a `clip` step at this size,
+  and the budget allowed only a few hundred steps. Stored in float16 (24 MB instead of 48 MB; loads as float32).
+  The layer counts are the preset's: a smaller model would not be `lightclip-xs`.
+
+One thread per run (`OMP_NUM_THREADS=1`): on a loaded 2-core machine, 2 threads per process made steps 3-5x slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECKPOINTS: dict[str, dict] = {
+    "lightclip-xxs-shapes": {
+        "args": ["--model", "lightclip-xxs", "--max_train_steps", "600", "--seed", "0"],
+        "dtype": "float32",
+    },
+    "lightclip-xs-shapes-64px": {
+        "args": ["--model", "lightclip-xs", "--image_size", "64", "--objectives", "clip", "--max_train_steps", "400",
+                 "--seed", "0"],
+        "dtype": "float16",
+    },
+}
+
+
+def train_command(name: str) -> list[str]:
+    return ["python", "examples/pretrain.py", *CHECKPOINTS[name]["args"],
+            "--output_dir", f"runs/checkpoints/{name}", "--overwrite_output_dir"]
+
+
+def command_text(name: str) -> str:
+    """The training and packaging commands as shown in the model card and docs."""
+    return (f"OMP_NUM_THREADS=1 {shlex.join(train_command(name))}\n"
+            f"python utils/train_checkpoints.py --only {name} --package_only  # copy, {CHECKPOINTS[name]['dtype']}, "
+            "evaluate, card")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(CHECKPOINTS), action="append", help="checkpoint(s) to build")
+    parser.add_argument("--package_only", action="store_true", help="skip training; package runs/checkpoints/<name>")
+    parser.add_argument("--print_commands", action="store_true", help="print the commands and exit")
+    args = parser.parse_args(argv)
+    names = args.only or list(CHECKPOINTS)
+    if args.print_commands:
+        for name in names:
+            print(f"# {name}\n{command_text(name)}")
+        return
+    os.chdir(ROOT)
+    for name in names:
+        if not args.package_only:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            command = [sys.executable, *train_command(name)[1:]]
+            print("+", shlex.join(command), flush=True)
+            subprocess.run(command, check=True, env=env)
+        import lightclip  # noqa: F401
+        from lightclip.hub import package_checkpoint
+
+        out = package_checkpoint(f"runs/checkpoints/{name}", f"checkpoints/{name}", dtype=CHECKPOINTS[name]["dtype"],
+                                 train_command=command_text(name))
+        sizes = {p.name: p.stat().st_size for p in out.iterdir()}
+        print(f"{out}: {sum(sizes.values()) / 1e6:.1f} MB in {len(sizes)} files "
+              f"(model.safetensors {sizes['model.safetensors'] / 1e6:.1f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
