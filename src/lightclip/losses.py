@@ -205,16 +205,16 @@ class SoftClipLoss(ClipLoss):
 # token level: relaxed bipartite matching between patches and words
 
 
-def _log_sinkhorn(sim: Tensor, text_mask: Tensor, epsilon: float, iterations: int) -> Tensor:
-    """Log transport plan of entropic OT maximising <Pi, sim>, batched over leading dims.
+def _log_sinkhorn(sim: Tensor, text_mask: Tensor, epsilon: float, iterations: int) -> tuple[Tensor, Tensor]:
+    """Log-domain Sinkhorn for entropic OT maximising <Pi, sim>, batched over leading dims.
 
-    sim (..., N, M); text_mask (..., M) bool, broadcastable. Marginals: 1/N per patch, 1/M_valid per valid word,
-    zero mass on padding. Log-domain updates keep it stable for any epsilon; the last update fixes the word
-    marginal exactly. Masked entries use a finite log(0), so the backward pass never meets inf - inf.
+    sim (..., N, M); text_mask (..., M) bool. Marginals: 1/N per patch, 1/M_valid per valid word, zero mass on padding.
+    Returns the log scalings (log_u (..., N), log_v (..., M)): log Pi = sim / epsilon + log_u + log_v on valid words.
+    The last update fixes the word marginal exactly. Masked entries use a finite log(0), so the backward pass never
+    meets inf - inf.
     """
     n = sim.shape[-2]
-    mask = text_mask.unsqueeze(-2)  # (..., 1, M)
-    log_kernel = torch.where(mask, sim / epsilon, torch.full_like(sim, _LOG_ZERO))
+    log_kernel = torch.where(text_mask.unsqueeze(-2), sim / epsilon, torch.full_like(sim, _LOG_ZERO))
     log_b = _log_word_marginal(text_mask, sim.dtype)
     log_a = -math.log(n)
     log_v = torch.zeros_like(log_b)
@@ -222,27 +222,27 @@ def _log_sinkhorn(sim: Tensor, text_mask: Tensor, epsilon: float, iterations: in
     for _ in range(max(iterations, 1)):
         log_u = log_a - torch.logsumexp(log_kernel + log_v.unsqueeze(-2), dim=-1)  # (..., N)
         log_v = log_b - torch.logsumexp(log_kernel + log_u.unsqueeze(-1), dim=-2)  # (..., M)
-    return log_kernel + log_u.unsqueeze(-1) + log_v.unsqueeze(-2)
+    return log_u, log_v
 
 
 def _log_word_marginal(text_mask: Tensor, dtype: torch.dtype) -> Tensor:
     """log(1 / M_valid) on valid words, a finite log(0) on padding."""
     num_words = text_mask.sum(-1, keepdim=True).clamp(min=1).to(dtype)
-    return torch.where(text_mask, -torch.log(num_words), torch.full(text_mask.shape, _LOG_ZERO, dtype=dtype,
-                                                                    device=text_mask.device))
+    log_zero = torch.full(text_mask.shape, _LOG_ZERO, dtype=dtype, device=text_mask.device)
+    return torch.where(text_mask, -torch.log(num_words), log_zero)
 
 
 # the fast path is exact while exp(-(max - min) / epsilon) stays far from float32 underflow (exp(-87))
 _FAST_SPREAD = 60.0
 
 
-def _sinkhorn_weights_fast(sim: Tensor, text_mask: Tensor, epsilon: float, iterations: int) -> Tensor:
-    """The same iterations as `_log_sinkhorn`, with every log-sum-exp written as a matrix-vector product.
+def _sinkhorn_fast(sim: Tensor, text_mask: Tensor, epsilon: float, iterations: int) -> tuple[Tensor, Tensor]:
+    """The iterations of `_log_sinkhorn`, with every log-sum-exp written as a matrix-vector product.
 
     log sum_m exp(L_nm + g_m) = max L + max g + log(K @ exp(g - max g)) with K = exp(L - max L) computed once per pair,
     so an iteration costs two batched mat-vecs instead of two passes of exp over (N, M). Exact while the per-pair
-    spread of L = sim / epsilon stays below `_FAST_SPREAD`; `_sinkhorn_weights` checks that and falls back otherwise.
-    Returns the plan normalised to mass 1 per pair.
+    spread of L = sim / epsilon stays below `_FAST_SPREAD`; `_sinkhorn_potentials` checks that. Returns
+    (log_u, log_v) up to constants that the normalisation removes.
     """
     n = sim.shape[-2]
     tiny = torch.finfo(sim.dtype).tiny
@@ -253,36 +253,47 @@ def _sinkhorn_weights_fast(sim: Tensor, text_mask: Tensor, epsilon: float, itera
     log_b = _log_word_marginal(text_mask, sim.dtype)
     log_a = -math.log(n)
     top = top.squeeze(-1)  # (..., 1)
+    kernel_t = kernel.transpose(-1, -2).contiguous()  # vector @ matrix is the fast batched form on CPU
     log_v = torch.zeros_like(log_b)
-    scaled_u = None
+    log_u = None
     for _ in range(max(iterations, 1)):
         v_max = log_v.amax(-1, keepdim=True)
-        row = (kernel @ (log_v - v_max).exp().unsqueeze(-1)).squeeze(-1)  # (..., N)
+        row = ((log_v - v_max).exp().unsqueeze(-2) @ kernel_t).squeeze(-2)  # (..., N)
         log_u = log_a - top - v_max - row.clamp(min=tiny).log()
         u_max = log_u.amax(-1, keepdim=True)
-        scaled_u = (log_u - u_max).exp()
-        col = (scaled_u.unsqueeze(-2) @ kernel).squeeze(-2)  # (..., M)
+        col = ((log_u - u_max).exp().unsqueeze(-2) @ kernel).squeeze(-2)  # (..., M)
         log_v = log_b - top - u_max - col.clamp(min=tiny).log()
-    # Pi = exp(top + log_u + log_v) * kernel; the constant factors cancel in the normalisation
-    scaled_v = (log_v - log_v.amax(-1, keepdim=True)).exp()
-    weights = scaled_u.unsqueeze(-1) * kernel * scaled_v.unsqueeze(-2)
-    return weights / weights.sum((-2, -1), keepdim=True).clamp(min=tiny)
+    return log_u, log_v
 
 
-def _sinkhorn_weights(
+def _sinkhorn_potentials(
     sim: Tensor, text_mask: Tensor, epsilon: float, iterations: int, fast: bool | None = None
-) -> Tensor:
-    """Pi / sum Pi per pair; `fast=None` takes the mat-vec form whenever it is exact, the log-sum-exp one otherwise."""
+) -> tuple[Tensor, Tensor]:
+    """(f, g) with Pi / sum Pi = exp(sim / epsilon + f + g) on valid words; `fast=None` takes the mat-vec form
+    whenever it is exact, the log-sum-exp loop otherwise."""
     if fast is None:
         valid = text_mask.unsqueeze(-2).expand_as(sim)
         high = sim.masked_fill(~valid, float("-inf")).amax((-2, -1))
         low = sim.masked_fill(~valid, float("inf")).amin((-2, -1))
         spread = (high - low).nan_to_num(0.0, posinf=0.0, neginf=0.0)
         fast = sim.numel() == 0 or bool(spread.max() / epsilon < _FAST_SPREAD)
-    if fast:
-        return _sinkhorn_weights_fast(sim, text_mask, epsilon, iterations)
-    plan = _log_sinkhorn(sim, text_mask, epsilon, iterations).exp()
-    return plan / plan.sum((-2, -1), keepdim=True).clamp(min=1e-30)
+    log_u, log_v = (_sinkhorn_fast if fast else _log_sinkhorn)(sim, text_mask, epsilon, iterations)
+    log_plan = _log_plan(sim, text_mask, epsilon, log_u, log_v)
+    log_mass = torch.logsumexp(log_plan.flatten(-2), dim=-1).clamp(min=_LOG_ZERO)  # (...,)
+    return log_u - log_mass.unsqueeze(-1), log_v
+
+
+def _log_plan(sim: Tensor, text_mask: Tensor, epsilon: float, f: Tensor, g: Tensor) -> Tensor:
+    log_plan = sim / epsilon + f.unsqueeze(-1) + g.unsqueeze(-2)
+    return log_plan.masked_fill(~text_mask.unsqueeze(-2), float("-inf"))
+
+
+def _sinkhorn_weights(
+    sim: Tensor, text_mask: Tensor, epsilon: float, iterations: int, fast: bool | None = None
+) -> Tensor:
+    """Pi / sum Pi per pair, (..., N, M)."""
+    f, g = _sinkhorn_potentials(sim, text_mask, epsilon, iterations, fast)
+    return _log_plan(sim, text_mask, epsilon, f, g).exp()
 
 
 def sinkhorn_plan(
@@ -302,24 +313,45 @@ def sinkhorn_plan(
         text_mask = torch.ones(text_tokens.shape[:-1], dtype=torch.bool, device=text_tokens.device)
     image_tokens, text_tokens = _upcast(image_tokens, text_tokens)
     sim = image_tokens @ text_tokens.transpose(-1, -2)
-    return _log_sinkhorn(sim, text_mask.bool(), epsilon, iterations).exp()
+    return _sinkhorn_weights(sim, text_mask.bool(), epsilon, iterations)
 
 
-def _sinkhorn_chunk(
-    image_chunk: Tensor, text_tokens: Tensor, text_mask: Tensor, epsilon: float, iterations: int, unroll: bool
+class _SinkhornScore(torch.autograd.Function):
+    """S = sum W A over each pair with the plan W = Pi / sum Pi held constant in the backward pass.
+
+    Saves only the inputs and the per-pair potentials ((N + M) numbers per pair, not N * M), and rebuilds W from them
+    in the backward pass without re-running the iterations.
+    """
+
+    @staticmethod
+    def forward(ctx, image_chunk: Tensor, text_tokens: Tensor, text_mask: Tensor, epsilon: float, iterations: int):
+        sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)  # (c, B_txt, N, M)
+        mask = text_mask.unsqueeze(0).expand(sim.shape[:2] + text_mask.shape[-1:])
+        # on CPU, iterate over blocks that stay in cache: the iterations are memory-bound
+        rows = max(1, _CPU_BLOCK // max(sim[0].numel(), 1)) if sim.device.type == "cpu" else len(sim)
+        parts = [_sinkhorn_potentials(sim[p], mask[p], epsilon, iterations) for p in _chunks(len(sim), rows)]
+        f, g = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        ctx.save_for_backward(image_chunk, text_tokens, text_mask, f, g)
+        ctx.epsilon = epsilon
+        return (_log_plan(sim, mask, epsilon, f, g).exp() * sim).sum((-2, -1))
+
+    @staticmethod
+    def backward(ctx, grad_scores: Tensor):
+        image_chunk, text_tokens, text_mask, f, g = ctx.saved_tensors
+        sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)
+        mask = text_mask.unsqueeze(0).expand(sim.shape[:2] + text_mask.shape[-1:])
+        grad_sim = _log_plan(sim, mask, ctx.epsilon, f, g).exp() * grad_scores[..., None, None]
+        grad_image = torch.einsum("ijnm,jmd->ind", grad_sim, text_tokens)
+        grad_text = torch.einsum("ijnm,ind->jmd", grad_sim, image_chunk)
+        return grad_image, grad_text, None, None, None
+
+
+def _sinkhorn_chunk_unrolled(
+    image_chunk: Tensor, text_tokens: Tensor, text_mask: Tensor, epsilon: float, iterations: int
 ) -> Tensor:
     sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)  # (c, B_txt, N, M)
     mask = text_mask.unsqueeze(0).expand(sim.shape[:2] + text_mask.shape[-1:])
-    if unroll:
-        weights = _sinkhorn_weights(sim, mask, epsilon, iterations)
-    else:
-        with torch.no_grad():
-            # on CPU, iterate over blocks that stay in cache: the iterations are memory-bound
-            rows = max(1, _CPU_BLOCK // max(sim[0].numel(), 1)) if sim.device.type == "cpu" else len(sim)
-            weights = torch.cat(
-                [_sinkhorn_weights(sim[p], mask[p], epsilon, iterations) for p in _chunks(len(sim), rows)]
-            )
-    return (weights * sim).sum((-2, -1))
+    return (_sinkhorn_weights(sim, mask, epsilon, iterations) * sim).sum((-2, -1))
 
 
 # elements per Sinkhorn block on CPU (2 MiB of float32)
@@ -356,19 +388,22 @@ def sinkhorn_pair_scores(
     image_tokens (B_img, N, D), text_tokens (B_txt, M, D) L2-normalised; text_mask (B_txt, M) bool.
 
     Gradients: by default the plan is a constant of the backward pass (dS/dA = Pi / sum Pi, as the Hungarian method
-    gathers A at its matched entries, and as the envelope theorem gives for the OT value), so the backward pass never
-    stores the iterations. `unroll=True` backpropagates through every iteration instead (exact, several times
-    slower). Memory: chunks of `chunk_size` images, each checkpointed, so only one chunk's (c, B_txt, N, M) tensors
-    live at a time, in the forward and in the backward pass (which recomputes the chunk).
+    gathers A at its matched entries, and as the envelope theorem gives for the OT value): the backward pass rebuilds
+    the plan from saved per-pair potentials and never re-runs or stores the iterations. `unroll=True`
+    backpropagates through every iteration instead (exact for the unrolled loop, several times slower; each chunk is
+    checkpointed). Memory: chunks of `chunk_size` images, so only one chunk's (c, B_txt, N, M) tensors live at a
+    time, in the forward and in the backward pass.
     """
     (image_tokens, text_tokens), text_mask = _upcast(image_tokens, text_tokens), text_mask.bool()
     rows = []
     for part in _chunks(image_tokens.shape[0], chunk_size):
-        args = (image_tokens[part], text_tokens, text_mask, epsilon, iterations, unroll)
-        if torch.is_grad_enabled() and (image_tokens.requires_grad or text_tokens.requires_grad):
-            rows.append(checkpoint(_sinkhorn_chunk, *args, use_reentrant=False))
+        args = (image_tokens[part], text_tokens, text_mask, epsilon, iterations)
+        if not unroll:
+            rows.append(_SinkhornScore.apply(*args))
+        elif torch.is_grad_enabled() and (image_tokens.requires_grad or text_tokens.requires_grad):
+            rows.append(checkpoint(_sinkhorn_chunk_unrolled, *args, use_reentrant=False))
         else:
-            rows.append(_sinkhorn_chunk(*args))
+            rows.append(_sinkhorn_chunk_unrolled(*args))
     return _empty_texts_to_zero(torch.cat(rows, dim=0), text_mask)
 
 
