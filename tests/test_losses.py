@@ -324,6 +324,19 @@ def test_token_loss_is_symmetric_infonce_on_pair_scores():
     assert all(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("method", ["sinkhorn", "filip"])
+def test_token_scores_ignore_bf16_autocast(method):
+    img, txt, mask = (x.float() if x.is_floating_point() else x for x in tokens(b=4, seed=21))
+    img.requires_grad_()
+    plain = TokenMatchingLoss(method).pair_scores(img, txt, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = TokenMatchingLoss(method).pair_scores(img, txt, mask)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain)
+    (grad,) = torch.autograd.grad(autocast.sum(), img)
+    torch.testing.assert_close(grad, torch.autograd.grad(plain.sum(), img)[0])
+
+
 def test_token_loss_memory_and_time_at_batch_256():
     """B=256, N=49, M=32, D=256 forward + backward in float32: bounded memory (peak RSS growth < 2 GB)."""
     g = torch.Generator().manual_seed(0)

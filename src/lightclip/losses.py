@@ -13,7 +13,9 @@ This module is training-only: the inference model never imports it.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -205,6 +207,22 @@ class SoftClipLoss(ClipLoss):
 # token level: relaxed bipartite matching between patches and words
 
 
+def _full_precision(fn: Callable) -> Callable:
+    """Run a token-score function with autocast off: bf16 would round the Sinkhorn iterations and the maxima."""
+
+    @functools.wraps(fn)
+    def wrapper(image_tokens: Tensor, *args, **kwargs):
+        with torch.autocast(image_tokens.device.type, enabled=False):
+            return fn(image_tokens, *args, **kwargs)
+
+    return wrapper
+
+
+def _upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Token scores run in float32 at least (bf16 / fp16 autocast would round the iterations), float64 stays."""
+    return tuple(t if t.dtype == torch.float64 else t.float() for t in tensors)
+
+
 def _log_sinkhorn(sim: Tensor, text_mask: Tensor, epsilon: float, iterations: int) -> tuple[Tensor, Tensor]:
     """Log-domain Sinkhorn for entropic OT maximising <Pi, sim>, batched over leading dims.
 
@@ -296,6 +314,7 @@ def _sinkhorn_weights(
     return _log_plan(sim, text_mask, epsilon, f, g).exp()
 
 
+@_full_precision
 def sinkhorn_plan(
     image_tokens: Tensor,
     text_tokens: Tensor,
@@ -338,9 +357,14 @@ class _SinkhornScore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_scores: Tensor):
         image_chunk, text_tokens, text_mask, f, g = ctx.saved_tensors
+        with torch.autocast(image_chunk.device.type, enabled=False):
+            return _SinkhornScore._backward(ctx.epsilon, grad_scores, image_chunk, text_tokens, text_mask, f, g)
+
+    @staticmethod
+    def _backward(epsilon, grad_scores, image_chunk, text_tokens, text_mask, f, g):
         sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)
         mask = text_mask.unsqueeze(0).expand(sim.shape[:2] + text_mask.shape[-1:])
-        grad_sim = _log_plan(sim, mask, ctx.epsilon, f, g).exp() * grad_scores[..., None, None]
+        grad_sim = _log_plan(sim, mask, epsilon, f, g).exp() * grad_scores.to(sim.dtype)[..., None, None]
         grad_image = torch.einsum("ijnm,jmd->ind", grad_sim, text_tokens)
         grad_text = torch.einsum("ijnm,ind->jmd", grad_sim, image_chunk)
         return grad_image, grad_text, None, None, None
@@ -358,11 +382,6 @@ def _sinkhorn_chunk_unrolled(
 _CPU_BLOCK = 1 << 19
 
 
-def _upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Token scores run in float32 at least (bf16 / fp16 autocast would round the iterations), float64 stays."""
-    return tuple(t if t.dtype == torch.float64 else t.float() for t in tensors)
-
-
 def _chunks(n: int, chunk_size: int) -> list[slice]:
     chunk_size = max(int(chunk_size), 1)
     return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
@@ -373,6 +392,7 @@ def _empty_texts_to_zero(scores: Tensor, text_mask: Tensor) -> Tensor:
     return torch.where(text_mask.any(-1).unsqueeze(0), scores, torch.zeros_like(scores))
 
 
+@_full_precision
 def sinkhorn_pair_scores(
     image_tokens: Tensor,
     text_tokens: Tensor,
@@ -418,6 +438,7 @@ def _filip_chunk(image_chunk: Tensor, text_tokens: Tensor, text_mask: Tensor) ->
     return 0.5 * (text_side + image_side)
 
 
+@_full_precision
 def filip_pair_scores(image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor, chunk_size: int = 32) -> Tensor:
     """FILIP late-interaction score (B_img, B_txt): mean over valid words of the max over patches, and mean over
     patches of the max over valid words, averaged. Exact, computed in image chunks of `chunk_size`."""
@@ -439,6 +460,7 @@ def _capacity_matching(sim: np.ndarray, capacity: int) -> tuple[np.ndarray, np.n
     return columns % n, words
 
 
+@_full_precision
 def hungarian_pair_scores(
     image_tokens: Tensor,
     text_tokens: Tensor,
