@@ -1,0 +1,162 @@
+"""The shipped checkpoints: complete folders, a few MB, zero-shot accuracy well above chance (computed here, never read
+from a file), and loading by repo id from a local Hugging Face cache with the Hub switched off."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+import lightclip  # noqa: F401
+from lightclip import LightClipModel, LightClipProcessor
+from lightclip.evaluation import evaluate_shapes
+from lightclip.hub import CARD_KEYS, PICKLE_SUFFIXES, weight_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_SAMPLES = 200  # test pictures rendered for the accuracy check (the full split has 500)
+CHANCE = 1 / 8
+# name: (max size of model.safetensors in MB, stored dtype, min zero-shot shape top-1, min colour top-1).
+# Thresholds are the values measured by this test's computation (docs/checkpoints.md) minus a margin.
+CHECKPOINTS = {
+    "lightclip-xxs-shapes": (3.0, "F32", 0.30, 0.30),
+    "lightclip-xs-shapes-64px": (26.0, "F16", 0.30, 0.30),
+}
+FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+         "README.md", "eval_results.json", "training_curves.png", "modeling_lightclip.py",
+         "configuration_lightclip.py")
+
+
+def checkpoint_dir(name: str) -> Path:
+    path = ROOT / "checkpoints" / name
+    if not (path / "model.safetensors").is_file():
+        pytest.fail(f"shipped checkpoint {path} is missing: build it with utils/train_checkpoints.py")
+    return path
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_checkpoint_folder(name):
+    folder = checkpoint_dir(name)
+    max_mb, dtype, _, _ = CHECKPOINTS[name]
+    assert [f for f in FILES if not (folder / f).is_file()] == []
+    assert not any(p.name.endswith(PICKLE_SUFFIXES) or p.is_dir() for p in folder.iterdir())
+    assert (folder / "model.safetensors").stat().st_size < max_mb * 1e6
+    assert weight_summary(folder)["dtypes"] == [dtype]
+    data = ModelCard.load(folder / "README.md").data.to_dict()
+    assert all(data.get(key) for key in CARD_KEYS)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_zero_shot_accuracy(name):
+    folder = checkpoint_dir(name)
+    _, _, min_shape, min_colour = CHECKPOINTS[name]
+    model = LightClipModel.from_pretrained(folder).eval()
+    assert model.dtype == torch.float32
+    processor = LightClipProcessor.from_pretrained(folder)
+    results = evaluate_shapes(model, processor, num_samples=NUM_SAMPLES, batch_size=100)
+    print(f"{name}: shape top1 {results['shapes/shape/top1']:.4f}, colour top1 {results['shapes/colour/top1']:.4f}")
+    assert results["shapes/num_images"] == NUM_SAMPLES
+    assert results["shapes/shape/top1"] >= min_shape > 2 * CHANCE
+    assert results["shapes/colour/top1"] >= min_colour > 2 * CHANCE
+
+
+OFFLINE_SCRIPT = textwrap.dedent(
+    """
+    import json, socket, sys
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    socket.socket.connect = no_network
+    socket.create_connection = no_network
+    try:  # the block works: nothing below can reach the network, HF_HUB_OFFLINE or not
+        socket.create_connection(("127.0.0.1", 9))
+        raise SystemExit("socket block failed")
+    except AssertionError:
+        pass
+
+    import torch
+    from PIL import Image
+    from transformers import AutoModel, pipeline
+
+    repo_id, folder, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 64, 64)
+    image = Image.new("RGB", (64, 64), "white")
+    labels = ["a red circle", "a blue square"]
+    if mode == "package":
+        import lightclip
+        from lightclip import LightClipModel, LightClipProcessor
+
+        model = LightClipModel.from_pretrained(repo_id).eval()
+        local = LightClipModel.from_pretrained(folder).eval()
+        processor = LightClipProcessor.from_pretrained(repo_id)
+        classifier = pipeline("zero-shot-image-classification", model=repo_id)
+    else:  # transformers alone, the code shipped in the repository
+        model = AutoModel.from_pretrained(repo_id, trust_remote_code=True).eval()
+        local = None
+        classifier = pipeline("zero-shot-image-classification", model=repo_id, trust_remote_code=True)
+    size = model.config.vision_config.image_size
+    pixels = pixels[:, :, :size, :size]
+    with torch.no_grad():
+        embeds = model.encode_image(pixels)
+        diff = None if local is None else float((embeds - local.encode_image(pixels)).abs().max())
+    scores = {r["label"]: r["score"] for r in classifier(image, candidate_labels=labels)}
+    print(json.dumps({"class": type(model).__module__, "dtype": str(model.dtype), "diff": diff,
+                      "embeds": embeds.tolist(), "scores": scores,
+                      "lightclip_loaded": any(m.split(".")[0] == "lightclip" for m in sys.modules)}))
+    """
+)
+
+
+def hf_cache_with(folder: Path, hf_home: Path, repo_id: str, revision: str = "0123456789abcdef0123456789abcdef01234567"):
+    """Place `folder` in the standard hub cache layout: models--org--name/{refs/main, snapshots/<rev>/...}."""
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for path in folder.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def run_offline(script_args: list[str], hf_home: Path, cwd: Path, block_package: bool = False) -> dict:
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, *script_args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_load_by_repo_id_offline(tmp_path):
+    folder = checkpoint_dir("lightclip-xxs-shapes")
+    repo_id = "lightclip-test/lightclip-xxs-shapes"
+    hf_home = tmp_path / "hf"
+    hf_cache_with(folder, hf_home, repo_id)
+    with_package = run_offline([repo_id, str(folder), "package"], hf_home, tmp_path)
+    assert with_package["class"] == "lightclip.modeling_lightclip"
+    assert with_package["dtype"] == "torch.float32"
+    assert with_package["diff"] == 0.0
+    assert sum(with_package["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+    # the same embeddings as loading the folder in this process
+    model = LightClipModel.from_pretrained(folder).eval()
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 64, 64)[:, :, :32, :32]
+    with torch.no_grad():
+        expected = model.encode_image(pixels)
+    torch.testing.assert_close(torch.tensor(with_package["embeds"]), expected, rtol=0, atol=1e-6)
+
+    remote = run_offline([repo_id, str(folder), "remote"], hf_home, tmp_path)
+    assert remote["class"].startswith("transformers_modules.") and not remote["lightclip_loaded"]
+    torch.testing.assert_close(torch.tensor(remote["embeds"]), expected, rtol=0, atol=1e-6)
+    assert remote["scores"] == pytest.approx(with_package["scores"], abs=1e-6)
+

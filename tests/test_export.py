@@ -1,0 +1,144 @@
+"""ONNX export of the shipped checkpoints: onnxruntime matches eager PyTorch, the graphs take any batch and text length,
+and preprocessing.json is enough to preprocess without transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from PIL import Image  # noqa: E402
+
+import lightclip  # noqa: E402,F401
+from lightclip import LightClipModel, LightClipProcessor  # noqa: E402
+from lightclip.export import OnnxClip, export_onnx  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ["lightclip-xxs-shapes", "lightclip-xs-shapes-64px"]
+TOLERANCE = 1e-4
+TEXTS = ["a red circle", "two small blue squares to the left of a large green star", "star",
+         "a photo of a purple hexagon in the top left corner on a dark striped background"]
+
+
+def checkpoint_dir(name: str) -> Path:
+    path = ROOT / "checkpoints" / name
+    if not (path / "model.safetensors").is_file():
+        pytest.fail(f"shipped checkpoint {path} is missing: build it with utils/train_checkpoints.py")
+    return path
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
+def exported(request, tmp_path_factory):
+    folder = checkpoint_dir(request.param)
+    out = tmp_path_factory.mktemp(f"onnx-{request.param}")
+    export_onnx(folder, out)
+    model = LightClipModel.from_pretrained(folder).eval()
+    processor = LightClipProcessor.from_pretrained(folder)
+    return folder, out, model, processor, OnnxClip(out)
+
+
+def max_diff(a: np.ndarray, b: torch.Tensor) -> float:
+    return float(np.abs(a - b.numpy()).max())
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_image_parity(exported, batch):
+    _, _, model, _, clip = exported
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        reference = model.encode_image(pixels)
+    out = clip.encode_image(pixels.numpy())
+    assert out.shape == tuple(reference.shape)
+    assert max_diff(out, reference) < TOLERANCE
+    np.testing.assert_allclose(np.linalg.norm(out, axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("texts", [TEXTS[:1], TEXTS[1:3], TEXTS], ids=["one", "padded-2", "padded-4"])
+def test_text_parity(exported, texts):
+    _, _, model, processor, clip = exported
+    batch = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    out = clip.encode_text(batch["input_ids"].numpy(), batch["attention_mask"].numpy())
+    assert out.shape == tuple(reference.shape)
+    assert max_diff(out, reference) < TOLERANCE
+
+
+def test_long_text_truncated_as_preprocessing_json_says(exported):
+    """Text past the context length: tokenizer truncation (preprocessing.json) + ONNX == the model's own cut."""
+    _, out_dir, model, processor, clip = exported
+    spec = json.loads((out_dir / "preprocessing.json").read_text())["text"]
+    long_text = " ".join(["a small red circle above a large blue square"] * 20)
+    full = processor.tokenizer([long_text], return_tensors="pt")
+    assert full["input_ids"].shape[1] > spec["context_length"]
+    cut = processor.tokenizer([long_text], truncation=True, max_length=spec["context_length"], return_tensors="np")
+    assert cut["input_ids"][0, -1] == spec["eos_token_id"]
+    with torch.no_grad():
+        reference = model.encode_text(full["input_ids"], full["attention_mask"])
+    assert max_diff(clip.encode_text(cut["input_ids"], cut["attention_mask"]), reference) < TOLERANCE
+
+
+def test_graphs_have_dynamic_axes_and_opset(exported):
+    _, out_dir, _, _, _ = exported
+    image = onnx.load(str(out_dir / "image_encoder.onnx"))
+    text = onnx.load(str(out_dir / "text_encoder.onnx"))
+    for graph in (image, text):
+        assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in text.graph.input}
+    assert dims["input_ids"][:2] == ["batch", "sequence"] and dims["attention_mask"][:2] == ["batch", "sequence"]
+    assert image.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert {p.name for p in out_dir.iterdir()} >= {"image_encoder.onnx", "text_encoder.onnx", "preprocessing.json",
+                                                    "tokenizer.json", "tokenizer_config.json",
+                                                    "preprocessor_config.json"}
+
+
+def preprocess_with_spec(image: Image.Image, spec: dict) -> np.ndarray:
+    """The image recipe of preprocessing.json, in PIL and numpy only (what docs/deployment.md shows)."""
+    image = image.convert("RGB")
+    short = spec["resize_shortest_edge"]
+    width, height = image.size
+    scale = short / min(width, height)
+    new_w, new_h = (short, int(height * scale)) if width <= height else (int(width * scale), short)
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    crop_h, crop_w = spec["center_crop"]
+    top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+    image = image.crop((left, top, left + crop_w, top + crop_h))
+    x = np.asarray(image, dtype=np.float32) * spec["rescale_factor"]
+    x = (x - np.array(spec["image_mean"], dtype=np.float32)) / np.array(spec["image_std"], dtype=np.float32)
+    return x.transpose(2, 0, 1)[None]
+
+
+def test_preprocessing_json_reproduces_the_processor(exported):
+    _, out_dir, model, processor, clip = exported
+    spec = json.loads((out_dir / "preprocessing.json").read_text())
+    assert spec["image"]["image_size"] == model.config.vision_config.image_size
+    assert spec["text"]["context_length"] == model.config.text_config.max_position_embeddings
+    assert spec["text"]["eos_token_id"] == processor.tokenizer.eos_token_id
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8))
+    mine = preprocess_with_spec(image, spec["image"])
+    theirs = processor.image_processor(images=image, return_tensors="np")["pixel_values"]
+    assert mine.shape == theirs.shape
+    np.testing.assert_allclose(mine, theirs, atol=1e-5)
+    with torch.no_grad():
+        reference = model.encode_image(torch.from_numpy(theirs))
+    assert max_diff(clip.encode_image(mine), reference) < TOLERANCE
+
+
+def test_export_cli(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("export_onnx_cli", ROOT / "utils" / "export_onnx.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--model", str(checkpoint_dir(CHECKPOINTS[0])), "--output", str(tmp_path / "cli")])
+    assert result["image_max_abs_diff"] < TOLERANCE and result["text_max_abs_diff"] < TOLERANCE
+    assert "onnxruntime vs PyTorch" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(checkpoint_dir(CHECKPOINTS[0]), tmp_path / "old", opset=13)
