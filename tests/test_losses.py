@@ -466,3 +466,15 @@ def test_world_info_without_process_group():
     assert losses.world_info() == (0, 1)
     x = torch.randn(3, 2)
     assert losses.gather_with_grad(x) is x
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "filip", "hungarian"])
+def test_text_without_valid_words_scores_zero_with_finite_gradients(method):
+    img, txt, mask = tokens(b=3, seed=27)
+    img.requires_grad_()
+    txt.requires_grad_()
+    mask[1] = False
+    out = TokenMatchingLoss(method, num_negatives=2)(img, txt, mask, torch.tensor(5.0))["token_loss"]
+    grads = torch.autograd.grad(out, (img, txt))
+    assert torch.isfinite(out) and all(torch.isfinite(g).all() for g in grads)
+    assert (TokenMatchingLoss(method, num_negatives=2).pair_scores(img, txt, mask)[:, 1] == 0).all()
