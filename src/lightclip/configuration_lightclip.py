@@ -243,6 +243,7 @@ class LightClipConfig(PreTrainedConfig):
     token_chunk_size: int = 32
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iterations: int = 10
+    sinkhorn_unroll: bool = False  # backprop through the iterations (exact, slower) instead of a fixed plan
     hungarian_capacity: int = 2
     hungarian_num_negatives: int = 4
     # masked language modelling through the fusion module

@@ -644,20 +644,23 @@ class NeighborContrastiveLoss(nn.Module):
 
     NCE(a, b) is one-directional: rows are the local queries, columns the gathered targets of the global batch, the
     label is the query's own target. Targets are constants (feature banks or frozen teachers): they are detached and
-    gathered without autograd. One instance per term; `name` sets the output key (`"nn"` -> `"nn_loss"`).
+    gathered without autograd. With `detach_targets=False` (teacher features projected into the student space by a
+    trainable head) they keep their gradient and are gathered with it. One instance per term; `name` sets the output
+    key (`"nn"` -> `"nn_loss"`).
     """
 
-    def __init__(self, name: str = "nn") -> None:
+    def __init__(self, name: str = "nn", detach_targets: bool = True) -> None:
         super().__init__()
         self.name = name
+        self.detach_targets = detach_targets
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}"
+        return f"name={self.name!r}, detach_targets={self.detach_targets}"
 
-    @staticmethod
-    def nce(queries: Tensor, targets: Tensor, logit_scale: Tensor) -> Tensor:
-        """One-directional InfoNCE of local query rows against the global batch of (constant) targets."""
-        all_targets = gather_no_grad(targets.detach().to(queries.dtype))
+    def nce(self, queries: Tensor, targets: Tensor, logit_scale: Tensor) -> Tensor:
+        """One-directional InfoNCE of local query rows against the global batch of targets."""
+        targets = targets.to(queries.dtype)
+        all_targets = gather_no_grad(targets.detach()) if self.detach_targets else gather_with_grad(targets)
         logits = logit_scale * queries @ all_targets.T
         return F.cross_entropy(logits, _global_labels(queries.shape[0], queries.device))
 

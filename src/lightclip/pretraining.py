@@ -97,7 +97,7 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
             self.token_loss = TokenMatchingLoss(
                 method=config.token_matching, epsilon=config.sinkhorn_epsilon, iterations=config.sinkhorn_iterations,
                 capacity=config.hungarian_capacity, num_negatives=config.hungarian_num_negatives,
-                chunk_size=config.token_chunk_size,
+                chunk_size=config.token_chunk_size, unroll=config.sinkhorn_unroll,
             )
         if "mlm" in terms:
             if config.text_config.mask_token_id is None:
@@ -123,7 +123,9 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
             setattr(self, f"{name}_text_head", heads[1])
             setattr(self, f"{name}_logit_scale",
                     nn.Parameter(torch.tensor(config.neighbor_logit_scale_init_value)))
-            setattr(self, f"{name}_loss", NeighborContrastiveLoss(name))
+            # teacher -> student: the targets come out of trainable heads and must keep their gradient
+            setattr(self, f"{name}_loss", NeighborContrastiveLoss(
+                name, detach_targets=config.neighbor_direction == "student_to_teacher"))
         self.post_init()
 
     def _image_source_widths(self) -> list[int]:
