@@ -142,3 +142,25 @@ def test_export_cli(tmp_path, capsys):
     assert "onnxruntime vs PyTorch" in capsys.readouterr().out
     with pytest.raises(ValueError, match="opset"):
         export_onnx(checkpoint_dir(CHECKPOINTS[0]), tmp_path / "old", opset=13)
+
+
+def test_int8_graphs_stay_close(tmp_path):
+    """The quantised graphs are not bit-close, but keep the embeddings' directions (cosine) and the zero-shot ranking."""
+    folder = checkpoint_dir(CHECKPOINTS[0])
+    paths = export_onnx(folder, tmp_path, int8=True)
+    assert paths["image_encoder_int8"].stat().st_size < 0.5 * paths["image_encoder"].stat().st_size
+    model = LightClipModel.from_pretrained(folder).eval()
+    tokenizer = LightClipProcessor.from_pretrained(folder).tokenizer
+    clip = OnnxClip(tmp_path, int8=True)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(0))
+    text = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image_ref = model.encode_image(pixels).numpy()
+        text_ref = model.encode_text(text["input_ids"], text["attention_mask"]).numpy()
+    image = clip.encode_image(pixels.numpy())
+    text_out = clip.encode_text(text["input_ids"].numpy(), text["attention_mask"].numpy())
+    assert (image * image_ref).sum(-1).min() > 0.99
+    assert (text_out * text_ref).sum(-1).min() > 0.99
+    agree = ((image @ text_out.T).argmax(-1) == (image_ref @ text_ref.T).argmax(-1)).mean()
+    assert agree >= 0.8

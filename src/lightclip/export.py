@@ -7,7 +7,8 @@
   L2-normalised; `length` may be anything from 1 to the context length;
 - `preprocessing.json`: image size, resize / crop, rescale, mean / std, tokenizer file, context length, special ids,
   how over-long text is cut (keeping the end-of-text token), and the logit scale;
-- the tokenizer (`tokenizer.json`, `tokenizer_config.json`) and image processor (`preprocessor_config.json`) files.
+- the tokenizer (`tokenizer.json`, `tokenizer_config.json`) and image processor (`preprocessor_config.json`) files;
+- with `int8=True`, dynamically quantised copies of both graphs (`*.int8.onnx`, about 2x faster on CPU).
 
 Both graphs compute `LightClipModel.encode_image` / `encode_text` (the last layer runs for the pooled token only).
 torch 2.13's default exporter (`dynamo=True`) needs `onnxscript`, which lightclip does not depend on; the TorchScript
@@ -29,6 +30,7 @@ from torch import nn
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
 PREPROCESSING_FILE = "preprocessing.json"
+INT8_SUFFIX = ".int8.onnx"
 DEFAULT_OPSET = 17
 
 
@@ -103,31 +105,39 @@ def preprocessing_spec(model, processor) -> dict:
     }
 
 
-def _example_text(tokenizer, context_length: int) -> dict[str, torch.Tensor]:
-    """Two captions of different lengths, padded: the traced graph then carries the masking path."""
-    texts = ["a red circle", "two small blue squares to the left of a large green star on a white background"]
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=context_length, return_tensors="pt")
-    if bool(batch["attention_mask"].all()):
+def _example_text(config, tokenizer=None) -> dict[str, torch.Tensor]:
+    """Two texts of different lengths, padded: the traced graph then carries the masking path."""
+    text = config.text_config
+    if tokenizer is not None:
+        texts = ["a red circle", "two small blue squares to the left of a large green star on a white background"]
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=text.max_position_embeddings,
+                          return_tensors="pt")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+    else:
+        ids = torch.tensor([[text.bos_token_id, 10, 11, 12, text.eos_token_id],
+                            [text.bos_token_id, 13, text.eos_token_id, text.pad_token_id, text.pad_token_id]])
+        mask = (torch.arange(5)[None] < torch.tensor([[5], [3]])).long()
+    if bool(mask.all()):
         raise AssertionError("the example text batch must contain padding")
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": ids, "attention_mask": mask}
 
 
-def export_onnx(model_dir: str | os.PathLike, output_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                check: bool = True) -> dict[str, Path]:
-    """Export both towers of a saved lightclip folder to ONNX (see the module docstring). Returns the written paths."""
-    from . import LightClipModel, LightClipProcessor
+def export_towers(model, output_dir: str | os.PathLike, opset: int = DEFAULT_OPSET, tokenizer=None,
+                  check: bool = True, int8: bool = False) -> dict[str, Path]:
+    """Write `image_encoder.onnx` and `text_encoder.onnx` for an in-memory `LightClipModel` (float32, eval mode).
 
+    `tokenizer` only supplies a realistic traced example; any padded batch gives the same graph. With `int8=True`,
+    also `image_encoder.int8.onnx` and `text_encoder.int8.onnx`: onnxruntime's dynamic quantisation (int8 weights,
+    activations quantised per batch at run time), about 2x faster on CPU and no longer bit-close to PyTorch."""
     if opset < 17:
         raise ValueError("opset must be >= 17 (LayerNormalization is an ONNX op from 17 on)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model = LightClipModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = LightClipProcessor.from_pretrained(model_dir)
+    model = model.float().eval()
     size = model.config.vision_config.image_size
-    context_length = model.config.text_config.max_position_embeddings
-    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    text = _example_text(processor.tokenizer, context_length)
-
+    pixels = torch.randn(2, model.config.vision_config.num_channels, size, size,
+                         generator=torch.Generator().manual_seed(0))
+    text = _example_text(model.config, tokenizer)
     paths = {"image_encoder": output_dir / IMAGE_FILE, "text_encoder": output_dir / TEXT_FILE}
     common = dict(dynamo=False, opset_version=opset, do_constant_folding=True)
     with warnings.catch_warnings(), torch.no_grad():
@@ -150,8 +160,31 @@ def export_onnx(model_dir: str | os.PathLike, output_dir: str | os.PathLike, ops
 
         for path in paths.values():
             onnx.checker.check_model(str(path))
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        for name in ("image_encoder", "text_encoder"):
+            target = output_dir / (name + INT8_SUFFIX)
+            quantize_dynamic(str(paths[name]), str(target), weight_type=QuantType.QInt8)
+            paths[name + "_int8"] = target
+    return paths
+
+
+def export_onnx(model_dir: str | os.PathLike, output_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                check: bool = True, int8: bool = False) -> dict[str, Path]:
+    """Export both towers of a saved lightclip folder to ONNX (see the module docstring). Returns the written paths."""
+    from . import LightClipModel, LightClipProcessor
+
+    if opset < 17:
+        raise ValueError("opset must be >= 17 (LayerNormalization is an ONNX op from 17 on)")
+    model = LightClipModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = LightClipProcessor.from_pretrained(model_dir)
+    paths = export_towers(model, output_dir, opset=opset, tokenizer=processor.tokenizer, check=check, int8=int8)
+    output_dir = Path(output_dir)
     spec = preprocessing_spec(model, processor)
     spec["source"] = {"model": str(model_dir), "opset": opset, "torch": torch.__version__}
+    if int8:
+        spec["files"].update(image_encoder_int8=IMAGE_FILE[:-5] + INT8_SUFFIX, text_encoder_int8=TEXT_FILE[:-5] + INT8_SUFFIX)
     paths["preprocessing"] = output_dir / PREPROCESSING_FILE
     paths["preprocessing"].write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     processor.tokenizer.save_pretrained(output_dir)
@@ -171,18 +204,22 @@ class OnnxClip:
     ```
     """
 
-    def __init__(self, export_dir: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, export_dir: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
+                 int8: bool = False):
         import onnxruntime as ort
 
         export_dir = Path(export_dir)
+        image_file, text_file = (IMAGE_FILE, TEXT_FILE) if not int8 else (
+            IMAGE_FILE[:-5] + INT8_SUFFIX, TEXT_FILE[:-5] + INT8_SUFFIX)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         providers = providers or ["CPUExecutionProvider"]
-        self.image_session = ort.InferenceSession(str(export_dir / IMAGE_FILE), options, providers=providers)
-        self.text_session = ort.InferenceSession(str(export_dir / TEXT_FILE), options, providers=providers)
-        self.preprocessing = json.loads((export_dir / PREPROCESSING_FILE).read_text(encoding="utf-8"))
+        self.image_session = ort.InferenceSession(str(export_dir / image_file), options, providers=providers)
+        self.text_session = ort.InferenceSession(str(export_dir / text_file), options, providers=providers)
+        spec = export_dir / PREPROCESSING_FILE
+        self.preprocessing = json.loads(spec.read_text(encoding="utf-8")) if spec.is_file() else None
 
     def encode_image(self, pixel_values):
         import numpy as np
@@ -197,4 +234,4 @@ class OnnxClip:
         return self.text_session.run(None, feed)[0]
 
 
-__all__ = ["OnnxClip", "export_onnx", "preprocessing_spec"]
+__all__ = ["OnnxClip", "export_onnx", "export_towers", "preprocessing_spec"]
