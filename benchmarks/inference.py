@@ -64,10 +64,36 @@ def lightclip_full_backend(config, device, args) -> Encoders:
     )
 
 
+def onnxruntime_backend(config, device, args, int8: bool = False) -> Encoders | None:
+    """The same `encode_*` computation exported to ONNX (`lightclip.export.export_towers`) and run by ONNX Runtime's
+    CPU provider with as many intra-op threads as torch uses; `int8`: the dynamically quantised graphs. CPU only;
+    None (skipped) elsewhere or without onnxruntime."""
+    if device.type != "cpu":
+        return None
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    import tempfile
+
+    from lightclip import LightClipModel
+    from lightclip.export import OnnxClip, export_towers
+
+    folder = tempfile.mkdtemp(prefix="lightclip-onnx-")
+    export_towers(LightClipModel(config).eval(), folder, check=False, int8=int8)
+    clip = OnnxClip(folder, threads=torch.get_num_threads(), int8=int8)
+    return Encoders(
+        image=lambda b: clip.encode_image(b["pixel_values"].numpy()),
+        text=lambda b: clip.encode_text(b["input_ids"].numpy(), b["attention_mask"].numpy()),
+    )
+
+
 BACKENDS: dict[str, Callable] = {
     "lightclip encode_*": lightclip_backend,
     "lightclip get_*_features": lightclip_full_backend,
     "CLIPModel": hf_clip_backend,
+    "ONNX Runtime": onnxruntime_backend,
+    "ONNX Runtime int8": lambda config, device, args: onnxruntime_backend(config, device, args, int8=True),
 }
 REFERENCE = "CLIPModel"
 
@@ -81,6 +107,7 @@ def measure(preset: str, image_size: int, args, device) -> list[dict]:
     batch_size = args.batch_size or (32 if image_size >= 224 else 64)
     batch = _common.make_batch(config, batch_size, device, seed=args.seed)
     encoders = {name: build(config, device, args) for name, build in BACKENDS.items()}
+    encoders = {name: e for name, e in encoders.items() if e is not None}
     rows = []
     for modality in ("image", "text"):
         fns = {name: (lambda e=e: getattr(e, modality)(batch)) for name, e in encoders.items()}
@@ -99,6 +126,18 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {r['preset']} | {r['image_size']} | {r['modality']} | {r['batch']} | {r['backend']} | "
                    f"{r['items_per_s']:,.0f} | {r['speedup']:.2f}x |")
     return "\n".join(out)
+
+
+def onnx_summary(rows: list[dict], eager: str = "lightclip encode_*") -> str:
+    """Items/s of the ONNX Runtime backends relative to eager PyTorch (`encode_*`, the computation they export)."""
+    base = {(r["preset"], r["image_size"], r["modality"]): r["items_per_s"] for r in rows if r["backend"] == eager}
+    out = [f"| preset | image px | embedding | backend | items/s | vs eager `{eager}` |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        key = (r["preset"], r["image_size"], r["modality"])
+        if r["backend"].startswith("ONNX Runtime") and key in base:
+            out.append(f"| {r['preset']} | {r['image_size']} | {r['modality']} | {r['backend']} | "
+                       f"{r['items_per_s']:,.0f} | {r['items_per_s'] / base[key]:.2f}x |")
+    return "\n".join(out) if len(out) > 2 else ""
 
 
 def main() -> None:
@@ -121,6 +160,10 @@ def main() -> None:
     print(table(rows))
     print()
     print("items/s: median round; speed vs CLIPModel: median over rounds of the paired time ratio (same round).")
+    summary = onnx_summary(rows)
+    if summary:
+        print()
+        print(summary)
 
 
 if __name__ == "__main__":
