@@ -164,3 +164,23 @@ def test_int8_graphs_stay_close(tmp_path):
     assert (text_out * text_ref).sum(-1).min() > 0.99
     agree = ((image @ text_out.T).argmax(-1) == (image_ref @ text_ref.T).argmax(-1)).mean()
     assert agree >= 0.8
+
+
+def test_deployment_doc_example_runs(exported, tmp_path):
+    """The onnxruntime-only example of docs/deployment.md, run as written against this export."""
+    import re
+
+    _, out_dir, model, processor, _ = exported
+    doc = (ROOT / "docs" / "deployment.md").read_text()
+    code = re.search(r"## Zero-shot classification with onnxruntime only\n\n```python\n(.*?)```", doc, re.S).group(1)
+    picture = Image.new("RGB", (80, 60), "white")
+    picture.paste((220, 30, 30), (20, 10, 60, 50))
+    picture.save(tmp_path / "shapes.png")
+    code = code.replace('"exported/lightclip-xxs-shapes"', repr(str(out_dir))).replace(
+        '"shapes.png"', repr(str(tmp_path / "shapes.png")))
+    namespace: dict = {}
+    exec(compile(code, "docs/deployment.md", "exec"), namespace)
+    batch = processor(text=namespace["labels"], images=[picture], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image.softmax(-1).numpy()
+    np.testing.assert_allclose(namespace["probs"], expected, atol=1e-5)
