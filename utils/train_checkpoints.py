@@ -17,7 +17,8 @@ Choices (see docs/checkpoints.md):
 - `lightclip-xs-shapes-64px`: preset `lightclip-xs` unchanged (ViT width 256, 6 layers; text width 256, 6 layers,
   vocabulary 8192; 11.9 M parameters) except `--image_size 64` (patch 16: 16 patches), trained with the plain `clip`
   objective: on our 2 shared CPU cores a step of the `lightclip` objectives costs about 3x a `clip` step at this size,
-  and the budget allowed only a few hundred steps. Stored in float16 (24 MB instead of 48 MB; loads as float32).
+  and the budget allowed only a few hundred steps; learning rate 1e-3 (half the xxs default) for the wider, deeper
+  towers. Stored in float16 (24 MB instead of 48 MB; loads as float32).
   The layer counts are the preset's: a smaller model would not be `lightclip-xs`.
 
 One thread per run (`OMP_NUM_THREADS=1`): on a loaded 2-core machine, 2 threads per process made steps 3-5x slower.
@@ -41,7 +42,7 @@ CHECKPOINTS: dict[str, dict] = {
     },
     "lightclip-xs-shapes-64px": {
         "args": ["--model", "lightclip-xs", "--image_size", "64", "--objectives", "clip", "--max_train_steps", "400",
-                 "--seed", "0"],
+                 "--learning_rate", "1e-3", "--seed", "0"],
         "dtype": "float16",
     },
 }
