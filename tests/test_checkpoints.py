@@ -48,8 +48,11 @@ def test_checkpoint_folder(name):
     assert not any(p.name.endswith(PICKLE_SUFFIXES) or p.is_dir() for p in folder.iterdir())
     assert (folder / "model.safetensors").stat().st_size < max_mb * 1e6
     assert weight_summary(folder)["dtypes"] == [dtype]
-    data = ModelCard.load(folder / "README.md").data.to_dict()
+    card = ModelCard.load(folder / "README.md")
+    data = card.data.to_dict()
     assert all(data.get(key) for key in CARD_KEYS)
+    assert data["datasets"] == ["lightclip-shapes"] and data["model-index"]
+    assert "not a general-purpose CLIP" in card.text
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

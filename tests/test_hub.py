@@ -91,6 +91,7 @@ def test_card_metadata(run_folder):
     card = ModelCard.load(run_folder / "README.md")
     data = card.data.to_dict()
     assert all(data.get(key) for key in CARD_KEYS)
+    assert "synthetic-data" in data["tags"]
     assert data["library_name"] == "transformers"
     assert data["pipeline_tag"] == "zero-shot-image-classification"
     assert data["license"] == "apache-2.0"
@@ -129,6 +130,22 @@ def test_card_without_training_files(run_folder, tmp_path):
     assert "No `eval_results.json`" in card.text
     assert 'from_pretrained("someone/bare")' in card.text
     assert "model-index" not in card.data.to_dict()
+    assert "synthetic" not in card.text  # nothing says what it was trained on, so the card claims nothing
+
+
+def test_card_for_other_training_data(run_folder, tmp_path):
+    """A run on other data (a hub dataset id, retrieval results) gets no shapes claims and its own metrics."""
+    folder = Path(shutil.copytree(run_folder, tmp_path / "captions"))
+    (folder / "train_config.json").write_text(json.dumps({**TRAIN, "train_data": "someone/captions"}))
+    (folder / "eval_results.json").write_text(json.dumps({"image_retrieval_recall@1": 0.25, "step": 10}))
+    write_model_card(folder, command=COMMAND)
+    card = ModelCard.load(folder / "README.md")
+    data = card.data.to_dict()
+    assert data["datasets"] == ["someone/captions"] and "synthetic-data" not in data["tags"]
+    assert "model-index" not in data
+    assert "| image_retrieval_recall@1 | 0.2500 |" in card.text
+    assert "lightclip-shapes" not in card.text and "Chance level" not in card.text
+    assert "Trained from scratch on someone/captions" in card.text
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ NEVER_UPLOAD = ("train_log.jsonl",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
                   "tokenizer_config.json", "README.md")
-CARD_KEYS = ("license", "library_name", "pipeline_tag", "tags", "datasets", "model-index")
+# metadata every card must have; `datasets` and `model-index` are added when the data and results are known
+CARD_KEYS = ("license", "library_name", "pipeline_tag", "tags")
 
 SHAPES_METRICS = (
     ("shapes/shape/top1", "zero-shot shape top-1"),
@@ -185,13 +186,23 @@ def _training_rows(train: dict | None, eval_results: dict | None) -> list[tuple[
 
 
 def _eval_rows(eval_results: dict | None) -> list[tuple[str, str]]:
+    """The shapes benchmark's main metrics when present, else every numeric entry (e.g. retrieval on other data)."""
     if not eval_results:
         return []
     rows = [(label, f"{eval_results[key]:.4f}") for key, label in SHAPES_METRICS
             if isinstance(eval_results.get(key), (int, float))]
-    if "shapes/num_images" in eval_results:
-        rows.append(("test pictures", str(eval_results["shapes/num_images"])))
-    return rows
+    if rows:
+        if "shapes/num_images" in eval_results:
+            rows.append(("test pictures", str(eval_results["shapes/num_images"])))
+        return rows
+    return [(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in sorted(eval_results.items())
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"]
+
+
+def trained_on_shapes(train: dict | None, eval_results: dict | None) -> bool:
+    if train is not None:
+        return train.get("train_data") in ("shapes", "lightclip-shapes")
+    return any(key.startswith("shapes/") for key in (eval_results or {}))
 
 
 def model_card_data(folder: str | os.PathLike, model_name: str | None = None):
@@ -201,6 +212,13 @@ def model_card_data(folder: str | os.PathLike, model_name: str | None = None):
     folder = Path(folder)
     model_name = model_name or folder.resolve().name
     eval_results = _read_json(folder / "eval_results.json") or {}
+    train = _read_json(folder / "train_config.json")
+    datasets = None
+    if trained_on_shapes(train, eval_results):
+        datasets = [DATASET_ID]
+    elif train and isinstance(train.get("train_data"), str) and train["train_data"].count("/") == 1 \
+            and not os.path.exists(train["train_data"]):
+        datasets = [train["train_data"]]  # a Hub dataset id
     results = [
         EvalResult(
             task_type=PIPELINE_TAG, task_name=task_name, dataset_type=DATASET_ID,
@@ -210,9 +228,10 @@ def model_card_data(folder: str | os.PathLike, model_name: str | None = None):
         for key, task_name, metric_name in MODEL_INDEX_METRICS
         if isinstance(eval_results.get(key), (int, float))
     ]
+    tags = [t for t in TAGS if t != "synthetic-data" or datasets == [DATASET_ID]]
     return ModelCardData(
-        language="en", license=LICENSE, library_name=LIBRARY_NAME, pipeline_tag=PIPELINE_TAG, tags=list(TAGS),
-        datasets=[DATASET_ID], model_name=model_name, eval_results=results or None,
+        language="en", license=LICENSE, library_name=LIBRARY_NAME, pipeline_tag=PIPELINE_TAG, tags=tags,
+        datasets=datasets, model_name=model_name, eval_results=results or None,
     )
 
 
@@ -265,13 +284,16 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
                   ("logit scale", _fmt_count(params["other"])),
                   ("total", _fmt_count(params["total"]))]
     eval_command = (eval_results or {}).get("command")
+    benchmark = ("Zero-shot classification and retrieval on the lightclip-shapes test split"
+                 if any(key.startswith("shapes/") for key in (eval_results or {})) else "Evaluation")
     if eval_command:
-        eval_intro = "Zero-shot classification and retrieval on the lightclip-shapes test split, with these weights:"
+        eval_intro = f"{benchmark}, with these weights:"
     else:
-        eval_intro = "Zero-shot classification and retrieval on the lightclip-shapes test split, at the end of training:"
+        eval_intro = f"{benchmark}, at the end of training:"
         eval_command = command
     files = [(name, human_size((folder / name).stat().st_size)) for name in upload_files(folder)[0]
              if name != "README.md"]
+    shapes = trained_on_shapes(train, eval_results)
 
     card = ModelCard.from_template(
         model_card_data(folder, model_name),
@@ -291,6 +313,8 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
         projection_dim=config["projection_dim"],
         repo_id=repo_id,
         files=files,
+        shapes=shapes,
+        train_data=(train or {}).get("train_data") or "data not recorded in this folder",
     )
     path = folder / "README.md"
     card.save(path)
