@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 import lightclip  # noqa: F401
 from lightclip import LightClipModel, LightClipProcessor
 from lightclip.evaluation import evaluate_shapes
-from lightclip.hub import CARD_KEYS, PICKLE_SUFFIXES, weight_summary
+from lightclip.hub import CARD_KEYS, PICKLE_SUFFIXES, validate_folder, weight_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 200  # test pictures rendered for the accuracy check (the full split has 500)
@@ -53,6 +53,8 @@ def test_checkpoint_folder(name):
     assert all(data.get(key) for key in CARD_KEYS)
     assert data["datasets"] == ["lightclip-shapes"] and data["model-index"]
     assert "not a general-purpose CLIP" in card.text
+    report = validate_folder(folder)  # loads as float32 (also through the pipeline), classifies, parses the card
+    assert "model.safetensors" in dict(report["files"])
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

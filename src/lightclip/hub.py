@@ -416,6 +416,8 @@ def validate_folder(folder: str | os.PathLike) -> dict:
     if not (torch.isfinite(image).all() and torch.isfinite(text).all()):
         problems.append("non-finite embeddings")
     classifier = pipeline(PIPELINE_TAG, model=str(folder))
+    if classifier.model.dtype != torch.float32:
+        problems.append(f"the pipeline loads it as {classifier.model.dtype}, expected torch.float32")
     scores = classifier(picture, candidate_labels=labels)
     total = sum(s["score"] for s in scores)
     if len(scores) != len(labels) or abs(total - 1.0) > 1e-4:
