@@ -111,14 +111,16 @@ class Timings(dict):
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
                      ) -> Timings:
-    """Wall time (s) of each callable per round, timed round-robin: every round runs every variant once."""
+    """Wall time (s) of each callable per round, timed round-robin: every round runs every variant once, in
+    alternating order (forward, then reversed), so a load that rises or falls during a round favours no variant."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
     times = Timings({name: [] for name in fns})
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for round_index in range(repeats):
+        for name, fn in (order if round_index % 2 == 0 else order[::-1]):
             sync(device)
             start = time.perf_counter()
             fn()

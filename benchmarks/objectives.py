@@ -49,6 +49,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--teacher-dim", type=int, default=384)
+    p.add_argument("--flops", action="store_true",
+                   help="also count each step's FLOPs (FlopCounterMode: matmuls, convs, attention; one extra step each)")
     p.add_argument("--only", nargs="*", default=None, help=f"subset of {list(VARIANTS)} (clip is always run)")
     args = p.parse_args()
     device = _common.setup(args, default_repeats=3, quick_repeats=2)
@@ -59,6 +61,7 @@ def main() -> None:
                for k in ("image_nn", "text_nn", "image_xnn", "text_xnn")}
     names = [n for n in VARIANTS if args.only is None or n == "clip" or n in args.only]
     steps = {n: objective_step(n, VARIANTS[n][0], args, device, batch, targets) for n in names}
+    flops = {n: _common.count_flops(step) for n, step in steps.items()} if args.flops else None
     times = _common.time_interleaved(steps, device, args.warmup, args.repeats)
 
     print(_common.machine(args))
@@ -66,13 +69,16 @@ def main() -> None:
           f"({config.text_config.max_position_embeddings} tokens), AdamW")
     print("- step: median round; vs clip: median over rounds of the paired time ratio (same round)")
     print()
-    print("| objectives | step (s) | vs clip | target | met |")
-    print("|---|---|---|---|---|")
+    extra_head, extra_sep = (" GFLOP/step | FLOPs vs clip |", "---|---|") if flops else ("", "")
+    print("| objectives | step (s) | vs clip | target | met |" + extra_head)
+    print("|---|---|---|---|---|" + extra_sep)
     for n in times:
         s, ratio = times.median(n), times.ratio(n, "clip")
         target = VARIANTS[n][1]
         met = "" if target is None else ("yes" if ratio <= target else "no")
-        print(f"| {n} ({VARIANTS[n][0]}) | {s:.3f} | {ratio:.2f}x | {'' if target is None else f'<= {target}x'} | {met} |")
+        extra = f" {flops[n] / 1e9:.1f} | {flops[n] / flops['clip']:.2f}x |" if flops else ""
+        print(f"| {n} ({VARIANTS[n][0]}) | {s:.3f} | {ratio:.2f}x | {'' if target is None else f'<= {target}x'} | {met} |"
+              + extra)
 
 
 if __name__ == "__main__":
