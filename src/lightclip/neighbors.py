@@ -209,8 +209,9 @@ def mine_neighbors(
         block_size: rows per query block and per key block (key blocks widen to block_size² / Nq when there are
             fewer queries); memory is O(block_size² + Nq · k), never O(N²).
         exclude_self: drop the query itself: key i for query i when `keys is None`, else key `query_indices[i]`.
-        exclude_duplicates: also drop keys whose features are identical to the query's own (to the query row, and,
-            with `query_indices`, to its bank row), so a duplicated image or caption is never its own neighbour.
+        exclude_duplicates: also drop keys whose features are identical to the query's own: to its bank row when
+            `query_indices` is given (or `keys is None`), else to the query row itself. A duplicated image or caption
+            is thus never its own neighbour.
         query_indices: (Nq,) index of each query's own row among the keys (A-CLIP-PING: the batch's dataset indices).
         key_groups: precomputed `duplicate_groups(keys)`, to skip hashing the keys on every call.
         backend: "exact" (blockwise matrix products) or "faiss" (approximate: an IVF index with inner product and
