@@ -278,8 +278,10 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
             if self.config.vision_config.backbone != "vit":  # CNN stages carry no pooled token: prepend their mean
                 sources = [torch.cat([s.mean(1, keepdim=True), s], dim=1) for s in sources]
         token_embedding = self.lightclip.text_model.embeddings.token_embedding.weight
-        logits = self.fusion(masked.hidden_states, sources, token_embedding)
-        return self.mlm_loss(logits, mlm_labels)  # {"mlm_loss": ...}: per micro-batch, it has no negatives
+        # the fusion blocks never mix words, so only the masked words need to go through them and the vocab head
+        selected = mlm_labels != -100
+        logits = self.fusion(masked.hidden_states, sources, token_embedding, positions=selected)
+        return self.mlm_loss(logits, mlm_labels[selected])  # {"mlm_loss": ...}: per micro-batch, no negatives
 
     def _neighbor_features(self, name: str, features: dict, targets: dict | None) -> dict[str, torch.Tensor]:
         keys = (f"image_{name}", f"text_{name}")
