@@ -44,11 +44,12 @@ __all__ = [
 
 
 def _to_rgb(image: Any):
-    """A PIL RGB image from a PIL image, a path, a datasets image dict, an HWC uint8 array or a CHW float tensor."""
+    """A PIL RGB image from a CHW float tensor in [0, 1] / [0, 255], or anything `lightclip.data.load_rgb_image`
+    reads (PIL image, path, bytes, a datasets image dict, an HWC uint8 array)."""
     from PIL import Image
 
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
+    from .data import load_rgb_image
+
     if isinstance(image, torch.Tensor):
         array = image.detach().float().cpu()
         if array.ndim == 3 and array.shape[0] in (1, 3):
@@ -57,19 +58,7 @@ def _to_rgb(image: Any):
         if array.max() <= 1.0 + 1e-6:
             array = array * 255.0
         return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8).squeeze()).convert("RGB")
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(image).convert("RGB")
-    try:
-        from lightclip.data import load_rgb_image
-    except ImportError:
-        load_rgb_image = None
-    if load_rgb_image is not None:
-        return load_rgb_image(image)
-    if isinstance(image, dict):
-        import io
-
-        image = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
-    return Image.open(image).convert("RGB")
+    return load_rgb_image(image)
 
 
 def _as_list(batch: Any) -> list:
