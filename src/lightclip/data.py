@@ -567,6 +567,7 @@ class ImageTextCollator:
     workers, before creating the epoch's iterator, and without `persistent_workers`). With workers, each worker
     counts in its own copy of the counter: pass `return_skip_counts=True` to get each batch's counts under
     "skip_counts" (pop it before calling the model) and merge them into a counter of the main process.
+    `return_raw=True` also returns the augmented PIL images and the chosen captions under "images" / "texts".
 
     Args:
         processor: `processor(images=, text=, padding=True, truncation=True, max_length=, return_tensors="pt")`.
@@ -578,7 +579,8 @@ class ImageTextCollator:
 
     def __init__(self, processor, *, train: bool, image_size: int, max_length: int | None = None,
                  caption_sampling: str | None = None, seed: int = 0, skip_counter: SkipCounter | None = None,
-                 image_transform: Callable | None = None, return_skip_counts: bool = False):
+                 image_transform: Callable | None = None, return_skip_counts: bool = False,
+                 return_raw: bool = False):
         caption_sampling = caption_sampling or ("random" if train else "first")
         if caption_sampling not in ("random", "first"):
             raise ValueError(f"caption_sampling must be 'random' or 'first', not {caption_sampling!r}")
@@ -587,6 +589,7 @@ class ImageTextCollator:
         self.skip_counter = skip_counter if skip_counter is not None else SkipCounter()
         self.image_transform = image_transform or (RandomResizedCrop(image_size) if train else ResizeCenterCrop(image_size))
         self.return_skip_counts = return_skip_counts
+        self.return_raw = return_raw
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -648,6 +651,8 @@ class ImageTextCollator:
                      "attention_mask": torch.zeros(0, 0, dtype=torch.long),
                      "index": torch.zeros(0, dtype=torch.long)}
         self.skip_counter.merge(counter)
+        if self.return_raw:  # the augmented PIL images and chosen captions, for online teachers (A-CLIP-PING)
+            batch["images"], batch["texts"] = (images, texts) if prepared else ([], [])
         if self.return_skip_counts:
             batch["skip_counts"] = counter.state_dict()
         return batch
