@@ -12,6 +12,7 @@ checkpoint with its processor to `--output_dir`. See `docs/training.md`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -28,7 +29,6 @@ from tqdm.auto import tqdm
 
 import lightclip
 from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcessor
-from lightclip.configuration_lightclip import LightClipConfig as _Cfg
 from lightclip.data import ImageTextCollator, SkipCounter, add_data_args, load_datasets_from_args
 from lightclip.losses import mask_tokens
 from lightclip.pretraining import merge_features
@@ -40,8 +40,8 @@ logger = logging.getLogger("lightclip.pretrain")
 
 # objective fields of LightClipConfig become command-line options (`--soft_alpha_max 0.5`, `--token_matching filip`)
 OBJECTIVE_FIELDS = {
-    name: field for name, field in _Cfg.__dataclass_fields__.items()
-    if name in _Cfg.__annotations__ and name not in ("text_config", "vision_config", "objectives",
+    name: field for name, field in LightClipConfig.__dataclass_fields__.items()
+    if name in LightClipConfig.__annotations__ and name not in ("text_config", "vision_config", "objectives",
                                                         "teacher_image_dim", "teacher_text_dim")
 }
 
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--checkpointing_steps", type=int, default=None)
     group.add_argument("--checkpoints_total_limit", type=int, default=2)
     group.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or `latest`.")
-    group.add_argument("--eval_steps", type=int, default=None)
+    group.add_argument("--eval_steps", type=int, default=200, help="0 evaluates only at the end.")
     group.add_argument("--logging_steps", type=int, default=10)
     group.add_argument("--report_to", default="none", help="tensorboard, wandb, ..., all, or none.")
     group.add_argument("--push_to_hub", action="store_true")
@@ -252,20 +252,12 @@ def training_step(model, accelerator, micro_batches: list[dict], extras: list[di
     with torch.no_grad(), accelerator.autocast():
         cached = [model(**b, **e, return_features=True) for b, e in zip(micro_batches, extras)]
     for i, (b, e) in enumerate(zip(micro_batches, extras)):
-        sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else _nullcontext()
+        sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else contextlib.nullcontext()
         with sync, accelerator.autocast():
             live = model(**b, **e, return_features=True)
             out = unwrapped.compute_losses(merge_features(cached[:i] + [live] + cached[i + 1:], i))
         accelerator.backward(out.loss)
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def evaluate(model, processor, args, validation, accelerator) -> dict:
