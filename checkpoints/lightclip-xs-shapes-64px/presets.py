@@ -1,0 +1,55 @@
+"""Named size presets, as timm names its model variants. Each value is a `LightClipConfig` kwargs dict."""
+
+from __future__ import annotations
+
+# Shortened text tower shared by the real-size presets (LightCLIP: accuracy does not rise with text-encoder size).
+_TEXT_SMALL = dict(
+    vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+    max_position_embeddings=77,
+)
+
+PRESETS: dict[str, dict] = {
+    # test-size model: 32 px, 2 + 2 layers, width 64
+    "lightclip-xxs": dict(
+        vision_config=dict(
+            backbone="vit", image_size=32, patch_size=8, hidden_size=64, intermediate_size=256,
+            num_hidden_layers=2, num_attention_heads=2,
+        ),
+        text_config=dict(
+            vocab_size=4096, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=64,
+        ),
+        projection_dim=64,
+        token_dim=64,
+    ),
+    # ViT-XS: width 256, 6 layers, patch 16 at 224 px (about 4.8 M parameters), the CLIP-PING headline class
+    "lightclip-xs": dict(
+        vision_config=dict(
+            backbone="vit", image_size=224, patch_size=16, hidden_size=256, intermediate_size=1024,
+            num_hidden_layers=6, num_attention_heads=4,
+        ),
+        text_config=dict(_TEXT_SMALL),
+        projection_dim=256,
+        token_dim=256,
+    ),
+    "lightclip-mobilenetv2": dict(
+        vision_config=dict(backbone="mobilenetv2", image_size=224, backbone_kwargs=dict(depth_multiplier=1.0)),
+        text_config=dict(_TEXT_SMALL),
+        projection_dim=256,
+        token_dim=256,
+    ),
+    "lightclip-efficientnet-b0": dict(
+        vision_config=dict(
+            backbone="efficientnet", image_size=224,
+            backbone_kwargs=dict(width_coefficient=1.0, depth_coefficient=1.0, dropout_rate=0.2),
+        ),
+        text_config=dict(_TEXT_SMALL),
+        projection_dim=256,
+        token_dim=256,
+    ),
+}
+
+
+def list_presets() -> list[str]:
+    """Names accepted by `LightClipConfig.from_preset` and `LightClipProcessor.from_preset`."""
+    return sorted(PRESETS)

@@ -1,0 +1,144 @@
+"""Image processor, default tokenizer and processor for lightclip.
+
+The default tokenizer is an uncased WordPiece whose vocabulary ships with the package (`data_files/vocab.txt`):
+special tokens, every single character and its `##` continuation, common suffixes, then the most frequent English
+words from `wordfreq` (see `utils/build_vocab.py`). A tokenizer of size V uses the first V entries, so the vocabulary
+size is a config choice and any word can still be spelled. It needs no network and has a `[MASK]` token for MLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from transformers import PreTrainedTokenizerFast
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
+
+VOCAB_FILE = Path(__file__).parent / "data_files" / "vocab.txt"
+SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[CLS]", "eos_token": "[SEP]",
+                  "mask_token": "[MASK]"}
+
+
+def build_default_tokenizer(vocab_size: int = 8192, model_max_length: int = 77) -> PreTrainedTokenizerFast:
+    """The package's offline WordPiece tokenizer with the first `vocab_size` entries of the shipped vocabulary.
+
+    Ids: [PAD]=0, [UNK]=1, [CLS]=2 (start), [SEP]=3 (end of text, where the text tower pools), [MASK]=4.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    words = VOCAB_FILE.read_text(encoding="utf-8").splitlines()[:vocab_size]
+    if len(words) < vocab_size:
+        raise ValueError(f"the shipped vocabulary has {len(words)} entries; vocab_size={vocab_size} is too large")
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=model_max_length, padding_side="right", truncation_side="right",
+        model_input_names=["input_ids", "attention_mask"], **SPECIAL_TOKENS,
+    )
+
+
+def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
+    """16-bit and float images as 8-bit, scaled by the range of their type (never clipped to 255).
+
+    'I;16*': 0..65535. 'I': 0..65535 when the values fit (16-bit PNGs open as 'I'), else min..max.
+    'F': 0..1 when the values fit, else 0..255, else 0..65535, else min..max.
+    """
+    array = np.asarray(image, dtype=np.float64)
+    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and lo >= 0 and hi <= 65535):
+        scale_lo, scale_hi = 0.0, 65535.0
+    elif image.mode == "F" and lo >= 0 and hi <= 1:
+        scale_lo, scale_hi = 0.0, 1.0
+    elif image.mode == "F" and lo >= 0 and hi <= 255:
+        scale_lo, scale_hi = 0.0, 255.0
+    elif image.mode == "F" and lo >= 0 and hi <= 65535:
+        scale_lo, scale_hi = 0.0, 65535.0
+    else:
+        scale_lo, scale_hi = lo, max(hi, lo + 1e-12)
+    return np.round((array - scale_lo) * 255.0 / (scale_hi - scale_lo)).clip(0, 255).astype(np.uint8)
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """PIL image in any mode -> 8-bit RGB: 16-bit and float images rescaled by their range (not saturated),
+    transparency composited on white, grayscale / palette / CMYK converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":  # 'I;16', 'I;16B', 'I', 'F'
+        return Image.fromarray(_high_bit_depth_to_uint8(image)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class LightClipImageProcessor(CLIPImageProcessorPil):
+    """CLIP preprocessing (resize shortest edge, centre crop, normalise) on PIL/numpy, no torchvision.
+
+    Converts RGBA, grayscale, palette, CMYK and 16-bit images to 8-bit RGB instead of rejecting them.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, image_size: int | None = None, **kwargs):
+        if image_size is not None:
+            kwargs.setdefault("size", {"shortest_edge": image_size})
+            kwargs.setdefault("crop_size", {"height": image_size, "width": image_size})
+        super().__init__(**kwargs)
+
+    def convert_to_rgb(self, image, input_data_format=None) -> np.ndarray:
+        if isinstance(image, Image.Image):
+            return np.asarray(to_rgb8(image))
+        if isinstance(image, np.ndarray) and image.dtype == np.uint16:
+            image = (image.astype(np.float32) / 257.0).round().astype(np.uint8)
+        return super().convert_to_rgb(image, input_data_format=input_data_format)
+
+
+class LightClipProcessor(ProcessorMixin):
+    """Wraps a `LightClipImageProcessor` and a fast tokenizer into one callable, like `CLIPProcessor`.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from lightclip import LightClipProcessor
+    >>> processor = LightClipProcessor.from_preset("lightclip-xxs")
+    >>> batch = processor(text=["a red circle"], images=[Image.new("RGB", (48, 40))], return_tensors="pt")
+    >>> batch["pixel_values"].shape
+    torch.Size([1, 3, 32, 32])
+    ```"""
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer)
+
+    @classmethod
+    def from_preset(cls, name: str, **config_overrides) -> "LightClipProcessor":
+        """Build the processor matching `LightClipConfig.from_preset(name, **config_overrides)`, offline."""
+        from .configuration_lightclip import LightClipConfig
+
+        return cls.from_config(LightClipConfig.from_preset(name, **config_overrides))
+
+    @classmethod
+    def from_config(cls, config) -> "LightClipProcessor":
+        """Default image processor and tokenizer sized to a `LightClipConfig`."""
+        text = config.text_config
+        tokenizer = build_default_tokenizer(text.vocab_size, text.max_position_embeddings)
+        expected = {"pad_token_id": text.pad_token_id, "bos_token_id": text.bos_token_id,
+                    "eos_token_id": text.eos_token_id, "mask_token_id": text.mask_token_id}
+        actual = {k: getattr(tokenizer, k) for k in expected}
+        if actual != expected:
+            raise ValueError(f"text_config special-token ids {expected} do not match the default tokenizer {actual}")
+        return cls(LightClipImageProcessor(image_size=config.vision_config.image_size), tokenizer)
+
+
+__all__ = ["LightClipImageProcessor", "LightClipProcessor", "build_default_tokenizer", "to_rgb8"]

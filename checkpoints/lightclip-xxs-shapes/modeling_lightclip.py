@@ -1,0 +1,606 @@
+"""LightClipModel: a lightweight CLIP dual encoder for transformers.
+
+This file holds the inference model only. Training-only modules (losses, the MLM fusion module, neighbour heads) live
+in `pretraining.py` and are never imported here, so a saved checkpoint is a plain dual encoder and this file can be
+copied next to it for `trust_remote_code=True` users.
+"""
+
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_lightclip import LightClipConfig, LightClipTextConfig, LightClipVisionConfig
+
+
+@dataclass
+class LightClipVisionModelOutput(ModelOutput):
+    """Output of an image tower.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
+            The tower's final token sequence: `[CLS] + patches` for the ViT, the flattened last feature map for CNNs.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Pooled image representation (normalised CLS for the ViT, global average for CNNs), before projection.
+        patch_tokens (`torch.FloatTensor` of shape `(batch_size, num_patches, hidden_size)`):
+            Normalised patch (ViT) or feature-map (CNN) tokens, without CLS: the image side of token-level objectives.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Token sequences `(batch_size, tokens_i, width_i)` after each layer (ViT) or stage (CNN), when
+            `output_hidden_states=True`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    patch_tokens: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class LightClipOutput(ModelOutput):
+    """Output of [`LightClipModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+            Symmetric image-text contrastive loss on this batch.
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
+            Scaled cosine similarities of every image with every text.
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
+            The transpose of `logits_per_image`.
+        text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`):
+            L2-normalised projected text embeddings.
+        image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
+            L2-normalised projected image embeddings.
+        text_model_output (`BaseModelOutputWithPooling`):
+            The text tower's output.
+        vision_model_output (`LightClipVisionModelOutput`):
+            The image tower's output.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: LightClipVisionModelOutput | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(
+            self[k] if k not in ("text_model_output", "vision_model_output") else getattr(self, k).to_tuple()
+            for k in self.keys()
+        )
+
+
+def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy of a square similarity matrix whose diagonal holds the positives."""
+    labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+    return 0.5 * (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels))
+
+
+class LightClipAttention(nn.Module):
+    """Multi-head self-attention on `F.scaled_dot_product_attention` with one fused QKV projection."""
+
+    def __init__(self, config: LightClipTextConfig | LightClipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.qkv = nn.Linear(self.embed_dim, 3 * self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            qkv[0], qkv[1], qkv[2], attn_mask=attention_mask, dropout_p=dropout,
+            is_causal=is_causal and attention_mask is None,
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim))
+
+    def forward_query(self, hidden_states: torch.Tensor, query: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output `(batch, 1, width)` of one query row per sample (`query`: its input state `(batch, 1,
+        width)`) over all keys; `attention_mask` `(batch, 1, 1, length)` boolean or None. Used by the pooled-only
+        last layer of `encode_image` / `encode_text`."""
+        batch, length, _ = hidden_states.shape
+        width = self.embed_dim
+        q = F.linear(query, self.qkv.weight[:width], self.qkv.bias[:width])
+        kv = F.linear(hidden_states, self.qkv.weight[width:], self.qkv.bias[width:])
+        kv = kv.view(batch, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = q.view(batch, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attention_mask, dropout_p=dropout)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, 1, width))
+
+
+class LightClipMLP(nn.Module):
+    def __init__(self, config: LightClipTextConfig | LightClipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class LightClipEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer block, as in CLIP."""
+
+    def __init__(self, config: LightClipTextConfig | LightClipVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = LightClipAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = LightClipMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask, is_causal)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+    def forward_pooled(self, hidden_states: torch.Tensor, index: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output `(batch, 1, width)` at one position per sample (`index`, `(batch,)`): keys and values
+        come from every token, but queries, the output projection and the MLP run on that row only."""
+        normed = self.layer_norm1(hidden_states)
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        state = hidden_states[rows, index][:, None]
+        state = state + self.self_attn.forward_query(normed, normed[rows, index][:, None], attention_mask)
+        return state + self.mlp(self.layer_norm2(state))
+
+
+class LightClipEncoder(nn.Module):
+    def __init__(self, config: LightClipTextConfig | LightClipVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([LightClipEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                is_causal: bool = False, output_hidden_states: bool = False
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        all_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, is_causal)
+            if output_hidden_states:
+                all_states += (hidden_states,)
+        return hidden_states, all_states
+
+    def forward_pooled(self, hidden_states: torch.Tensor, index: torch.Tensor,
+                       last_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                       is_causal: bool = False) -> torch.Tensor:
+        """The final state `(batch, width)` at position `index` only: the last block runs its queries, output
+        projection and MLP on that row (`last_mask`: the row's `(batch, 1, 1, length)` key mask, or None)."""
+        for layer in self.layers[:-1]:
+            hidden_states = layer(hidden_states, attention_mask, is_causal)
+        return self.layers[-1].forward_pooled(hidden_states, index, last_mask)[:, 0]
+
+
+class LightClipTextEmbeddings(nn.Module):
+    def __init__(self, config: LightClipTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.register_buffer(
+            "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
+        )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = self.position_ids[:, : input_ids.shape[1]]
+        return self.token_embedding(input_ids) + self.position_embedding(positions)
+
+
+class LightClipTextTransformer(nn.Module):
+    """CLIP-style text tower. Truncates over-long input (keeping end-of-text) and pools at the first end-of-text id."""
+
+    def __init__(self, config: LightClipTextConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = LightClipTextEmbeddings(config)
+        self.encoder = LightClipEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def truncate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cut text to the position table; a row that loses its end-of-text token gets it back in the last slot."""
+        limit = self.config.max_position_embeddings
+        if input_ids.shape[1] <= limit:
+            return input_ids, attention_mask
+        eos = self.config.eos_token_id
+        lengths = attention_mask.sum(-1) if attention_mask is not None else None
+        input_ids = input_ids[:, :limit].clone()
+        attention_mask = attention_mask[:, :limit] if attention_mask is not None else None
+        if eos is not None:
+            cut = lengths > limit if lengths is not None else torch.ones_like(input_ids[:, 0], dtype=torch.bool)
+            input_ids[cut, -1] = eos
+        return input_ids, attention_mask
+
+    def _attention_bias(self, attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        """None when SDPA's own causal path is exact; else a boolean mask (True = attend)."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        keys = attention_mask.bool()[:, None, None, :]
+        if self.config.causal:
+            # built from comparisons of positions (not tril / eye), so the graph exports to ONNX Runtime, which has
+            # no boolean EyeLike kernel
+            positions = torch.arange(length, device=keys.device)
+            keys = keys & (positions[None, :] <= positions[:, None])
+            # a padded query row with no visible key would give NaN; let it see itself
+            keys = keys | (positions[None, :] == positions[:, None])
+        return keys
+
+    def pool_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Position of the first end-of-text token of each row, or of the last real token when there is none."""
+        last = (attention_mask.sum(-1) - 1).clamp(min=0) if attention_mask is not None else torch.full_like(
+            input_ids[:, 0], input_ids.shape[1] - 1)
+        if self.config.eos_token_id is None:
+            return last
+        is_eos = input_ids == self.config.eos_token_id
+        return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), last)
+
+    def forward_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward(...).pooler_output` `(batch, width)`, with the last layer run for the pooled token only."""
+        input_ids, attention_mask = self.truncate(input_ids, attention_mask)
+        length = input_ids.shape[1]
+        hidden_states = self.embeddings(input_ids)
+        bias = self._attention_bias(attention_mask, length)
+        index = self.pool_index(input_ids, attention_mask)
+        positions = torch.arange(length, device=input_ids.device)
+        keys = positions[None] <= index[:, None] if self.config.causal else torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is not None:
+            keys = keys & attention_mask.bool()
+        keys = keys | (positions[None] == index[:, None])  # the pooled row always sees itself, as in forward
+        last_mask = None if bool(keys.all()) else keys[:, None, None, :]
+        pooled = self.encoder.forward_pooled(hidden_states, index, last_mask, bias, self.config.causal)
+        return self.final_layer_norm(pooled)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
+        input_ids, attention_mask = self.truncate(input_ids, attention_mask)
+        hidden_states = self.embeddings(input_ids)
+        bias = self._attention_bias(attention_mask, input_ids.shape[1])
+        hidden_states, all_states = self.encoder(hidden_states, bias, self.config.causal, output_hidden_states)
+        last_hidden_state = self.final_layer_norm(hidden_states)
+        index = self.pool_index(input_ids, attention_mask)
+        pooled = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=index.device), index]
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_states
+        )
+
+
+class LightClipVisionEmbeddings(nn.Module):
+    def __init__(self, config: LightClipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.empty(self.embed_dim))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, self.embed_dim, kernel_size=config.patch_size, stride=config.patch_size, bias=False
+        )
+        self.num_positions = (config.image_size // config.patch_size) ** 2 + 1
+        self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
+        self.register_buffer("position_ids", torch.arange(self.num_positions).expand((1, -1)), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding(self.position_ids)
+
+
+def _check_pixel_values(pixel_values: torch.Tensor, config: LightClipVisionConfig) -> None:
+    expected = (config.num_channels, config.image_size, config.image_size)
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {', '.join(map(str, expected))}), got {tuple(pixel_values.shape)}. "
+            "Preprocess images with LightClipProcessor / LightClipImageProcessor, which converts RGBA, grayscale and "
+            "16-bit images and resizes them to the model's image_size."
+        )
+
+
+class LightClipVisionTransformer(nn.Module):
+    """ViT image tower: patch embedding, CLS token, pre-LN transformer; pooled output is the normalised CLS state."""
+
+    def __init__(self, config: LightClipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = LightClipVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = LightClipEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        _check_pixel_values(pixel_values, self.config)
+        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
+        return self.encoder(hidden_states, None, False, output_hidden_states)
+
+    def forward_head(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled CLS, patch tokens), both through the final LayerNorm."""
+        normed = self.post_layernorm(last_hidden_state)
+        return normed[:, 0], normed[:, 1:]
+
+    def forward_pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`forward(...).pooler_output` `(batch, width)`, with the last layer run for the CLS token only."""
+        _check_pixel_values(pixel_values, self.config)
+        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
+        cls = torch.zeros(hidden_states.shape[0], dtype=torch.long, device=hidden_states.device)
+        return self.post_layernorm(self.encoder.forward_pooled(hidden_states, cls))
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> LightClipVisionModelOutput:
+        last_hidden_state, all_states = self.forward_features(pixel_values, output_hidden_states)
+        pooled, patches = self.forward_head(last_hidden_state)
+        return LightClipVisionModelOutput(
+            last_hidden_state=last_hidden_state, pooler_output=pooled, patch_tokens=patches, hidden_states=all_states
+        )
+
+
+class LightClipConvVisionTower(nn.Module):
+    """A transformers CNN (MobileNetV2 or EfficientNet, no torchvision) as image tower.
+
+    The last feature map, flattened, gives the tokens; their mean is the pooled output.
+    """
+
+    def __init__(self, config: LightClipVisionConfig):
+        super().__init__()
+        self.config = config
+        backbone_config = config.backbone_config()
+        if config.backbone == "mobilenetv2":
+            from transformers import MobileNetV2Model
+
+            self.backbone = MobileNetV2Model(backbone_config, add_pooling_layer=False)
+        else:
+            from transformers import EfficientNetModel
+
+            self.backbone = EfficientNetModel(backbone_config)
+            self.backbone.pooler = None  # we pool ourselves; keeps the checkpoint free of an unused layer
+
+    def forward_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        _check_pixel_values(pixel_values, self.config)
+        if self.config.backbone == "efficientnet":
+            embeddings = self.backbone.embeddings(pixel_values)
+            out = self.backbone.encoder(embeddings, output_hidden_states=output_hidden_states, return_dict=True)
+        else:
+            out = self.backbone(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        tokens = out.last_hidden_state.flatten(2).transpose(1, 2)
+        stages = tuple(h.flatten(2).transpose(1, 2) for h in out.hidden_states) if output_hidden_states else None
+        return tokens, stages
+
+    def forward_head(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return last_hidden_state.mean(dim=1), last_hidden_state
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> LightClipVisionModelOutput:
+        tokens, stages = self.forward_features(pixel_values, output_hidden_states)
+        pooled, patches = self.forward_head(tokens)
+        return LightClipVisionModelOutput(
+            last_hidden_state=tokens, pooler_output=pooled, patch_tokens=patches, hidden_states=stages
+        )
+
+
+def build_vision_tower(config: LightClipVisionConfig) -> nn.Module:
+    return LightClipVisionTransformer(config) if config.backbone == "vit" else LightClipConvVisionTower(config)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _pickle_refusal_message(source) -> str:
+    pickled = []
+    if os.path.isdir(source):
+        pickled = sorted(f for f in os.listdir(source) if f.endswith(PICKLE_SUFFIXES))
+    found = f" It holds only pickled weights ({', '.join(pickled)})." if pickled else ""
+    return (
+        f"{source} has no model.safetensors.{found} lightclip loads weights from safetensors only and never "
+        "unpickles a checkpoint, because loading a pickle can run arbitrary code. If you trust the file, convert it "
+        "once: `from safetensors.torch import save_file; save_file(torch.load(path, weights_only=True), "
+        "'model.safetensors')`, or load it into a LightClipModel and call `save_pretrained`."
+    )
+
+
+class LightClipPreTrainedModel(PreTrainedModel):
+    config: LightClipConfig
+    base_model_prefix = "lightclip"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["LightClipEncoderLayer", "LightClipTextEmbeddings", "LightClipVisionEmbeddings"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, reading weights from safetensors only.
+
+        transformers 5 still falls back to `pytorch_model.bin` (a pickle, which can run code when loaded) when a folder
+        or repo has no safetensors file. lightclip never unpickles a checkpoint: such a source is refused with an
+        error naming the pickled files, before any of them is opened.
+        """
+        if pretrained_model_name_or_path is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("lightclip loads weights from safetensors only; use_safetensors=False is not supported")
+        kwargs["use_safetensors"] = True
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except OSError as error:
+            if "safetensors" not in str(error):
+                raise
+            raise OSError(_pickle_refusal_message(pretrained_model_name_or_path)) from error
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """All initialisation lives here; loading re-runs it only for what the checkpoint lacks (and buffers).
+
+        transformers skips custom modules that hold no direct parameter or buffer, so the blocks and the CNN tower are
+        initialised from `LightClipModel`, which holds `logit_scale`. `init.*` never overwrites loaded tensors.
+        """
+        super()._init_weights(module)
+        if isinstance(module, LightClipTextEmbeddings):
+            init.normal_(module.token_embedding.weight, std=0.02)
+            init.normal_(module.position_embedding.weight, std=0.01)
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        elif isinstance(module, LightClipVisionEmbeddings):
+            init.normal_(module.class_embedding, std=module.embed_dim**-0.5)
+            init.normal_(module.patch_embedding.weight, std=module.config.initializer_range)
+            init.normal_(module.position_embedding.weight, std=module.config.initializer_range)
+            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+        elif isinstance(module, LightClipModel):
+            init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5)
+            init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5)
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+            for sub in module.modules():
+                self._init_block(sub)
+
+    @staticmethod
+    def _init_block(module: nn.Module) -> None:
+        if isinstance(module, LightClipAttention):
+            depth_scale = (2 * module.config.num_hidden_layers) ** -0.5
+            init.normal_(module.qkv.weight, std=module.embed_dim**-0.5 * depth_scale)
+            init.normal_(module.out_proj.weight, std=module.embed_dim**-0.5)
+            init.zeros_(module.qkv.bias)
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, LightClipMLP):
+            width = module.config.hidden_size
+            init.normal_(module.fc1.weight, std=(2 * width) ** -0.5)
+            init.normal_(module.fc2.weight, std=width**-0.5 * (2 * module.config.num_hidden_layers) ** -0.5)
+        elif isinstance(module, LightClipConvVisionTower):
+            # transformers' CNNs draw convs and norm scales from N(0, 0.02), which vanishes when trained from scratch.
+            # He init on fan-out per group (timm's `fix_group_fanout`): torch's fan-out of a depthwise conv counts all
+            # channels, which shrinks it by sqrt(channels) and, with fresh BatchNorm statistics in eval mode, gave
+            # ~1e-14 embeddings that F.normalize could not normalise.
+            for sub in module.modules():
+                if isinstance(sub, nn.Conv2d):
+                    fan_out = sub.kernel_size[0] * sub.kernel_size[1] * sub.out_channels // sub.groups
+                    init.normal_(sub.weight, std=(2.0 / fan_out) ** 0.5)
+                elif isinstance(sub, nn.BatchNorm2d):
+                    init.ones_(sub.weight)
+                    init.zeros_(sub.bias)
+
+
+class LightClipModel(LightClipPreTrainedModel):
+    r"""A lightweight CLIP dual encoder: an image tower (ViT or CNN) and a shortened text transformer, each with a
+    linear projection into a shared space, and a learnable logit scale clamped at `config.logit_scale_max`.
+
+    Example:
+
+    ```python
+    >>> import lightclip, torch
+    >>> from lightclip import LightClipConfig, LightClipModel
+    >>> model = LightClipModel(LightClipConfig.from_preset("lightclip-xxs")).eval()
+    >>> image = model.encode_image(torch.randn(2, 3, 32, 32))
+    >>> image.shape
+    torch.Size([2, 64])
+    ```"""
+
+    def __init__(self, config: LightClipConfig):
+        super().__init__(config)
+        self.text_embed_dim = config.text_config.hidden_size
+        self.vision_embed_dim = config.vision_config.hidden_size
+        self.text_model = LightClipTextTransformer(config.text_config)
+        self.vision_model = build_vision_tower(config.vision_config)
+        self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with the zero-shot Auto class added to `auto_map` (one class can hold
+        only one auto class through `register_for_auto_class`)."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        auto_map = getattr(self.config, "auto_map", None)
+        if auto_map and "AutoModel" in auto_map:
+            auto_map.setdefault("AutoModelForZeroShotImageClassification", auto_map["AutoModel"])
+            self.config.to_json_file(os.path.join(save_directory, "config.json"))
+        return out
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
+        """Text tower output whose `pooler_output` is the projected (unnormalised) text embedding."""
+        out = self.text_model(input_ids, attention_mask, output_hidden_states)
+        out.pooler_output = self.text_projection(out.pooler_output)
+        return out
+
+    def get_image_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+                           ) -> LightClipVisionModelOutput:
+        """Image tower output whose `pooler_output` is the projected (unnormalised) image embedding."""
+        out = self.vision_model(pixel_values, output_hidden_states)
+        out.pooler_output = self.visual_projection(out.pooler_output)
+        return out
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    normalize: bool = True) -> torch.Tensor:
+        """open_clip-style tensor helper: `(batch, projection_dim)` text embeddings.
+
+        Only the pooled token is needed, so the last text layer runs for that token alone (same result as
+        `get_text_features`, about 1/num_layers less work)."""
+        embeds = self.text_projection(self.text_model.forward_pooled(input_ids, attention_mask))
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """open_clip-style tensor helper: `(batch, projection_dim)` image embeddings.
+
+        With the ViT tower the last layer runs for the CLS token alone (same result as `get_image_features`)."""
+        tower = self.vision_model
+        if isinstance(tower, LightClipVisionTransformer):
+            embeds = self.visual_projection(tower.forward_pooled(pixel_values))
+        else:
+            embeds = self.get_image_features(pixel_values).pooler_output
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def logit_scale_exp(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at `config.logit_scale_max` as CLIP does."""
+        return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the stored parameter to [0, logit_scale_max]; trainers call this after every optimiser step."""
+        self.logit_scale.clamp_(0, self.config.logit_scale_max)
+
+    @can_return_tuple
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, return_loss: bool = False,
+                output_hidden_states: bool = False, **kwargs) -> LightClipOutput:
+        r"""Embed both modalities and score every image against every text.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from lightclip import LightClipConfig, LightClipModel
+        >>> model = LightClipModel(LightClipConfig.from_preset("lightclip-xxs")).eval()
+        >>> out = model(input_ids=torch.tensor([[2, 10, 3], [2, 11, 3]]), pixel_values=torch.randn(3, 3, 32, 32))
+        >>> out.logits_per_image.shape
+        torch.Size([3, 2])
+        ```"""
+        if input_ids is None or pixel_values is None:
+            raise ValueError("LightClipModel.forward needs both input_ids and pixel_values")
+        vision_out = self.vision_model(pixel_values, output_hidden_states)
+        text_out = self.text_model(input_ids, attention_mask, output_hidden_states)
+        image_embeds = F.normalize(self.visual_projection(vision_out.pooler_output), dim=-1)
+        text_embeds = F.normalize(self.text_projection(text_out.pooler_output), dim=-1)
+        logits_per_text = self.logit_scale_exp() * text_embeds @ image_embeds.t()
+        loss = contrastive_loss(logits_per_text) if return_loss else None
+        return LightClipOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_out,
+            vision_model_output=vision_out,
+        )
+
+
+__all__ = ["LightClipModel", "LightClipPreTrainedModel", "LightClipOutput", "LightClipVisionModelOutput"]
