@@ -98,9 +98,10 @@ def test_card_metadata(run_folder):
     assert "lightclip" in data["tags"]
     assert data["datasets"] == ["lightclip-shapes"]
     metrics = {m["name"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
-    assert metrics["shape top-1 accuracy"] == EVAL["shapes/shape/top1"]
-    assert metrics["colour top-1 accuracy"] == EVAL["shapes/colour/top1"]
-    assert metrics["shape top-1 accuracy, held-out compositions"] == EVAL["shapes/shape/top1_unseen"]
+    assert metrics["zero-shot shape top-1 accuracy"] == EVAL["shapes/shape/top1"]
+    assert metrics["zero-shot colour top-1 accuracy"] == EVAL["shapes/colour/top1"]
+    assert metrics["zero-shot shape top-1 accuracy, held-out compositions"] == EVAL["shapes/shape/top1_unseen"]
+    assert len(data["model-index"][0]["results"]) == 1  # one task and dataset holding the three metrics
 
 
 def test_card_body(run_folder):
