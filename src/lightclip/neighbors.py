@@ -633,7 +633,7 @@ class ActiveTeacherNeighbors:
     own bank row and rows identical to it. Targets are then read from the bank exactly as `FeatureBank.lookup`.
 
     Costs one forward pass of each teacher plus a (B × N) product per modality per step (see
-    benchmarks/RESULTS_neighbors.md). The search runs on CPU, blockwise, against fp32 copies of the bank when both
+    benchmarks/RESULTS.md (section 6)). The search runs on CPU, blockwise, against fp32 copies of the bank when both
     fit in `max_cache_bytes` (2 GiB by default), else against the (memory-mapped) fp16 bank.
     """
 
