@@ -7,9 +7,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
-    package_data={"lightclip": ["data_files/*"]},
+    # model_cards/ (the card templates) ships inside the package as lightclip/model_cards
+    package_dir={"": "src", "lightclip.model_cards": "model_cards"},
+    packages=find_packages("src") + ["lightclip.model_cards"],
+    package_data={"lightclip": ["data_files/*"], "lightclip.model_cards": ["*.md"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<2.14",
