@@ -189,7 +189,7 @@ def _non_default_config() -> LightClipConfig:
         projection_dim=48, logit_scale_init_value=1.5, logit_scale_max=4.0, objectives="all",
         soft_mode="uniform", soft_alpha_max=0.3, soft_schedule="cosine", soft_temperature=0.5,
         token_weight=0.5, token_dim=40, token_matching="hungarian", token_chunk_size=8, sinkhorn_epsilon=0.1,
-        sinkhorn_iterations=5, hungarian_capacity=3, hungarian_num_negatives=2, mlm_weight=0.25,
+        sinkhorn_iterations=5, sinkhorn_unroll=True, hungarian_capacity=3, hungarian_num_negatives=2, mlm_weight=0.25,
         mlm_probability=0.3, fusion_layers=[1, 2], fusion_num_heads=4, fusion_type="additive",
         fusion_image_source="multiscale", fusion_detach_image=True, nn_weight=0.4, xnn_weight=0.6, xnn_mode="x1",
         neighbor_head="mlp", neighbor_direction="teacher_to_student", neighbor_logit_scale_init_value=2.0,
