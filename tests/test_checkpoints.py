@@ -169,3 +169,14 @@ def test_load_by_repo_id_offline(tmp_path):
     torch.testing.assert_close(torch.tensor(remote["embeds"]), expected, rtol=0, atol=1e-6)
     assert remote["scores"] == pytest.approx(with_package["scores"], abs=1e-6)
 
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_checkpoint_remote_code_matches_the_package(name):
+    """The files copied for `trust_remote_code` must be the package's current inference code, or remote users would
+    run stale code: after a change to them, copy `src/lightclip/<file>` into the checkpoint (or retrain)."""
+    folder = checkpoint_dir(name)
+    copied = sorted(p.name for p in folder.glob("*.py"))
+    assert "modeling_lightclip.py" in copied and "configuration_lightclip.py" in copied
+    for file in copied:
+        assert (folder / file).read_text() == (ROOT / "src" / "lightclip" / file).read_text(), file
