@@ -17,7 +17,9 @@ from huggingface_hub import ModelCard
 import lightclip  # noqa: F401
 from lightclip import LightClipModel, LightClipProcessor
 from lightclip.evaluation import evaluate_shapes
-from lightclip.hub import CARD_KEYS, PICKLE_SUFFIXES, validate_folder, weight_summary
+from lightclip.hub import (
+    CARD_KEYS, PICKLE_SUFFIXES, REMOTE_CODE_FILES, add_remote_code, validate_folder, weight_summary,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 200  # test pictures rendered for the accuracy check (the full split has 500)
@@ -32,8 +34,7 @@ CHECKPOINTS = {
     "lightclip-xs-shapes-64px": (26.0, "F16", 0.72, 0.25),
 }
 FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-         "README.md", "eval_results.json", "training_curves.png", "modeling_lightclip.py",
-         "configuration_lightclip.py")
+         "README.md", "eval_results.json", "training_curves.png")
 
 
 def checkpoint_dir(name: str) -> Path:
@@ -150,7 +151,7 @@ def test_load_by_repo_id_offline(tmp_path):
     folder = checkpoint_dir("lightclip-xxs-shapes")
     repo_id = "lightclip-test/lightclip-xxs-shapes"
     hf_home = tmp_path / "hf"
-    hf_cache_with(folder, hf_home, repo_id)
+    add_remote_code(hf_cache_with(folder, hf_home, repo_id))  # as push_folder uploads it
     with_package = run_offline([repo_id, str(folder), "package"], hf_home, tmp_path)
     assert with_package["class"] == "lightclip.modeling_lightclip"
     assert with_package["dtype"] == "torch.float32"
@@ -172,11 +173,13 @@ def test_load_by_repo_id_offline(tmp_path):
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
-def test_checkpoint_remote_code_matches_the_package(name):
-    """The files copied for `trust_remote_code` must be the package's current inference code, or remote users would
-    run stale code: after a change to them, copy `src/lightclip/<file>` into the checkpoint (or retrain)."""
+def test_shipped_checkpoints_carry_no_code_copies(name, tmp_path):
+    """The package is the single source of the remote code: shipped folders hold none, and `add_remote_code` (run by
+    `push_folder`) copies the package's current files next to the `auto_map` that points at them."""
     folder = checkpoint_dir(name)
-    copied = sorted(p.name for p in folder.glob("*.py"))
-    assert "modeling_lightclip.py" in copied and "configuration_lightclip.py" in copied
-    for file in copied:
-        assert (folder / file).read_text() == (ROOT / "src" / "lightclip" / file).read_text(), file
+    assert not list(folder.glob("*.py"))
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert {v.split(".")[0] + ".py" for v in auto_map.values()} <= set(REMOTE_CODE_FILES)
+    add_remote_code(tmp_path)
+    for file in REMOTE_CODE_FILES:
+        assert (tmp_path / file).read_text() == (ROOT / "src" / "lightclip" / file).read_text(), file

@@ -42,6 +42,9 @@ NEVER_UPLOAD = ("train_log.jsonl",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
                   "tokenizer_config.json", "README.md")
+# the inference code `trust_remote_code` users load; the package is its single source, copied in when a folder is
+# packaged for upload (the shipped checkpoints in this repository keep only weights, JSON and the card)
+REMOTE_CODE_FILES = ("configuration_lightclip.py", "modeling_lightclip.py", "processing_lightclip.py", "presets.py")
 # metadata every card must have; `datasets` and `model-index` are added when the data and results are known
 CARD_KEYS = ("license", "library_name", "pipeline_tag", "tags")
 
@@ -107,6 +110,15 @@ def weight_summary(folder: str | os.PathLike) -> dict:
                 counts["other"] += numel
     counts["total"] = counts["image"] + counts["text"] + counts["other"]
     return {"params": counts, "dtypes": sorted(dtypes)}
+
+
+def add_remote_code(folder: str | os.PathLike) -> None:
+    """Copy the package's inference files into `folder`, where `config.json`'s `auto_map` points for
+    `trust_remote_code=True` (overwriting older copies, so an upload always carries the current code)."""
+    import shutil
+
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(Path(__file__).parent / name, Path(folder) / name)
 
 
 def upload_files(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -345,7 +357,7 @@ def package_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     for name in upload_files(run_dir)[0]:
-        if name != "README.md":
+        if name != "README.md" and name not in REMOTE_CODE_FILES:  # push_folder adds the current code
             shutil.copyfile(run_dir / name, out_dir / name)
     if dtype == "float16":
         from safetensors.torch import load_file, save_file
@@ -461,6 +473,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     `HfApi` client (tests pass a fake). Returns the validation report, plus `repo_url` / `commit_url` after an upload.
     """
     folder = Path(folder)
+    add_remote_code(folder)
     report = validate_folder(folder)
     verb = "would upload" if dry_run else "uploading"
     print(f"{folder}: valid. {verb} {len(report['files'])} files ({human_size(report['total_bytes'])}) "
@@ -491,4 +504,4 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     return report
 
 
-__all__ = ["model_card_data", "package_checkpoint", "push_folder", "upload_files", "validate_folder", "weight_summary", "write_model_card"]
+__all__ = ["add_remote_code", "model_card_data", "package_checkpoint", "push_folder", "upload_files", "validate_folder", "weight_summary", "write_model_card"]
