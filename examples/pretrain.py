@@ -454,11 +454,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _write_card(output_dir: Path, args) -> None:
-    """Model card from the run's config and eval results (see lightclip.hub), when that module is available."""
-    try:
-        from lightclip.hub import write_model_card
-    except ImportError:
-        return
+    """Model card (README.md) from the run's config and eval results (`lightclip.hub`)."""
+    from lightclip.hub import write_model_card
+
     write_model_card(output_dir, command="accelerate launch examples/pretrain.py " + " ".join(sys.argv[1:]))
 
 
