@@ -131,7 +131,7 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
     def _image_source_widths(self) -> list[int]:
         if self.config.fusion_image_source == "last":
             return [self.config.vision_config.hidden_size]
-        return [w for w in self._vision_stage_widths()]
+        return self._vision_stage_widths()
 
     def _vision_stage_indices(self, num_states: int) -> list[int]:
         """Evenly spaced image-tower stages, one per fusion stage, the last stage included."""
