@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 import lightclip
 from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcessor
 from lightclip.data import ImageTextCollator, SkipCounter, add_data_args, load_datasets_from_args
-from lightclip.losses import mask_tokens
 from lightclip.pretraining import merge_features
 from lightclip.training import (
     JsonlLog, cosine_with_warmup, param_groups, plot_log, resolve_checkpoint, save_checkpoint, truncate_log,
@@ -227,16 +226,12 @@ def align_across_processes(batch: dict, accelerator) -> dict:
     return batch
 
 
-def mlm_inputs(batch: dict, config, seed: int, step: int, micro: int) -> dict:
+def mlm_inputs(batch: dict, model: LightClipForPreTraining, seed: int, step: int, micro: int) -> dict:
     """BERT masking with a generator seeded by (seed, step, micro-batch, process): reproducible across resumes."""
-    if "mlm" not in config.objectives:
+    if "mlm" not in model.config.objectives:
         return {}
-    text = config.text_config
     generator = torch.Generator(device="cpu").manual_seed(hash((seed, step, micro, int(os.environ.get("RANK", 0)))) % 2**63)
-    specials = [t for t in (text.pad_token_id, text.bos_token_id, text.eos_token_id, text.mask_token_id) if t is not None]
-    ids, labels = mask_tokens(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), mask_token_id=text.mask_token_id,
-                              vocab_size=text.vocab_size, special_token_ids=specials,
-                              probability=config.mlm_probability, generator=generator)
+    ids, labels = model.mask_text(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), generator=generator)
     return {"mlm_input_ids": ids.to(batch["input_ids"].device), "mlm_labels": labels.to(batch["input_ids"].device)}
 
 
@@ -388,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
             unwrapped.set_progress(step / total_steps)
             extras = []
             for micro, b in enumerate(pending):
-                extra = mlm_inputs(b, config, args.seed, step, micro)
+                extra = mlm_inputs(b, unwrapped, args.seed, step, micro)
                 raw = (b.pop("images"), b.pop("texts")) if args.active_teacher else ()
                 if bank is not None:
                     extra["neighbor_targets"] = bank.lookup(b.pop("index"), *raw, xnn_mode=config.xnn_mode,

@@ -98,6 +98,11 @@ class LightClipTextConfig(PreTrainedConfig):
             )
         super().__post_init__(**kwargs)
 
+    @property
+    def special_token_ids(self) -> list[int]:
+        """Ids that are never words (padding, start, end, mask): excluded from word tokens and from MLM masking."""
+        return [t for t in (self.pad_token_id, self.bos_token_id, self.eos_token_id, self.mask_token_id) if t is not None]
+
 
 VISION_BACKBONES = ("vit", "mobilenetv2", "efficientnet")
 

@@ -164,6 +164,14 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
         elif isinstance(module, LightClipFusion):
             init.zeros_(module.head_bias)
 
+    def mask_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT masking of the text for the MLM objective: (masked ids, labels with -100 where not masked)."""
+        text_cfg = self.config.text_config
+        return mask_tokens(input_ids, attention_mask, mask_token_id=text_cfg.mask_token_id,
+                           vocab_size=text_cfg.vocab_size, special_token_ids=text_cfg.special_token_ids,
+                           probability=self.config.mlm_probability, generator=generator)
+
     def set_progress(self, progress: float) -> None:
         """Training progress in [0, 1] (step / total steps); drives the softened-label schedule."""
         if isinstance(self.contrastive, SoftClipLoss):
@@ -218,10 +226,8 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
             "logit_scale": model.logit_scale_exp(),
         }
         if "token" in terms:
-            text_cfg = config.text_config
-            specials = [t for t in (text_cfg.pad_token_id, text_cfg.bos_token_id, text_cfg.eos_token_id) if t is not None]
-            features["word_mask"] = attention_mask.bool() & ~torch.isin(
-                input_ids, torch.tensor(specials, device=input_ids.device))
+            specials = torch.tensor(config.text_config.special_token_ids, device=input_ids.device)
+            features["word_mask"] = attention_mask.bool() & ~torch.isin(input_ids, specials)
             features["patch_tokens"] = F.normalize(self.image_token_proj(vision_out.patch_tokens), dim=-1)
             features["word_tokens"] = F.normalize(self.text_token_proj(text_out.last_hidden_state), dim=-1)
             features["token_logit_scale"] = self._scale("token")
@@ -258,14 +264,8 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
         )
 
     def _mlm(self, input_ids, attention_mask, mlm_input_ids, mlm_labels, vision_out) -> dict[str, torch.Tensor]:
-        text_cfg = self.config.text_config
         if mlm_input_ids is None:
-            specials = [t for t in (text_cfg.pad_token_id, text_cfg.bos_token_id, text_cfg.eos_token_id,
-                                    text_cfg.mask_token_id) if t is not None]
-            mlm_input_ids, mlm_labels = mask_tokens(
-                input_ids, attention_mask, mask_token_id=text_cfg.mask_token_id, vocab_size=text_cfg.vocab_size,
-                special_token_ids=specials, probability=self.config.mlm_probability,
-            )
+            mlm_input_ids, mlm_labels = self.mask_text(input_ids, attention_mask)
         else:
             mlm_input_ids, _ = self.lightclip.text_model.truncate(mlm_input_ids, None)
             mlm_labels = mlm_labels[:, : mlm_input_ids.shape[1]]
