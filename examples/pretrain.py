@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Pre-train a lightweight CLIP with any mix of the LightCLIP and CLIP-PING objectives, then evaluate it.
 
-    accelerate launch examples/pretrain.py                       # xxs preset, built-in shapes data, `lightclip` terms
+    accelerate launch examples/pretrain.py                       # xxs-cnn preset, built-in shapes data, `lightclip` terms
     accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py --objectives all --neighbors runs/bank
 
-Run with no arguments it trains `lightclip-xxs` on the built-in shapes dataset with every objective that needs no
-external teacher (`lightclip`: softened labels, token matching, MLM), evaluates, and saves a `LightClipModel`
-checkpoint with its processor to `--output_dir`. See `docs/training.md`.
+Run with no arguments it trains `lightclip-xxs-cnn` (a 32 px native CNN image tower) on the built-in shapes dataset
+with every objective that needs no external teacher (`lightclip`: softened labels, token matching, MLM), evaluates,
+and saves a `LightClipModel` checkpoint with its processor to `--output_dir`. See `docs/training.md`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config_file", default=None,
                         help="YAML or JSON file of any of these options (command line wins); copied into the output.")
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="lightclip-xxs", help="A preset name, or a config / checkpoint folder.")
+    group.add_argument("--model", default="lightclip-xxs-cnn", help="A preset name, or a config / checkpoint folder.")
     group.add_argument("--tokenizer", default=None, help="A tokenizer folder or hub id (default: the package's).")
     group.add_argument("--image_size", type=int, default=None, help="Override the image tower's input size.")
     group.add_argument("--objectives", default="lightclip",
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "the bank for their neighbours (one teacher forward + a bank search per step).")
     add_data_args(parser)
     group = parser.add_argument_group("training")
-    group.add_argument("--output_dir", default="runs/lightclip-xxs-shapes")
+    group.add_argument("--output_dir", default="runs/lightclip-xxs-cnn-shapes")
     group.add_argument("--overwrite_output_dir", action="store_true")
     group.add_argument("--per_device_train_batch_size", type=int, default=64)
     group.add_argument("--per_device_eval_batch_size", type=int, default=128)

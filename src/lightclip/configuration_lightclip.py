@@ -104,16 +104,20 @@ class LightClipTextConfig(PreTrainedConfig):
         return [t for t in (self.pad_token_id, self.bos_token_id, self.eos_token_id, self.mask_token_id) if t is not None]
 
 
-VISION_BACKBONES = ("vit", "mobilenetv2", "efficientnet")
+VISION_BACKBONES = ("vit", "convnet", "mobilenetv2", "efficientnet")
+# `backbone="convnet"`: stage widths of the native small CNN (each stage: 3x3 conv, then a stride-2 3x3 conv)
+CONVNET_DEFAULT_WIDTHS = (32, 64, 128)
 
 
 class LightClipVisionConfig(PreTrainedConfig):
     r"""Configuration of the lightclip image tower.
 
-    `backbone` picks the tower: `"vit"` is the native ViT of this package; `"mobilenetv2"` and `"efficientnet"` are
-    transformers' own CNNs (no torchvision), configured through `backbone_kwargs`. Every tower returns a pooled
-    embedding and a sequence of patch (ViT) or feature-map (CNN) tokens. For the CNNs, `hidden_size` is derived from
-    the backbone and any value given is overwritten.
+    `backbone` picks the tower: `"vit"` is the native ViT of this package; `"convnet"` is its native small CNN
+    (`backbone_kwargs={"widths": [32, 64, 128]}`: one stage per width, each a 3x3 conv and a stride-2 3x3 conv, with
+    BatchNorm and ReLU), the tower that learns shape from a few thousand small pictures; `"mobilenetv2"` and
+    `"efficientnet"` are transformers' own CNNs (no torchvision), configured through `backbone_kwargs`. Every tower
+    returns a pooled embedding and a sequence of patch (ViT) or feature-map (CNN) tokens. For the CNNs,
+    `hidden_size` is derived from the backbone and any value given is overwritten.
     """
 
     model_type = "lightclip_vision_model"
@@ -142,9 +146,21 @@ class LightClipVisionConfig(PreTrainedConfig):
                 raise ValueError("hidden_size must be a multiple of num_attention_heads")
             if self.image_size % self.patch_size != 0:
                 raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        elif self.backbone == "convnet":
+            self.hidden_size = self.convnet_widths()[-1]
         else:
             self.hidden_size = self.backbone_config().hidden_size
         super().__post_init__(**kwargs)
+
+    def convnet_widths(self) -> list[int]:
+        """Stage widths of the `"convnet"` tower."""
+        kwargs = dict(self.backbone_kwargs or {})
+        widths = [int(w) for w in kwargs.pop("widths", CONVNET_DEFAULT_WIDTHS)]
+        if kwargs:
+            raise ValueError(f"backbone 'convnet' takes backbone_kwargs 'widths' only, got {sorted(kwargs)}")
+        if not widths or min(widths) < 1:
+            raise ValueError(f"convnet widths must be positive, got {widths}")
+        return widths
 
     def backbone_config(self):
         """The transformers config of a CNN backbone, built from `image_size`, `num_channels` and `backbone_kwargs`."""

@@ -347,8 +347,35 @@ class LightClipVisionTransformer(nn.Module):
         )
 
 
+class LightClipConvNet(nn.Module):
+    """The native small CNN (`backbone="convnet"`): per stage a 3x3 conv and a stride-2 3x3 conv, each followed by
+    BatchNorm and ReLU. Returns the last feature map and, on request, every stage's output, like transformers' CNNs.
+    """
+
+    def __init__(self, config: LightClipVisionConfig):
+        super().__init__()
+        stages, width = [], config.num_channels
+        for out in config.convnet_widths():
+            stages.append(nn.Sequential(*self._conv(width, out, stride=1), *self._conv(out, out, stride=2)))
+            width = out
+        self.stages = nn.ModuleList(stages)
+
+    @staticmethod
+    def _conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        states, hidden = (pixel_values,) if output_hidden_states else None, pixel_values
+        for stage in self.stages:
+            hidden = stage(hidden)
+            if output_hidden_states:
+                states += (hidden,)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, hidden_states=states)
+
+
 class LightClipConvVisionTower(nn.Module):
-    """A transformers CNN (MobileNetV2 or EfficientNet, no torchvision) as image tower.
+    """A CNN as image tower: the native `LightClipConvNet`, or a transformers CNN (MobileNetV2 or EfficientNet,
+    no torchvision).
 
     The last feature map, flattened, gives the tokens; their mean is the pooled output.
     """
@@ -356,15 +383,16 @@ class LightClipConvVisionTower(nn.Module):
     def __init__(self, config: LightClipVisionConfig):
         super().__init__()
         self.config = config
-        backbone_config = config.backbone_config()
-        if config.backbone == "mobilenetv2":
+        if config.backbone == "convnet":
+            self.backbone = LightClipConvNet(config)
+        elif config.backbone == "mobilenetv2":
             from transformers import MobileNetV2Model
 
-            self.backbone = MobileNetV2Model(backbone_config, add_pooling_layer=False)
+            self.backbone = MobileNetV2Model(config.backbone_config(), add_pooling_layer=False)
         else:
             from transformers import EfficientNetModel
 
-            self.backbone = EfficientNetModel(backbone_config)
+            self.backbone = EfficientNetModel(config.backbone_config())
             self.backbone.pooler = None  # we pool ourselves; keeps the checkpoint free of an unused layer
 
     def forward_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False
@@ -373,6 +401,8 @@ class LightClipConvVisionTower(nn.Module):
         if self.config.backbone == "efficientnet":
             embeddings = self.backbone.embeddings(pixel_values)
             out = self.backbone.encoder(embeddings, output_hidden_states=output_hidden_states, return_dict=True)
+        elif self.config.backbone == "convnet":
+            out = self.backbone(pixel_values, output_hidden_states)
         else:
             out = self.backbone(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         tokens = out.last_hidden_state.flatten(2).transpose(1, 2)

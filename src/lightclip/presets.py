@@ -22,6 +22,17 @@ PRESETS: dict[str, dict] = {
         projection_dim=64,
         token_dim=64,
     ),
+    # the default of `examples/pretrain.py`: the xxs text tower with a 0.29 M-parameter native CNN at 32 px, the
+    # tower that learns shape on lightclip-shapes within the default budget (docs/training.md)
+    "lightclip-xxs-cnn": dict(
+        vision_config=dict(backbone="convnet", image_size=32, backbone_kwargs=dict(widths=[32, 64, 128])),
+        text_config=dict(
+            vocab_size=4096, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=64,
+        ),
+        projection_dim=64,
+        token_dim=64,
+    ),
     # ViT-XS: width 256, 6 layers, patch 16 at 224 px (about 4.8 M parameters), the CLIP-PING headline class
     "lightclip-xs": dict(
         vision_config=dict(
