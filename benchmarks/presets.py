@@ -51,11 +51,12 @@ def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--train", action="store_true", help="also time a training step")
+    p.add_argument("--presets", nargs="+", default=None, help="Only these presets (default: all).")
     args = p.parse_args()
     device = _common.setup(args, default_repeats=3, quick_repeats=1)
     from lightclip import list_presets
 
-    rows = [preset_row(name, args, device) for name in list_presets()]
+    rows = [preset_row(name, args, device) for name in args.presets or list_presets()]
     print(_common.machine(args))
     print()
     head = f"| preset | image tower | px | params (total) | image tower | text tower | CPU infer images/s (batch {args.batch_size}) |"

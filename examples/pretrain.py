@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                        help="Default: what `accelerate launch` / `accelerate config` says.")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--cpu_threads", type=int, default=None,
+                       help="Threads of a CPU run. Default: every physical core for one process (`accelerate launch` "
+                            "without `--cpu` sets OMP_NUM_THREADS=1), OMP_NUM_THREADS for several.")
     group.add_argument("--checkpointing_steps", type=int, default=None)
     group.add_argument("--checkpoints_total_limit", type=int, default=2)
     group.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or `latest`.")
@@ -203,6 +206,19 @@ def load_or_build_bank(args, train_dataset, accelerator):
     return bank
 
 
+def set_cpu_threads(threads: int | None, accelerator) -> None:
+    """One CPU process uses every physical core unless told otherwise; `accelerate launch` would leave it one."""
+    if accelerator.device.type != "cpu":
+        return
+    if threads is None and accelerator.num_processes == 1:
+        import psutil
+
+        threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if threads:
+        torch.set_num_threads(threads)
+    logger.info("%d CPU threads per process", torch.get_num_threads())
+
+
 def resolve_steps(args, steps_per_epoch: int | None) -> int:
     if args.max_train_steps:
         return args.max_train_steps
@@ -289,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(args.seed)
+    set_cpu_threads(args.cpu_threads, accelerator)
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         if output_dir.exists() and args.overwrite_output_dir and not args.resume_from_checkpoint:

@@ -106,6 +106,18 @@ def test_clip_ping_builds_a_bank_and_trains_with_active_teachers(tmp_path):
     assert len(steps) == 2 and all(r["nn_loss"] > 0 and r["xnn_loss"] > 0 for r in steps)
 
 
+def test_one_cpu_process_uses_every_core_although_launchers_set_one_thread(tmp_path):
+    """`accelerate launch` without `--cpu` exports OMP_NUM_THREADS=1; a single CPU run must still use every core."""
+    import psutil
+
+    proc = run_script(["--output_dir", str(tmp_path / "a"), "--max_train_steps", "1", "--objectives", "clip",
+                       "--eval_steps", "0"])
+    assert f"{psutil.cpu_count(logical=False)} CPU threads per process" in proc.stdout + proc.stderr
+    proc = run_script(["--output_dir", str(tmp_path / "b"), "--max_train_steps", "1", "--objectives", "clip",
+                       "--eval_steps", "0", "--cpu_threads", "1"])
+    assert "1 CPU threads per process" in proc.stdout + proc.stderr
+
+
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = run_script(["--output_dir", str(tmp_path / "x"), "--max_train_steps", "1", "--objectives", "clip",
                        "--resume_from_checkpoint", str(tmp_path / "nope")], check=False)
