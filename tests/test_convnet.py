@@ -130,3 +130,14 @@ def test_zero_shot_pipeline_and_onnx_export(cnn_model, tmp_path):
         reference = cnn_model.encode_image(pixels)
     torch.testing.assert_close(torch.from_numpy(onnx_model.encode_image(pixels.numpy())), reference, rtol=1e-4,
                                atol=1e-5)
+
+
+def test_model_card_describes_the_native_tower(cnn_model, tmp_path):
+    from lightclip.hub import write_model_card
+
+    cnn_model.save_pretrained(tmp_path)
+    LightClipProcessor.from_preset(PRESET).save_pretrained(tmp_path)
+    write_model_card(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "native CNN, 32 px input, 3 stages of widths 32, 64, 128" in card
+    assert "(transformers)" not in card

@@ -21,6 +21,8 @@ import logging
 import os
 from pathlib import Path
 
+from .configuration_lightclip import CONVNET_DEFAULT_WIDTHS
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "lightclip_model_card.md"
@@ -277,6 +279,10 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
     if vision.get("backbone", "vit") == "vit":
         tower = (f"ViT, {vision['image_size']} px input, patch {vision['patch_size']}, width {vision['hidden_size']}, "
                  f"{vision['num_hidden_layers']} layers, {vision['num_attention_heads']} heads")
+    elif vision["backbone"] == "convnet":
+        widths = (vision.get("backbone_kwargs") or {}).get("widths", CONVNET_DEFAULT_WIDTHS)
+        tower = (f"native CNN, {vision['image_size']} px input, {len(widths)} stages of widths "
+                 f"{', '.join(map(str, widths))}")
     else:
         tower = f"{vision['backbone']} (transformers), {vision['image_size']} px input"
     details = [
