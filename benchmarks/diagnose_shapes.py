@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Why does (or doesn't) a tower learn shape on lightclip-shapes? Four diagnostics, one script, one budget.
 
-    python benchmarks/diagnose_shapes.py                         # everything, 600 steps at batch 64 (about 8 min)
+    python benchmarks/diagnose_shapes.py                         # everything, 600 steps at batch 64 (about 7 min)
     python benchmarks/diagnose_shapes.py --only supervised --steps 300
 
 1. `supervised`: each image tower trained with cross-entropy on the shape label (can it learn shape at all from

@@ -229,3 +229,14 @@ def test_cnn_config_round_trip_keeps_backbone(tmp_path):
     vision = LightClipConfig.from_pretrained(tmp_path).vision_config
     assert (vision.backbone, vision.image_size, vision.backbone_kwargs, vision.hidden_size) == (
         "mobilenetv2", 64, {"depth_multiplier": 1.0}, 1280)
+
+
+def test_objectives_resolve_when_set_after_construction(tmp_path):
+    """`from_pretrained(folder, objectives=...)` sets the attribute after `__post_init__`; it must still resolve."""
+    make_config().save_pretrained(tmp_path)
+    loaded = LightClipConfig.from_pretrained(tmp_path, objectives="lightclip")
+    assert loaded.objectives == ["soft", "token", "mlm"]
+    loaded.objectives = "clip-ping"
+    assert loaded.objectives == ["clip", "nn", "xnn"]
+    with pytest.raises(ValueError, match="unknown objective"):
+        loaded.objectives = "lightclipp"

@@ -56,6 +56,20 @@ def test_all_local_objectives_train_save_and_load_in_pipeline(tmp_path):
     assert abs(sum(s["score"] for s in scores) - 1) < 1e-5
 
 
+def test_objectives_apply_to_a_config_folder_model(tmp_path):
+    """`--model <config folder> --objectives lightclip` trains every requested term (it once trained plain CLIP)."""
+    from lightclip import LightClipConfig
+
+    folder = tmp_path / "config"
+    LightClipConfig.from_preset("lightclip-xxs-cnn").save_pretrained(folder)
+    out = tmp_path / "run"
+    run_script(["--model", str(folder), "--output_dir", str(out), "--max_train_steps", "1", "--objectives",
+                "lightclip", "--eval_steps", "0"])
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {"contrastive_loss", "token_loss", "mlm_loss", "soft_alpha"} <= set(records[0])
+    assert json.loads((out / "config.json").read_text())["objectives"] == ["soft", "token", "mlm"]
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     """A run stopped after its first checkpoint and resumed with `latest` ends where an uninterrupted run ends."""
     common = ["--objectives", "lightclip", "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "3"]

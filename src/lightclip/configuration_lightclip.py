@@ -304,6 +304,13 @@ class LightClipConfig(PreTrainedConfig):
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         super().__post_init__(**kwargs)
 
+    def __setattr__(self, key, value):
+        # `from_pretrained(..., objectives="lightclip")` and `config.objectives = ...` set the attribute after
+        # `__post_init__`: resolve groups and validate names there too, or a string would be stored as it is
+        if key == "objectives" and value is not None:
+            value = resolve_objectives(value)
+        super().__setattr__(key, value)
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LightClipConfig":
         """Build a named preset (see `lightclip.list_presets()`); `overrides` replace top-level fields, and
