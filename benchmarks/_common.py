@@ -80,7 +80,7 @@ def machine(args: argparse.Namespace) -> str:
         f"- 1-min load average: {getattr(args, 'load_at_start', float('nan')):.1f} at start, {os.getloadavg()[0]:.1f} at end"
         " (above the thread count means other processes shared the cores)",
         f"- rounds: warmup {args.warmup}, median of {args.repeats} (variants interleaved)",
-        "- command: `" + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]) + "`",
+        "- command: `" + " ".join(shlex.quote(a) for a in ["python", *sys.argv]) + "`",
     ]
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Evaluation of lightclip dual encoders: zero-shot classification, image-text retrieval and linear probes.
 
-The protocol follows METHOD §6 and the metric names of CLIP_benchmark:
+The protocol (docs/evaluation.md) uses the metric names of CLIP_benchmark:
 
 - **Zero-shot classification.** Each class is represented by the mean of the L2-normalised text embeddings of its
   prompts (one per template), renormalised (prompt ensembling, as in CLIP). Top-1 and top-5 accuracy.
@@ -388,7 +388,7 @@ def encode_images(
 def zero_shot_classifier(
     model, processor, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256, device=None
 ) -> torch.Tensor:
-    """Zero-shot class embeddings `(C, D)` by prompt ensembling (METHOD §6).
+    """Zero-shot class embeddings `(C, D)` by prompt ensembling (docs/evaluation.md).
 
     Each template is formatted with the class name (`"a photo of a {}."`, or `"{c}"` placeholders), the prompts are
     encoded and L2-normalised, averaged per class, and the mean is renormalised.

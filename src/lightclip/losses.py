@@ -145,7 +145,7 @@ def _soft_ce(logits: Tensor, labels: Tensor, alpha: float, mode: str, temperatur
 
 
 class SoftClipLoss(ClipLoss):
-    """CLIP loss with progressively softened negative labels (LightCLIP, instance level; METHOD 2.2).
+    """CLIP loss with progressively softened negative labels (LightCLIP, instance level; docs/method.md).
 
     Image-text pairs are not strictly one-to-one, so part of each target row moves from the positive to the
     negatives: q_i = (1 - alpha) onehot(i) + alpha r_i. `mode="similarity"` (our reading of the paper) weights the
@@ -511,7 +511,7 @@ def hungarian_pair_scores(
 
 
 class TokenMatchingLoss(nn.Module):
-    """Patch-word relaxed bipartite matching (LightCLIP, token level; METHOD 2.3).
+    """Patch-word relaxed bipartite matching (LightCLIP, token level; docs/method.md).
 
     The pair score S_tok(i, j) = sum Pi A / sum Pi aligns the patches of image i with the valid words of text j under a
     matching Pi: entropic OT (`"sinkhorn"`, our reading, default), Hungarian matching with patch capacity
@@ -640,7 +640,8 @@ class MaskedLanguageModelingLoss(nn.Module):
 
 
 class NeighborContrastiveLoss(nn.Module):
-    """In-batch InfoNCE of mapped student embeddings against frozen neighbour targets (CLIP-PING NN / XNN; METHOD 3.3).
+    """In-batch InfoNCE of mapped student embeddings against frozen neighbour targets (CLIP-PING NN / XNN; see
+    docs/method.md).
 
     NCE(a, b) is one-directional: rows are the local queries, columns the gathered targets of the global batch, the
     label is the query's own target. Targets are constants (feature banks or frozen teachers): they are detached and

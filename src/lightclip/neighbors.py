@@ -1,4 +1,4 @@
-"""Feature banks and nearest-neighbour mining for CLIP-PING (METHOD.md §3.2, §3.4).
+"""Feature banks and nearest-neighbour mining for CLIP-PING (docs/method.md, "Banks and neighbours" and "A-CLIP-PING").
 
 A bank is one folder, written once by `build_feature_bank` and read by every process of every run:
 
@@ -628,7 +628,7 @@ def build_feature_bank(
 
 
 class ActiveTeacherNeighbors:
-    """A-CLIP-PING (METHOD.md §3.4, our reading): the teachers run online on the batch's own (augmented) inputs;
+    """A-CLIP-PING (docs/method.md, our reading): the teachers run online on the batch's own (augmented) inputs;
     each query's nearest neighbour is searched in the frozen bank, in the teacher's space, excluding the sample's
     own bank row and rows identical to it. Targets are then read from the bank exactly as `FeatureBank.lookup`.
 

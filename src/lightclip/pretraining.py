@@ -110,7 +110,7 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
                     f"the {name} objective needs config.teacher_image_dim and config.teacher_text_dim: the widths of "
                     "the feature bank's teachers (FeatureBank.image_dim / .text_dim)"
                 )
-            # NN heads map into the own modality's teacher space; XNN heads into the other one (METHOD 3.3)
+            # NN heads map into the own modality's teacher space; XNN heads into the other one (docs/method.md)
             image_dim = config.teacher_image_dim if name == "nn" else config.teacher_text_dim
             text_dim = config.teacher_text_dim if name == "nn" else config.teacher_image_dim
             if config.neighbor_direction == "student_to_teacher":
