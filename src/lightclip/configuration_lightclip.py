@@ -114,7 +114,7 @@ class LightClipVisionConfig(PreTrainedConfig):
 
     `backbone` picks the tower: `"vit"` is the native ViT of this package; `"convnet"` is its native small CNN
     (`backbone_kwargs={"widths": [32, 64, 128]}`: one stage per width, each a 3x3 conv and a stride-2 3x3 conv, with
-    BatchNorm and ReLU), the tower that learns shape from a few thousand small pictures; `"mobilenetv2"` and
+    BatchNorm and ReLU), whose locality bias suits small pictures and small datasets; `"mobilenetv2"` and
     `"efficientnet"` are transformers' own CNNs (no torchvision), configured through `backbone_kwargs`. Every tower
     returns a pooled embedding and a sequence of patch (ViT) or feature-map (CNN) tokens. For the CNNs,
     `hidden_size` is derived from the backbone and any value given is overwritten.
