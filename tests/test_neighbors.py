@@ -251,6 +251,19 @@ def test_lookup_x2_and_x1(hand_bank):
         hand_bank.lookup(idx, top_k=4)
 
 
+def test_lookup_of_a_row_without_neighbour_is_a_clear_error():
+    """A row whose every other sample was excluded as a duplicate stores -1, which once read the bank's last row."""
+    image, text = torch.eye(3, dtype=torch.float16), torch.eye(3, dtype=torch.float16)
+    image_nn = torch.tensor([[1], [0], [-1]], dtype=torch.int32)
+    text_nn = torch.tensor([[1], [0], [0]], dtype=torch.int32)
+    bank = FeatureBank(image, text, image_nn, text_nn)
+    assert torch.equal(bank.lookup(torch.tensor([0, 1]))["image_nn_index"], torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match=r"image bank has no neighbour for dataset row\(s\) \[2\]"):
+        bank.lookup(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="text bank has no neighbour"):
+        bank.lookup(torch.tensor([0]), neighbors=(torch.tensor([1]), torch.tensor([-1])))
+
+
 def test_lookup_top_k_sampling(hand_bank):
     idx = torch.arange(6).repeat(50)
     a = hand_bank.lookup(idx, top_k=2, generator=torch.Generator().manual_seed(7))

@@ -471,6 +471,14 @@ class FeatureBank:
             n_t = self._pick(self.text_nn, indices, top_k, generator)
         else:
             n_i, n_t = (n.long().cpu() for n in neighbors)
+        for name, found in (("image", n_i), ("text", n_t)):
+            missing = indices[found < 0]
+            if len(missing):  # -1 would silently read the bank's last row
+                raise ValueError(
+                    f"the {name} bank has no neighbour for dataset row(s) {missing[:5].tolist()}"
+                    f"{' ...' if len(missing) > 5 else ''}: every other sample is excluded as its duplicate. Rebuild "
+                    "the bank from data with distinct samples, or drop the nn/xnn objectives."
+                )
         z_i = lambda n: _gather_rows(self.image_features, n).float()  # noqa: E731  (float32 already on CPU)
         z_t = lambda n: _gather_rows(self.text_features, n).float()  # noqa: E731
         out = {
