@@ -152,7 +152,7 @@ def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining,
         text_overrides = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                               bos_token_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
                               eos_token_id=tokenizer.eos_token_id or tokenizer.sep_token_id,
-                              mask_token_id=tokenizer.mask_token_id)
+                              mask_token_id=tokenizer.mask_token_id, unk_token_id=tokenizer.unk_token_id)
     vision_overrides = {"image_size": args.image_size} if args.image_size else {}
     if args.model in lightclip.list_presets():
         config = LightClipConfig.from_preset(args.model, text_config=text_overrides, vision_config=vision_overrides,

@@ -140,6 +140,19 @@ def test_mlm_masks_by_itself(text_batch):
     assert out.losses["mlm_loss"].item() == pytest.approx(math.log(4096), rel=0.3)  # near chance at init
 
 
+def test_mlm_never_targets_or_draws_the_unknown_token(tokenizer):
+    """[UNK] is a special id: never an MLM target, never a random replacement (it once was both)."""
+    model = build(objectives="mlm", mlm_probability=1.0)
+    unk = tokenizer.unk_token_id
+    ids = tokenizer(["a \u2603 red \u2603 circle \u2603"] * 64, return_tensors="pt")
+    assert (ids["input_ids"] == unk).sum() == 3 * 64
+    masked, labels = model.mask_text(ids["input_ids"], ids["attention_mask"], generator=torch.Generator().manual_seed(0))
+    assert not (labels == unk).any()
+    assert (labels != -100).any()
+    replaced = (masked != ids["input_ids"]) & (masked != model.config.text_config.mask_token_id)
+    assert replaced.any() and not (masked[replaced] == unk).any()
+
+
 def manual_contrastive(logits_per_image: torch.Tensor, alpha: float) -> float:
     """Symmetric soft-label cross-entropy: target (1 - alpha) on the diagonal, alpha spread over the negatives in
     proportion to softmax of the detached logits (mode "similarity", temperature 1)."""

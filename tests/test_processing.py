@@ -52,8 +52,10 @@ def test_tokenizer_special_ids_match_text_config(preset):
     text = LightClipConfig.from_preset(preset).text_config
     tokenizer = LightClipProcessor.from_preset(preset).tokenizer
     assert tokenizer.mask_token == "[MASK]"
-    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id) == (
-        text.pad_token_id, text.bos_token_id, text.eos_token_id, text.mask_token_id)
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id,
+            tokenizer.unk_token_id) == (text.pad_token_id, text.bos_token_id, text.eos_token_id, text.mask_token_id,
+                                        text.unk_token_id)
+    assert sorted(text.special_token_ids) == sorted(tokenizer.all_special_ids)
     assert tokenizer.convert_tokens_to_ids(["[PAD]", "[CLS]", "[SEP]", "[MASK]"]) == [0, 2, 3, 4]
     assert len(tokenizer) == text.vocab_size
     assert tokenizer.model_max_length == text.max_position_embeddings

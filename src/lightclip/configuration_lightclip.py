@@ -88,6 +88,7 @@ class LightClipTextConfig(PreTrainedConfig):
     bos_token_id: int | None = 2
     eos_token_id: int | None = 3
     mask_token_id: int | None = 4
+    unk_token_id: int | None = 1
 
     def __post_init__(self, **kwargs):
         _reject_unknown_kwargs(self, kwargs)
@@ -100,8 +101,10 @@ class LightClipTextConfig(PreTrainedConfig):
 
     @property
     def special_token_ids(self) -> list[int]:
-        """Ids that are never words (padding, start, end, mask): excluded from word tokens and from MLM masking."""
-        return [t for t in (self.pad_token_id, self.bos_token_id, self.eos_token_id, self.mask_token_id) if t is not None]
+        """Ids that are never words (padding, start, end, mask, unknown): excluded from word tokens and from MLM masking
+        (never a target, never drawn as a random replacement), as transformers' MLM collator excludes every special id."""
+        return [t for t in (self.pad_token_id, self.bos_token_id, self.eos_token_id, self.mask_token_id,
+                            self.unk_token_id) if t is not None]
 
 
 VISION_BACKBONES = ("vit", "convnet", "mobilenetv2", "efficientnet")
