@@ -25,6 +25,7 @@ same batches in the same order. The results are discussed in `docs/training.md` 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -62,13 +63,12 @@ class ShapesTensors:
 
     def with_captions(self, captions: list[list[str]], processor: LightClipProcessor) -> "ShapesTensors":
         """A copy whose captions are replaced (the same number per image)."""
-        copy = object.__new__(ShapesTensors)
-        copy.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         tokens = processor(text=[c for caps in captions for c in caps], padding=True, return_tensors="pt")
-        copy.num_captions = len(captions[0])
-        copy.input_ids = tokens["input_ids"].view(len(captions), copy.num_captions, -1)
-        copy.attention_mask = tokens["attention_mask"].view(len(captions), copy.num_captions, -1)
-        return copy
+        other.num_captions = len(captions[0])
+        other.input_ids = tokens["input_ids"].view(len(captions), other.num_captions, -1)
+        other.attention_mask = tokens["attention_mask"].view(len(captions), other.num_captions, -1)
+        return other
 
     def batches(self, steps: int, batch_size: int, seed: int):
         """The same (indices, caption choice) sequence for every model: shuffled epochs, one random caption each."""
