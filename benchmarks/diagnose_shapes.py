@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Why does (or doesn't) a tower learn shape on lightclip-shapes? Four diagnostics, one script, one budget.
+"""Why does (or doesn't) a tower learn shape on lightclip-shapes? Five diagnostics, one script, one budget.
 
     python benchmarks/diagnose_shapes.py                         # everything, 600 steps at batch 64 (about 7 min)
     python benchmarks/diagnose_shapes.py --only supervised --steps 300
@@ -19,7 +19,7 @@
 
 All runs see identical data: the shapes train split decoded once at the tower's input size (bicubic, as the
 evaluation transform; no augmentation), one of its three captions drawn per sample from a seeded generator, and the
-same batches in the same order. The results are discussed in `docs/training.md` ("Why the default tower is a CNN").
+same batches in the same order. The results are discussed in `docs/training.md` ("What the default run learns").
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import json
 import math
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -219,7 +218,7 @@ def _processor_at(processor: LightClipProcessor, size: int) -> LightClipProcesso
 # --------------------------------------------------------------------------------------------------- 3 and 4
 
 
-def probe(models: dict[str, nn.Module], data: dict[int, tuple], processor) -> dict:
+def probe(models: dict[str, nn.Module], data: dict[int, tuple]) -> dict:
     """Linear probes (shape, colour) on the frozen, L2-normalised image embeddings of each contrastive model."""
     results = {}
     for name, model in models.items():
@@ -277,7 +276,7 @@ def caption_ablation(args, config: LightClipConfig, data: dict[int, tuple], proc
         model = LightClipModel(config)
         trained = contrastive(args, {f"captions: {name}": model}, {size: (train.with_captions(captions, processor), test)},
                               processor)
-        probed = probe({f"captions: {name}": model}, data, processor)
+        probed = probe({f"captions: {name}": model}, data)
         results[name] = {**trained[f"captions: {name}"], **probed[f"captions: {name}"]}
     return results
 
@@ -320,7 +319,7 @@ def main() -> dict:
                   f"lightclip {CNN_PRESET}": LightClipModel(cnn)}
         results["contrastive"] = contrastive(args, models, data, processor)
         if "probe" in args.only:
-            results["probe"] = probe(models, data, processor)
+            results["probe"] = probe(models, data)
         if "text" in args.only:
             results["text"] = text_side(models, data, processor)
     if "captions" in args.only:

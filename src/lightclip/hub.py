@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from .configuration_lightclip import CONVNET_DEFAULT_WIDTHS
+from .configuration_lightclip import LightClipVisionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
         tower = (f"ViT, {vision['image_size']} px input, patch {vision['patch_size']}, width {vision['hidden_size']}, "
                  f"{vision['num_hidden_layers']} layers, {vision['num_attention_heads']} heads")
     elif vision["backbone"] == "convnet":
-        widths = (vision.get("backbone_kwargs") or {}).get("widths", CONVNET_DEFAULT_WIDTHS)
+        widths = LightClipVisionConfig(**vision).convnet_widths()
         tower = (f"native CNN, {vision['image_size']} px input, {len(widths)} stages of widths "
                  f"{', '.join(map(str, widths))}")
     else:
