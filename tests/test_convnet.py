@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_pixels, random_rgb
+from conftest import assert_exact_save_load, assert_zero_shot_pipeline_and_onnx, random_pixels, random_rgb
 from PIL import Image
 
 import lightclip
@@ -97,39 +97,13 @@ def test_widths_configure_the_tower_and_bad_kwargs_fail():
 
 
 def test_save_load_round_trip_keeps_batchnorm_statistics(cnn_model, tmp_path):
-    cnn_model.save_pretrained(tmp_path)
-    loaded, info = LightClipModel.from_pretrained(tmp_path, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    pixels = random_pixels(2, seed=5)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.eval().encode_image(pixels), cnn_model.encode_image(pixels), rtol=0, atol=0)
+    assert_exact_save_load(cnn_model, tmp_path, random_pixels(2, seed=5))
 
 
 def test_zero_shot_pipeline_and_onnx_export(cnn_model, tmp_path):
-    from transformers import pipeline
-
-    from lightclip.export import OnnxClip, export_onnx
-
-    processor = LightClipProcessor.from_preset(PRESET)
-    cnn_model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
     image = Image.fromarray(random_rgb(40, 52, seed=2))
-    labels = ["a red circle", "a blue square"]
-    result = pipeline("zero-shot-image-classification", model=str(tmp_path / "model"))(image, candidate_labels=labels)
-    batch = processor(text=[f"This is a photo of {label}." for label in labels], images=image, padding=True,
-                      return_tensors="pt")
-    with torch.no_grad():
-        expected = cnn_model(**batch).logits_per_image[0].softmax(-1)
-    scores = {r["label"]: r["score"] for r in result}
-    torch.testing.assert_close(torch.tensor([scores[label] for label in labels]), expected, rtol=1e-4, atol=1e-5)
-
-    export_onnx(tmp_path / "model", tmp_path / "onnx")
-    onnx_model = OnnxClip(tmp_path / "onnx")
-    pixels = random_pixels(3, seed=7)
-    with torch.no_grad():
-        reference = cnn_model.encode_image(pixels)
-    torch.testing.assert_close(torch.from_numpy(onnx_model.encode_image(pixels.numpy())), reference, rtol=1e-4,
-                               atol=1e-5)
+    assert_zero_shot_pipeline_and_onnx(cnn_model, LightClipProcessor.from_preset(PRESET), tmp_path, image,
+                                       random_pixels(3, seed=7))
 
 
 def test_model_card_describes_the_native_tower(cnn_model, tmp_path):

@@ -338,10 +338,11 @@ def test_forward_backward_batch_8_trains_every_parameter(tokenizer):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# CNN towers (transformers MobileNetV2 / EfficientNet), at 64 px
+# CNN towers (transformers MobileNetV2 / EfficientNet, the native EfficientNet-Lite), at 64 px
 
 
-@pytest.fixture(scope="module", params=["lightclip-mobilenetv2", "lightclip-efficientnet-b0"])
+@pytest.fixture(scope="module", params=["lightclip-mobilenetv2", "lightclip-efficientnet-b0",
+                                        "lightclip-efficientnet-lite0"])
 def cnn_model(request):
     torch.manual_seed(0)
     # the preset's CNN at 64 px; a small text tower, which these tests do not exercise, keeps them fast

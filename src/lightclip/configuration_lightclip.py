@@ -107,9 +107,21 @@ class LightClipTextConfig(PreTrainedConfig):
                             self.unk_token_id) if t is not None]
 
 
-VISION_BACKBONES = ("vit", "convnet", "mobilenetv2", "efficientnet")
+VISION_BACKBONES = ("vit", "convnet", "mobilenetv2", "efficientnet", "efficientnet-lite")
 # `backbone="convnet"`: stage widths of the native small CNN (each stage: 3x3 conv, then a stride-2 3x3 conv)
 CONVNET_DEFAULT_WIDTHS = (32, 64, 128)
+# `backbone="efficientnet-lite"`: the native EfficientNet-Lite. Its backbone_kwargs and their defaults (Lite0), and the
+# (width_multiplier, depth_multiplier) of the released variants (TF `efficientnet_lite_builder.py`). The stem (32) and
+# head (1280) widths are not scaled in Lite, so every variant has 1280-d features.
+EFFICIENTNET_LITE_DEFAULTS = {"width_multiplier": 1.0, "depth_multiplier": 1.0, "drop_connect_rate": 0.2}
+EFFICIENTNET_LITE_VARIANTS = {
+    "lite0": (1.0, 1.0), "lite1": (1.0, 1.1), "lite2": (1.1, 1.2), "lite3": (1.2, 1.4), "lite4": (1.4, 1.8),
+}
+EFFICIENTNET_LITE_HIDDEN_SIZE = 1280
+# Input normalisation the released EfficientNet-Lite ImageNet weights expect: (x - 127) / 128 on 0..255 pixels, i.e.
+# (x / 255 - mean) / std on the processor's 0..1 pixels. `LightClipProcessor.from_config` uses it for this backbone.
+IMAGENET_LITE_MEAN = (127 / 255,) * 3
+IMAGENET_LITE_STD = (128 / 255,) * 3
 
 
 class LightClipVisionConfig(PreTrainedConfig):
@@ -117,7 +129,10 @@ class LightClipVisionConfig(PreTrainedConfig):
 
     `backbone` picks the tower: `"vit"` is the native ViT of this package; `"convnet"` is its native small CNN
     (`backbone_kwargs={"widths": [32, 64, 128]}`: one stage per width, each a 3x3 conv and a stride-2 3x3 conv, with
-    BatchNorm and ReLU), whose locality bias suits small pictures and small datasets; `"mobilenetv2"` and
+    BatchNorm and ReLU), whose locality bias suits small pictures and small datasets; `"efficientnet-lite"` is its
+    native EfficientNet-Lite (`backbone_kwargs={"width_multiplier": 1.0, "depth_multiplier": 1.0,
+    "drop_connect_rate": 0.2}`, Lite0 by default; ImageNet weights load with
+    `lightclip.pretrained_towers.load_efficientnet_lite_imagenet`); `"mobilenetv2"` and
     `"efficientnet"` are transformers' own CNNs (no torchvision), configured through `backbone_kwargs`. Every tower
     returns a pooled embedding and a sequence of patch (ViT) or feature-map (CNN) tokens. For the CNNs,
     `hidden_size` is derived from the backbone and any value given is overwritten.
@@ -151,6 +166,9 @@ class LightClipVisionConfig(PreTrainedConfig):
                 raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         elif self.backbone == "convnet":
             self.hidden_size = self.convnet_widths()[-1]
+        elif self.backbone == "efficientnet-lite":
+            self.efficientnet_lite_kwargs()  # validates
+            self.hidden_size = EFFICIENTNET_LITE_HIDDEN_SIZE
         else:
             self.hidden_size = self.backbone_config().hidden_size
         super().__post_init__(**kwargs)
@@ -164,6 +182,29 @@ class LightClipVisionConfig(PreTrainedConfig):
         if not widths or min(widths) < 1:
             raise ValueError(f"convnet widths must be positive, got {widths}")
         return widths
+
+    def efficientnet_lite_kwargs(self) -> dict:
+        """`backbone_kwargs` of the `"efficientnet-lite"` tower with the defaults filled in: `width_multiplier`,
+        `depth_multiplier` (1.0 / 1.0 = Lite0; see `EFFICIENTNET_LITE_VARIANTS`) and `drop_connect_rate` (stochastic
+        depth of the last block in training; earlier blocks get a proportionally smaller rate)."""
+        given = dict(self.backbone_kwargs or {})
+        unknown = sorted(set(given) - set(EFFICIENTNET_LITE_DEFAULTS))
+        if unknown:
+            raise ValueError(f"backbone 'efficientnet-lite' takes backbone_kwargs "
+                             f"{sorted(EFFICIENTNET_LITE_DEFAULTS)} only, got unknown {unknown}")
+        kwargs = {key: float(given.get(key, default)) for key, default in EFFICIENTNET_LITE_DEFAULTS.items()}
+        if kwargs["width_multiplier"] <= 0 or kwargs["depth_multiplier"] <= 0:
+            raise ValueError(f"efficientnet-lite multipliers must be positive, got {kwargs}")
+        if not 0 <= kwargs["drop_connect_rate"] < 1:
+            raise ValueError(f"efficientnet-lite drop_connect_rate must be in [0, 1), got "
+                             f"{kwargs['drop_connect_rate']}")
+        return kwargs
+
+    def efficientnet_lite_variant(self) -> str | None:
+        """The released variant (`"lite0"` .. `"lite4"`) whose multipliers this config has, or None."""
+        kwargs = self.efficientnet_lite_kwargs()
+        multipliers = (kwargs["width_multiplier"], kwargs["depth_multiplier"])
+        return next((name for name, value in EFFICIENTNET_LITE_VARIANTS.items() if value == multipliers), None)
 
     def backbone_config(self):
         """The transformers config of a CNN backbone, built from `image_size`, `num_channels` and `backbone_kwargs`."""

@@ -283,6 +283,12 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
         widths = LightClipVisionConfig(**vision).convnet_widths()
         tower = (f"native CNN, {vision['image_size']} px input, {len(widths)} stages of widths "
                  f"{', '.join(map(str, widths))}")
+    elif vision["backbone"] == "efficientnet-lite":
+        lite = LightClipVisionConfig(**vision)
+        kwargs, variant = lite.efficientnet_lite_kwargs(), lite.efficientnet_lite_variant()
+        name = f"EfficientNet-{variant.capitalize()}" if variant else "EfficientNet-Lite"
+        tower = (f"native {name}, {vision['image_size']} px input, width x{kwargs['width_multiplier']:g}, depth "
+                 f"x{kwargs['depth_multiplier']:g}, 7 MBConv stages, {vision['hidden_size']}-d features")
     else:
         tower = f"{vision['backbone']} (transformers), {vision['image_size']} px input"
     details = [

@@ -6,7 +6,9 @@ copied next to it for `trust_remote_code=True` users.
 """
 
 
+import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +22,12 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_lightclip import LightClipConfig, LightClipTextConfig, LightClipVisionConfig
+from .configuration_lightclip import (
+    EFFICIENTNET_LITE_HIDDEN_SIZE,
+    LightClipConfig,
+    LightClipTextConfig,
+    LightClipVisionConfig,
+)
 
 
 @dataclass
@@ -373,9 +380,130 @@ class LightClipConvNet(nn.Module):
         return BaseModelOutputWithPooling(last_hidden_state=hidden, hidden_states=states)
 
 
+class Conv2dSame(nn.Conv2d):
+    """A bias-free `nn.Conv2d` with TensorFlow's "SAME" padding, as the released EfficientNet-Lite weights expect.
+
+    The output has `ceil(size / stride)` pixels. Total padding per side pair is
+    `max((ceil(size / stride) - 1) * stride + kernel - size, 0)`, split floor / ceil with the extra pixel on the right
+    and bottom. At stride 1 (odd kernels) that is `(kernel - 1) / 2` on each side for every input size, so torch's own
+    padding does it; at stride 2 it depends on the input size and is computed at every call (any input size works).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1):
+        static = (kernel_size - 1) // 2 if stride == 1 else 0
+        super().__init__(in_channels, out_channels, kernel_size, stride, static, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride[0] > 1:
+            pads = []
+            for size, kernel, stride in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):  # W, then H
+                total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+        return super().forward(x)
+
+
+def _conv_bn_act(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
+                 act: bool = True) -> nn.Sequential:
+    """Conv2dSame, BatchNorm with TensorFlow's momentum 0.99 (0.01 in torch) and eps 1e-3, then ReLU6 (if `act`)."""
+    layers = [("conv", Conv2dSame(in_channels, out_channels, kernel_size, stride, groups)),
+              ("bn", nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.01))]
+    if act:
+        layers.append(("act", nn.ReLU6(inplace=True)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+class LightClipMBConv(nn.Module):
+    """EfficientNet-Lite's mobile inverted bottleneck (no squeeze-excite, ReLU6): 1x1 expansion (absent when
+    `expand_ratio` is 1), depthwise `kernel_size` conv at `stride`, linear 1x1 projection; a residual connection when
+    the shape is kept, with drop-connect (per-sample stochastic depth at `drop_rate`) on it in training."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int,
+                 drop_rate: float):
+        super().__init__()
+        mid = in_channels * expand_ratio
+        self.expand = _conv_bn_act(in_channels, mid, 1) if expand_ratio != 1 else None
+        self.depthwise = _conv_bn_act(mid, mid, kernel_size, stride, groups=mid)
+        self.project = _conv_bn_act(mid, out_channels, 1, act=False)
+        self.residual = stride == 1 and in_channels == out_channels
+        self.drop_rate = drop_rate
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = self.expand(inputs) if self.expand is not None else inputs
+        x = self.project(self.depthwise(x))
+        if not self.residual:
+            return x
+        if self.training and self.drop_rate > 0:
+            keep = 1 - self.drop_rate
+            mask = torch.rand(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device).add_(keep).floor_()
+            x = x * mask / keep
+        return x + inputs
+
+
+# EfficientNet-B0's block table, shared by Lite0..4: (repeats, kernel, stride, expand ratio, output channels) per stage
+EFFICIENTNET_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+                       (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+
+
+def efficientnet_round_filters(channels: int, width_multiplier: float, divisor: int = 8) -> int:
+    """Channels scaled by `width_multiplier`, rounded to the nearest multiple of `divisor`, never more than 10 % down
+    (TF EfficientNet's `round_filters`)."""
+    scaled = channels * width_multiplier
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+class LightClipEfficientNetLite(nn.Module):
+    """The native EfficientNet-Lite (`backbone="efficientnet-lite"`), layer for layer the released TF model, so its
+    ImageNet weights load (`lightclip.pretrained_towers.load_efficientnet_lite_imagenet`) and give the same outputs.
+
+    Stem (3x3 stride-2 conv to 32 channels, BatchNorm, ReLU6), the 7 MBConv stages of EfficientNet-B0's block table,
+    head (1x1 conv to 1280, BatchNorm, ReLU6). Lite differs from B0 by ReLU6 for swish, no squeeze-excite, and a stem,
+    head and first / last stage depth that `width_multiplier` / `depth_multiplier` do not scale; the other stage
+    widths are rounded to multiples of 8 and their depths rounded up. Convolutions pad as TensorFlow's "SAME".
+    Drop-connect grows linearly with the block index, from 0 to `drop_connect_rate` * (n - 1) / n.
+
+    Returns the head's feature map and, on request, the input and the output of each of `groups()`, in order.
+    """
+
+    def __init__(self, config: LightClipVisionConfig):
+        super().__init__()
+        self.config = config
+        kwargs = config.efficientnet_lite_kwargs()
+        width, depth = kwargs["width_multiplier"], kwargs["depth_multiplier"]
+        repeats = [r if i in (0, len(EFFICIENTNET_STAGES) - 1) else math.ceil(r * depth)
+                   for i, (r, *_) in enumerate(EFFICIENTNET_STAGES)]
+        total, index, channels = sum(repeats), 0, 32
+        self.stem = _conv_bn_act(config.num_channels, channels, 3, stride=2)
+        stages = []
+        for (_, kernel, stride, expand, out), count in zip(EFFICIENTNET_STAGES, repeats):
+            out = efficientnet_round_filters(out, width)
+            blocks = []
+            for i in range(count):
+                rate = kwargs["drop_connect_rate"] * index / total
+                blocks.append(LightClipMBConv(channels, out, kernel, stride if i == 0 else 1, expand, rate))
+                channels, index = out, index + 1
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.head = _conv_bn_act(channels, EFFICIENTNET_LITE_HIDDEN_SIZE, 1)
+
+    def groups(self) -> list[nn.Module]:
+        """The layer groups in input-to-output order: stem, the 7 stages, head. Freezing all but the last N of them is
+        open_clip's `lock_image_tower(unlocked_groups=N)`."""
+        return [self.stem, *self.stages, self.head]
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
+        states, hidden = (pixel_values,) if output_hidden_states else None, pixel_values
+        for group in self.groups():
+            hidden = group(hidden)
+            if output_hidden_states:
+                states += (hidden,)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, hidden_states=states)
+
+
 class LightClipConvVisionTower(nn.Module):
-    """A CNN as image tower: the native `LightClipConvNet`, or a transformers CNN (MobileNetV2 or EfficientNet,
-    no torchvision).
+    """A CNN as image tower: the native `LightClipConvNet` or `LightClipEfficientNetLite`, or a transformers CNN
+    (MobileNetV2 or EfficientNet, no torchvision).
 
     The last feature map, flattened, gives the tokens; their mean is the pooled output.
     """
@@ -385,6 +513,8 @@ class LightClipConvVisionTower(nn.Module):
         self.config = config
         if config.backbone == "convnet":
             self.backbone = LightClipConvNet(config)
+        elif config.backbone == "efficientnet-lite":
+            self.backbone = LightClipEfficientNetLite(config)
         elif config.backbone == "mobilenetv2":
             from transformers import MobileNetV2Model
 
@@ -401,7 +531,7 @@ class LightClipConvVisionTower(nn.Module):
         if self.config.backbone == "efficientnet":
             embeddings = self.backbone.embeddings(pixel_values)
             out = self.backbone.encoder(embeddings, output_hidden_states=output_hidden_states, return_dict=True)
-        elif self.config.backbone == "convnet":
+        elif self.config.backbone in ("convnet", "efficientnet-lite"):  # the native CNNs
             out = self.backbone(pixel_values, output_hidden_states)
         else:
             out = self.backbone(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)

@@ -8,6 +8,17 @@ _TEXT_SMALL = dict(
     max_position_embeddings=77,
 )
 
+
+def _cnn_preset(backbone: str, **backbone_kwargs) -> dict:
+    """A CNN image tower at 224 px with the shortened text tower and 256-d embeddings."""
+    return dict(
+        vision_config=dict(backbone=backbone, image_size=224, backbone_kwargs=backbone_kwargs),
+        text_config=dict(_TEXT_SMALL),
+        projection_dim=256,
+        token_dim=256,
+    )
+
+
 PRESETS: dict[str, dict] = {
     # test-size model: 32 px, 2 + 2 layers, width 64
     "lightclip-xxs": dict(
@@ -43,21 +54,14 @@ PRESETS: dict[str, dict] = {
         projection_dim=256,
         token_dim=256,
     ),
-    "lightclip-mobilenetv2": dict(
-        vision_config=dict(backbone="mobilenetv2", image_size=224, backbone_kwargs=dict(depth_multiplier=1.0)),
-        text_config=dict(_TEXT_SMALL),
-        projection_dim=256,
-        token_dim=256,
-    ),
-    "lightclip-efficientnet-b0": dict(
-        vision_config=dict(
-            backbone="efficientnet", image_size=224,
-            backbone_kwargs=dict(width_coefficient=1.0, depth_coefficient=1.0, dropout_rate=0.2),
-        ),
-        text_config=dict(_TEXT_SMALL),
-        projection_dim=256,
-        token_dim=256,
-    ),
+    "lightclip-mobilenetv2": _cnn_preset("mobilenetv2", depth_multiplier=1.0),
+    "lightclip-efficientnet-b0": _cnn_preset(
+        "efficientnet", width_coefficient=1.0, depth_coefficient=1.0, dropout_rate=0.2),
+    # the native EfficientNet-Lite0 (3.37 M tower parameters, 1280-d features) at 224 px: the released ImageNet weights
+    # load into it with `lightclip.pretrained_towers.load_efficientnet_lite_imagenet`, and its processor normalises
+    # as they expect ((x - 127) / 128)
+    "lightclip-efficientnet-lite0": _cnn_preset(
+        "efficientnet-lite", width_multiplier=1.0, depth_multiplier=1.0, drop_connect_rate=0.2),
 }
 
 

@@ -130,7 +130,8 @@ class LightClipProcessor(ProcessorMixin):
 
     @classmethod
     def from_config(cls, config) -> "LightClipProcessor":
-        """Default image processor and tokenizer sized to a `LightClipConfig`."""
+        """Default image processor and tokenizer sized to a `LightClipConfig`; CLIP's normalisation, but
+        EfficientNet-Lite's (`IMAGENET_LITE_MEAN` / `IMAGENET_LITE_STD`) for `backbone="efficientnet-lite"`."""
         text = config.text_config
         tokenizer = build_default_tokenizer(text.vocab_size, text.max_position_embeddings)
         expected = {"pad_token_id": text.pad_token_id, "bos_token_id": text.bos_token_id,
@@ -138,7 +139,13 @@ class LightClipProcessor(ProcessorMixin):
         actual = {k: getattr(tokenizer, k) for k in expected}
         if actual != expected:
             raise ValueError(f"text_config special-token ids {expected} do not match the default tokenizer {actual}")
-        return cls(LightClipImageProcessor(image_size=config.vision_config.image_size), tokenizer)
+        vision = config.vision_config
+        normalisation = {}
+        if vision.backbone == "efficientnet-lite":  # the released ImageNet weights expect (x - 127) / 128
+            from .configuration_lightclip import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD
+
+            normalisation = dict(image_mean=list(IMAGENET_LITE_MEAN), image_std=list(IMAGENET_LITE_STD))
+        return cls(LightClipImageProcessor(image_size=vision.image_size, **normalisation), tokenizer)
 
 
 __all__ = ["LightClipImageProcessor", "LightClipProcessor", "build_default_tokenizer", "to_rgb8"]
