@@ -7,7 +7,9 @@ import torch
 
 from lightclip import LightClipConfig, LightClipForPreTraining
 from lightclip.pretraining import merge_features
-from lightclip.training import cosine_with_warmup, list_checkpoints, param_groups, resolve_checkpoint
+from lightclip.training import (
+    cosine_with_warmup, list_checkpoints, lock_image_tower, param_groups, resolve_checkpoint,
+)
 
 
 def _batch(seed: int, size: int = 8):
@@ -88,3 +90,35 @@ def test_latest_checkpoint_ignores_incomplete_ones(tmp_path):
     assert resolve_checkpoint(None, tmp_path) is None
     with pytest.raises(FileNotFoundError):
         resolve_checkpoint(str(tmp_path / "checkpoint-6"), tmp_path)
+
+
+@pytest.mark.parametrize("unlocked", [0, 2])
+def test_lock_image_tower_freezes_all_but_the_last_groups_and_their_statistics(unlocked):
+    config = LightClipConfig.from_preset("lightclip-efficientnet-lite0", objectives="clip",
+                                         vision_config=dict(image_size=32))
+    model = LightClipForPreTraining(config)
+    groups = model.lightclip.vision_model.backbone.groups()
+    frozen = lock_image_tower(model, unlocked_groups=unlocked, freeze_bn_stats=True)
+    locked = groups[:len(groups) - unlocked]
+    assert frozen == sum(p.numel() for g in locked for p in g.parameters())
+    stats = {k: v.clone() for g in locked for k, v in g.state_dict().items() if "running" in k}
+    model.train()  # the locked groups must stay in eval mode
+    assert all(not m.training for g in locked for m in g.modules())
+    assert all(m.training for g in groups[len(locked):] for m in g.modules())
+    batch = dict(pixel_values=torch.randn(4, 3, 32, 32), input_ids=torch.randint(5, 100, (4, 6)))
+    model(**batch).loss.backward()
+    assert all(p.grad is None for g in locked for p in g.parameters())
+    assert all(p.grad is not None for g in groups[len(locked):] for p in g.parameters())
+    assert model.lightclip.text_model.embeddings.token_embedding.weight.grad is not None
+    after = {k: v for g in locked for k, v in g.state_dict().items() if "running" in k}
+    assert all(torch.equal(stats[k], after[k]) for k in stats)
+    assert all(p.requires_grad for group in param_groups(model, 0.1) for p in group["params"])
+
+
+def test_lock_image_tower_needs_a_tower_with_groups():
+    model = LightClipForPreTraining(LightClipConfig.from_preset("lightclip-xxs", objectives="clip"))
+    with pytest.raises(ValueError, match="layer groups"):
+        lock_image_tower(model)
+    cnn = LightClipForPreTraining(LightClipConfig.from_preset("lightclip-xxs-cnn", objectives="clip"))
+    with pytest.raises(ValueError, match="unlocked_groups"):
+        lock_image_tower(cnn, unlocked_groups=4)

@@ -251,6 +251,19 @@ def model_card_data(folder: str | os.PathLike, model_name: str | None = None):
     )
 
 
+def _starting_point(train: dict) -> str:
+    """What the training run started from, as `examples/pretrain.py` recorded it; reads after "trained"."""
+    init = train.get("image_tower_init")
+    if init == "imagenet":
+        text = "from an image tower initialised with its released ImageNet-1k weights"
+        if train.get("lock_image"):
+            text += f" (locked except its last {train.get('lock_image_unlocked_groups', 0)} layer groups)"
+        return text + " and a text tower from scratch"
+    if init == "checkpoint":
+        return f"from `{train.get('model')}`"
+    return "from scratch"
+
+
 def write_model_card(folder: str | os.PathLike, command: str | None = None, *, repo_id: str | None = None,
                      model_name: str | None = None, template_path: str | os.PathLike | None = None) -> Path:
     """Render the lightclip model card for a saved folder and write it as `<folder>/README.md`.
@@ -292,7 +305,8 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
     else:
         tower = f"{vision['backbone']} (transformers), {vision['image_size']} px input"
     details = [
-        ("model type", "lightclip dual encoder (CLIP-style), trained from scratch"),
+        ("model type", "lightclip dual encoder (CLIP-style)"),
+        ("starting point", _starting_point(train or {})),
         ("preset", f"`{preset}`" if preset else "n/a"),
         ("image tower", tower),
         ("text tower", f"{'causal ' if text.get('causal', True) else ''}transformer, width {text['hidden_size']}, "
@@ -341,6 +355,7 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
         files=files,
         shapes=shapes,
         train_data=(train or {}).get("train_data") or "data not recorded in this folder",
+        starting_point=_starting_point(train or {}),
     )
     path = folder / "README.md"
     card.save(path)

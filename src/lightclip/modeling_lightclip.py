@@ -367,6 +367,10 @@ class LightClipConvNet(nn.Module):
             width = out
         self.stages = nn.ModuleList(stages)
 
+    def groups(self) -> list[nn.Module]:
+        """The stages in input-to-output order (for locking, as `LightClipEfficientNetLite.groups`)."""
+        return list(self.stages)
+
     @staticmethod
     def _conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
@@ -528,6 +532,8 @@ class LightClipConvVisionTower(nn.Module):
     def forward_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False
                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         _check_pixel_values(pixel_values, self.config)
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         if self.config.backbone == "efficientnet":
             embeddings = self.backbone.embeddings(pixel_values)
             out = self.backbone.encoder(embeddings, output_hidden_states=output_hidden_states, return_dict=True)
@@ -538,6 +544,14 @@ class LightClipConvVisionTower(nn.Module):
         tokens = out.last_hidden_state.flatten(2).transpose(1, 2)
         stages = tuple(h.flatten(2).transpose(1, 2) for h in out.hidden_states) if output_hidden_states else None
         return tokens, stages
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the tower was moved to `torch.channels_last` (`model.to(memory_format=torch.channels_last)`, faster
+        on CPU); the inputs then follow."""
+        first = next(m for m in self.modules() if isinstance(m, nn.Conv2d))
+        return first.weight.dim() == 4 and first.weight.is_contiguous(memory_format=torch.channels_last) \
+            and not first.weight.is_contiguous()
 
     def forward_head(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return last_hidden_state.mean(dim=1), last_hidden_state

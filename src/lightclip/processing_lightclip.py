@@ -96,6 +96,18 @@ class LightClipImageProcessor(CLIPImageProcessorPil):
             kwargs.setdefault("crop_size", {"height": image_size, "width": image_size})
         super().__init__(**kwargs)
 
+    @classmethod
+    def from_vision_config(cls, vision_config, image_size: int | None = None) -> "LightClipImageProcessor":
+        """The processor a tower expects, at `image_size` (default the tower's): CLIP's normalisation, but
+        EfficientNet-Lite's (`IMAGENET_LITE_MEAN` / `IMAGENET_LITE_STD`, i.e. (x - 127) / 128, as its released ImageNet
+        weights were trained) for `backbone="efficientnet-lite"`."""
+        normalisation = {}
+        if vision_config.backbone == "efficientnet-lite":
+            from .configuration_lightclip import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD
+
+            normalisation = dict(image_mean=list(IMAGENET_LITE_MEAN), image_std=list(IMAGENET_LITE_STD))
+        return cls(image_size=image_size or vision_config.image_size, **normalisation)
+
     def convert_to_rgb(self, image, input_data_format=None) -> np.ndarray:
         if isinstance(image, Image.Image):
             return np.asarray(to_rgb8(image))
@@ -130,8 +142,7 @@ class LightClipProcessor(ProcessorMixin):
 
     @classmethod
     def from_config(cls, config) -> "LightClipProcessor":
-        """Default image processor and tokenizer sized to a `LightClipConfig`; CLIP's normalisation, but
-        EfficientNet-Lite's (`IMAGENET_LITE_MEAN` / `IMAGENET_LITE_STD`) for `backbone="efficientnet-lite"`."""
+        """Default image processor (`LightClipImageProcessor.from_vision_config`) and tokenizer for a `LightClipConfig`."""
         text = config.text_config
         tokenizer = build_default_tokenizer(text.vocab_size, text.max_position_embeddings)
         expected = {"pad_token_id": text.pad_token_id, "bos_token_id": text.bos_token_id,
@@ -139,13 +150,7 @@ class LightClipProcessor(ProcessorMixin):
         actual = {k: getattr(tokenizer, k) for k in expected}
         if actual != expected:
             raise ValueError(f"text_config special-token ids {expected} do not match the default tokenizer {actual}")
-        vision = config.vision_config
-        normalisation = {}
-        if vision.backbone == "efficientnet-lite":  # the released ImageNet weights expect (x - 127) / 128
-            from .configuration_lightclip import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD
-
-            normalisation = dict(image_mean=list(IMAGENET_LITE_MEAN), image_std=list(IMAGENET_LITE_STD))
-        return cls(LightClipImageProcessor(image_size=vision.image_size, **normalisation), tokenizer)
+        return cls(LightClipImageProcessor.from_vision_config(config.vision_config), tokenizer)
 
 
 __all__ = ["LightClipImageProcessor", "LightClipProcessor", "build_default_tokenizer", "to_rgb8"]

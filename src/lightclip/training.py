@@ -31,6 +31,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _stay_in_eval_mode(module: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(module, False)
+
+
+def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats: bool = True) -> int:
+    """LiT / open_clip `--lock-image`: freeze the image tower's layer groups except the last `unlocked_groups`.
+
+    The tower must list its groups (`backbone.groups()`, input to output: the native CNNs have it). With
+    `freeze_bn_stats`, the locked groups stay in eval mode through every later `model.train()`, so their BatchNorm
+    statistics are the pre-trained ones and never batch statistics. Returns the number of frozen parameters.
+    """
+    vision = model.get_submodule("lightclip.vision_model" if hasattr(model, "lightclip") else "vision_model")
+    backbone = getattr(vision, "backbone", None)
+    if not hasattr(backbone, "groups"):
+        raise ValueError(f"locking needs an image tower that lists its layer groups (backbone 'efficientnet-lite' or "
+                         f"'convnet'), not {vision.config.backbone!r}")
+    groups = backbone.groups()
+    if not 0 <= unlocked_groups <= len(groups):
+        raise ValueError(f"unlocked_groups must be in [0, {len(groups)}], got {unlocked_groups}")
+    frozen = 0
+    for group in groups[:len(groups) - unlocked_groups]:
+        for param in group.parameters():
+            param.requires_grad_(False)
+            frozen += param.numel()
+        if freeze_bn_stats:
+            group.eval()
+            group.train = _stay_in_eval_mode.__get__(group)
+    return frozen
+
+
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                        min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup then cosine decay to `min_ratio` of the peak learning rate."""
@@ -143,5 +173,5 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-__all__ = ["param_groups", "cosine_with_warmup", "save_checkpoint", "resolve_checkpoint", "list_checkpoints",
+__all__ = ["param_groups", "lock_image_tower", "cosine_with_warmup", "save_checkpoint", "resolve_checkpoint", "list_checkpoints",
            "JsonlLog", "truncate_log", "plot_log"]
