@@ -73,20 +73,29 @@ def test_captions_match_drawn_objects(test):
     size_of = {w: s for s, ws in shapes.SIZE_WORDS.items() for w in ws}
     relation_of = {w: r for r, ws in shapes.RELATION_WORDS.items() for w in ws}
     phrase = rf"(?:an? )?(?:({size_re}) )?({colour_re}) ({shape_re})"
-    checked_relations = checked_positions = 0
+    checked_relations = checked_positions = main_only = one_attribute = 0
     for row in test:
         objects = _objects(row)
         drawn = {(o["colour"], o["shape"]): o for o in objects}
         assert len(row["captions"]) >= 2 and len(set(row["captions"])) == len(row["captions"])
         assert row["text"] == row["captions"][0]
         for caption in row["captions"]:
+            one = re.fullmatch(rf"an? ({size_re}) (?:({colour_re}) (?:shape|thing|object)|({shape_re}))"
+                               r"(?: with (?:a smaller shape|smaller shapes))?", caption)
+            if one:  # the main object by its size and one attribute
+                size, colour, shape_word = one.groups()
+                assert size_of[size] == objects[0]["size"], caption
+                assert colour == objects[0]["colour"] if colour else shape_of[shape_word] == objects[0]["shape"], caption
+                one_attribute += 1
+                continue
             mentioned = re.findall(phrase, caption)
             assert mentioned, caption
             for size, colour, shape_word in mentioned:
                 obj = drawn[(colour, shape_of[shape_word])]  # KeyError: an object that is not in the picture
                 assert size == "" or size_of[size] == obj["size"], caption
-            # the main object is named in every caption
+            # the main object is named in every caption, sometimes alone in a picture of several objects
             assert (objects[0]["colour"], objects[0]["shape"]) in {(c, shape_of[s]) for _, c, s in mentioned}
+            main_only += len(objects) > 1 and len(mentioned) == 1
             for match in re.finditer(rf"{phrase} ({rel_re}) {phrase}", caption):
                 a, b = drawn[(match[2], shape_of[match[3]])], drawn[(match[6], shape_of[match[7]])]
                 dx, dy = a["x"] - b["x"], a["y"] - b["y"]
@@ -99,7 +108,7 @@ def test_captions_match_drawn_objects(test):
             if len(objects) == 1 and "at the top" in caption:
                 assert objects[0]["y"] < 1 / 3 and 1 / 3 <= objects[0]["x"] <= 2 / 3
                 checked_positions += 1
-    assert checked_relations > 50 and checked_positions > 5
+    assert checked_relations > 50 and checked_positions > 5 and main_only > 50 and one_attribute > 50
 
 
 def test_pixels_match_metadata(test):

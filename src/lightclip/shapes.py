@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 logger = logging.getLogger(__name__)
 
 # Bump when the pictures or captions change: it is part of the cache fingerprint.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "heart")
 COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
@@ -272,6 +272,14 @@ def _list(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+def _one_attribute(rng: np.random.Generator, obj: ShapeObject) -> str:
+    """The object by its size and either its colour ("a large red shape") or its shape ("a large triangle")."""
+    size = str(rng.choice(SIZE_WORDS[obj.size]))
+    noun = f"{obj.colour} {rng.choice(('shape', 'thing', 'object'))}" if rng.random() < 0.5 else str(
+        rng.choice(SHAPE_WORDS[obj.shape]))
+    return f"a {size} {noun}"
+
+
 def _templates(objects: list[ShapeObject], bg_kind: str, bg_tone: str):
     """Caption templates for these objects; each is a function of a random generator."""
     main = objects[0]
@@ -283,6 +291,7 @@ def _templates(objects: list[ShapeObject], bg_kind: str, bg_tone: str):
             lambda rng: f"{_phrase(rng, main)} {bg(rng)}",
             lambda rng: f"{_phrase(rng, main, with_size=False)} {position(main)}",
             lambda rng: f"{rng.choice(PICTURE_WORDS)} {_phrase(rng, main)} {position(main)} {bg(rng)}",
+            lambda rng: _one_attribute(rng, main),
         ]
     others = objects[1:]
     rel = [relation(main, b) for b in others]
@@ -299,6 +308,10 @@ def _templates(objects: list[ShapeObject], bg_kind: str, bg_tone: str):
         lambda rng: related(rng, with_bg=True),
         lambda rng: f"{COUNT_WORDS[len(objects)]} shapes: {_list([_phrase(rng, o) for o in objects])}",
         lambda rng: f"{rng.choice(PICTURE_WORDS)} {_list([_phrase(rng, o, with_size=False) for o in objects])}",
+        # the main object alone, as people caption the salient object of a picture
+        lambda rng: f"{_phrase(rng, main)} with {'a smaller shape' if len(others) == 1 else 'smaller shapes'}",
+        lambda rng: f"{_one_attribute(rng, main)} with {'a smaller shape' if len(others) == 1 else 'smaller shapes'}",
+        lambda rng: f"{rng.choice(PICTURE_WORDS)} {_phrase(rng, main, with_size=False)} {position(main)}",
     ]
 
 
