@@ -24,14 +24,13 @@ from lightclip.hub import (
 ROOT = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 200  # test pictures rendered for the accuracy check (the full split has 500)
 CHANCE = 1 / 8
-# name: (max size of model.safetensors in MB, stored dtype, min zero-shot colour top-1, min image->text recall@1).
-# Measured by this test's computation (docs/checkpoints.md): xxs colour 0.840, recall@1 0.440; xs colour 0.825,
-# recall@1 0.330. Thresholds are those minus about 0.1; chance is 1/8 for colour and about 1/200 for recall@1.
-# Zero-shot *shape* accuracy is printed, not asserted: neither model learned shapes in its budget (xxs 0.155, xs 0.060,
-# chance 0.125; see docs/checkpoints.md).
+# name: (max size of model.safetensors in MB, stored dtype, min zero-shot colour top-1, min image->text recall@1,
+# min zero-shot shape top-1 or None). Measured by this test's computation (docs/checkpoints.md); thresholds are those
+# minus about 0.1. Chance is 1/8 for colour and shape and about 1/200 for recall@1. The xs checkpoint (a ViT from
+# scratch) did not learn shape in its budget: its shape accuracy is printed, not asserted.
 CHECKPOINTS = {
-    "lightclip-xxs-shapes": (3.0, "F32", 0.75, 0.35),
-    "lightclip-xs-shapes-64px": (26.0, "F16", 0.72, 0.25),
+    "lightclip-xxs-lite0-shapes": (9.0, "F16", 0.80, 0.45, 0.86),
+    "lightclip-xs-shapes-64px": (26.0, "F16", 0.72, 0.20, None),
 }
 FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
          "README.md", "eval_results.json", "training_curves.png")
@@ -47,11 +46,11 @@ def checkpoint_dir(name: str) -> Path:
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_checkpoint_folder(name):
     folder = checkpoint_dir(name)
-    max_mb, dtype, _, _ = CHECKPOINTS[name]
+    max_mb, dtype, *_ = CHECKPOINTS[name]
     assert [f for f in FILES if not (folder / f).is_file()] == []
     assert not any(p.name.endswith(PICKLE_SUFFIXES) or p.is_dir() for p in folder.iterdir())
     assert (folder / "model.safetensors").stat().st_size < max_mb * 1e6
-    assert weight_summary(folder)["dtypes"] == [dtype]
+    assert [d for d in weight_summary(folder)["dtypes"] if d.startswith("F")] == [dtype]  # BatchNorm counters: I64
     card = ModelCard.load(folder / "README.md")
     data = card.data.to_dict()
     assert all(data.get(key) for key in CARD_KEYS)
@@ -64,7 +63,7 @@ def test_checkpoint_folder(name):
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_zero_shot_accuracy(name):
     folder = checkpoint_dir(name)
-    _, _, min_colour, min_recall = CHECKPOINTS[name]
+    _, _, min_colour, min_recall, min_shape = CHECKPOINTS[name]
     model = LightClipModel.from_pretrained(folder).eval()
     assert model.dtype == torch.float32
     processor = LightClipProcessor.from_pretrained(folder)
@@ -74,6 +73,8 @@ def test_zero_shot_accuracy(name):
     assert results["shapes/num_images"] == NUM_SAMPLES
     assert results["shapes/colour/top1"] >= min_colour > 4 * CHANCE
     assert results["shapes/retrieval/text_retrieval_recall@1"] >= min_recall > 20 / NUM_SAMPLES
+    if min_shape is not None:
+        assert results["shapes/shape/top1"] >= min_shape > 4 * CHANCE
 
 
 OFFLINE_SCRIPT = textwrap.dedent(
@@ -148,8 +149,8 @@ def run_offline(script_args: list[str], hf_home: Path, cwd: Path, block_package:
 
 
 def test_load_by_repo_id_offline(tmp_path):
-    folder = checkpoint_dir("lightclip-xxs-shapes")
-    repo_id = "lightclip-test/lightclip-xxs-shapes"
+    folder = checkpoint_dir("lightclip-xxs-lite0-shapes")
+    repo_id = "lightclip-test/lightclip-xxs-lite0-shapes"
     hf_home = tmp_path / "hf"
     add_remote_code(hf_cache_with(folder, hf_home, repo_id))  # as push_folder uploads it
     with_package = run_offline([repo_id, str(folder), "package"], hf_home, tmp_path)
@@ -160,7 +161,8 @@ def test_load_by_repo_id_offline(tmp_path):
     # the same embeddings as loading the folder in this process
     model = LightClipModel.from_pretrained(folder).eval()
     torch.manual_seed(0)
-    pixels = torch.randn(2, 3, 64, 64)[:, :, :32, :32]
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, 64, 64)[:, :, :size, :size]
     with torch.no_grad():
         expected = model.encode_image(pixels)
     torch.testing.assert_close(torch.tensor(with_package["embeds"]), expected, rtol=0, atol=1e-6)

@@ -2,8 +2,8 @@
 """Train and package the tiny checkpoints shipped in `checkpoints/`: the exact commands, and how they were packaged.
 
     python utils/train_checkpoints.py                                  # both, one after the other
-    python utils/train_checkpoints.py --only lightclip-xxs-shapes      # one (run two of these in parallel on 2 cores)
-    python utils/train_checkpoints.py --only lightclip-xxs-shapes --package_only   # re-package an existing run
+    python utils/train_checkpoints.py --only lightclip-xxs-lite0-shapes             # one
+    python utils/train_checkpoints.py --only lightclip-xxs-lite0-shapes --package_only   # re-package an existing run
 
 Each checkpoint is trained by `examples/pretrain.py` on the built-in shapes data into `runs/checkpoints/<name>`
 (ignored by git), then `lightclip.hub.package_checkpoint` copies the model files into `checkpoints/<name>` (weights,
@@ -12,16 +12,14 @@ shapes test split into `eval_results.json`, and writes the model card (`README.m
 
 Choices (see docs/checkpoints.md):
 
-- `lightclip-xxs-shapes`: preset `lightclip-xxs` (32 px, 0.49 M parameters) with the default `lightclip`
-  objectives (softened InfoNCE, token matching, MLM), 600 steps of batch 64: the default training run. float32, 2 MB.
+- `lightclip-xxs-lite0-shapes`: the default training run (`examples/pretrain.py --seed 0`: preset
+  `lightclip-xxs-lite0`, EfficientNet-Lite0 at 64 px started from its ImageNet weights, the `lightclip` objectives,
+  500 steps of batch 64). Stored in float16 (7.7 MB; loads as float32).
 - `lightclip-xs-shapes-64px`: preset `lightclip-xs` unchanged (ViT width 256, 6 layers; text width 256, 6 layers,
   vocabulary 8192; 11.9 M parameters) except `--image_size 64` (patch 16: 16 patches), trained with the plain `clip`
-  objective: on our 2 shared CPU cores a step of the `lightclip` objectives costs about 3x a `clip` step at this size,
-  and the budget allowed only a few hundred steps; learning rate 1e-3 (half the xxs default) for the wider, deeper
-  towers. Stored in float16 (24 MB instead of 48 MB; loads as float32).
+  objective for 400 steps (a `lightclip` step costs about 3x a `clip` step at this size on 2 CPU cores); learning
+  rate 1e-3 (half the default) for the wider, deeper towers. Stored in float16 (24 MB instead of 48 MB).
   The layer counts are the preset's: a smaller model would not be `lightclip-xs`.
-
-One thread per run (`OMP_NUM_THREADS=1`): on a loaded 2-core machine, 2 threads per process made steps 3-5x slower.
 """
 
 from __future__ import annotations
@@ -36,14 +34,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHECKPOINTS: dict[str, dict] = {
-    "lightclip-xxs-shapes": {
-        "args": ["--model", "lightclip-xxs", "--max_train_steps", "600", "--seed", "0"],
-        "dtype": "float32",
+    "lightclip-xxs-lite0-shapes": {
+        "args": ["--seed", "0"],
+        "dtype": "float16",
     },
     "lightclip-xs-shapes-64px": {
         "args": ["--model", "lightclip-xs", "--image_size", "64", "--objectives", "clip", "--max_train_steps", "400",
                  "--learning_rate", "1e-3", "--seed", "0"],
         "dtype": "float16",
+        "env": {"OMP_NUM_THREADS": "1"},
     },
 }
 
@@ -55,7 +54,8 @@ def train_command(name: str) -> list[str]:
 
 def command_text(name: str) -> str:
     """The training and packaging commands as shown in the model card and docs."""
-    return (f"OMP_NUM_THREADS=1 {shlex.join(train_command(name))}\n"
+    env = "".join(f"{k}={v} " for k, v in CHECKPOINTS[name].get("env", {}).items())
+    return (f"{env}{shlex.join(train_command(name))}\n"
             f"python utils/train_checkpoints.py --only {name} --package_only  # copy, {CHECKPOINTS[name]['dtype']}, "
             "evaluate, card")
 
@@ -74,10 +74,9 @@ def main(argv=None) -> None:
     os.chdir(ROOT)
     for name in names:
         if not args.package_only:
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
             command = [sys.executable, *train_command(name)[1:]]
             print("+", shlex.join(command), flush=True)
-            subprocess.run(command, check=True, env=env)
+            subprocess.run(command, check=True, env={**os.environ, **CHECKPOINTS[name].get("env", {})})
         import lightclip  # noqa: F401
         from lightclip.hub import package_checkpoint
 
