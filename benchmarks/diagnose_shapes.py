@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Why does (or doesn't) a tower learn shape on lightclip-shapes? Five diagnostics, one script, one budget.
+"""Why does (or doesn't) a tower learn shape on lightclip-shapes? Six diagnostics, one script, one budget.
 
-    python benchmarks/diagnose_shapes.py                         # everything, 600 steps at batch 64 (about 7 min)
+    python benchmarks/diagnose_shapes.py                         # everything, 600 steps at batch 64 (about 20 min)
     python benchmarks/diagnose_shapes.py --only supervised --steps 300
 
 1. `supervised`: each image tower trained with cross-entropy on the shape label (can it learn shape at all from
@@ -41,7 +41,7 @@ from lightclip.evaluation import encode_texts, evaluate_shapes, linear_probe, ze
 from lightclip.shapes import COLOURS, SHAPES, make_shapes_dataset, shapes_zero_shot_tasks
 from lightclip.training import cosine_with_warmup, param_groups
 
-VIT_PRESET, CNN_PRESET = "lightclip-xxs", "lightclip-xxs-cnn"
+VIT_PRESET, CNN_PRESET, LITE_PRESET = "lightclip-xxs", "lightclip-xxs-cnn", "lightclip-xxs-lite0"
 
 
 class ShapesTensors:
@@ -147,6 +147,7 @@ class HFClipAdapter(nn.Module):
         super().__init__()
         from transformers import CLIPConfig, CLIPModel
 
+        self.lightclip_config = config  # the dims it copies
         t, v = config.text_config, config.vision_config
         self.model = CLIPModel(CLIPConfig(
             text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
@@ -197,22 +198,26 @@ def contrastive(args, models: dict[str, nn.Module], data: dict[int, tuple], proc
             model.clamp_logit_scale_()
         seconds = time.perf_counter() - start
         model.eval()
-        bench = evaluate_shapes(model, _processor_at(processor, size), dataset=test.dataset)
+        bench = evaluate_shapes(model, _processor_for(processor, _config(model)), dataset=test.dataset)
         results[name] = {k.removeprefix("shapes/"): v for k, v in bench.items() if "top1" in k or "recall@1" in k}
         results[name].update(final_train_loss=loss.item(), seconds=seconds)
         print(f"contrastive {name}: {_fmt(results[name])}", flush=True)
     return results
 
 
+def _config(model: nn.Module) -> LightClipConfig:
+    return model.lightclip_config if isinstance(model, HFClipAdapter) else model.config
+
+
 def _image_size(model: nn.Module) -> int:
-    config = model.model.config if isinstance(model, HFClipAdapter) else model.config
-    return config.vision_config.image_size
+    return _config(model).vision_config.image_size
 
 
-def _processor_at(processor: LightClipProcessor, size: int) -> LightClipProcessor:
+def _processor_for(processor: LightClipProcessor, config: LightClipConfig) -> LightClipProcessor:
+    """The shared tokenizer with the image processor the tower expects (size and normalisation)."""
     from lightclip import LightClipImageProcessor
 
-    return LightClipProcessor(LightClipImageProcessor(image_size=size), processor.tokenizer)
+    return LightClipProcessor(LightClipImageProcessor.from_vision_config(config.vision_config), processor.tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------- 3 and 4
@@ -281,13 +286,41 @@ def caption_ablation(args, config: LightClipConfig, data: dict[int, tuple], proc
     return results
 
 
+def imagenet_start(args, processor) -> dict:
+    """EfficientNet-Lite0 at 64 px (`lightclip-xxs-lite0`): its frozen ImageNet features probed on shape and colour,
+    then the same contrastive loop from the ImageNet weights and from random weights."""
+    from lightclip.pretrained_towers import load_efficientnet_lite_imagenet
+
+    config = LightClipConfig.from_preset(LITE_PRESET)
+    size, sized = config.vision_config.image_size, _processor_for(processor, config)
+    data = {size: (ShapesTensors("train", sized, size), ShapesTensors("test", sized, size))}
+    models = {}
+    for start in ("ImageNet", "random"):
+        torch.manual_seed(args.seed)
+        models[f"lightclip {LITE_PRESET}, {start} start"] = model = LightClipModel(config)
+        if start == "ImageNet":
+            load_efficientnet_lite_imagenet(model)
+    train, test = data[size]
+    tower = models[f"lightclip {LITE_PRESET}, ImageNet start"].vision_model.eval()
+    with torch.no_grad():
+        fit, held = (F.normalize(tower(x).pooler_output, dim=-1) for x in (train.pixels, test.pixels))
+    results = {"ImageNet features (untrained)": {
+        f"{label}_probe_top1": linear_probe(fit, getattr(train, label), held, getattr(test, label))["top1"]
+        for label in ("shape", "colour")}}
+    print(f"probe ImageNet features: {_fmt(results['ImageNet features (untrained)'])}", flush=True)
+    trained = contrastive(args, models, data, processor)
+    probed = probe(models, data)
+    results.update({name: {**trained[name], **probed[name]} for name in models})
+    return results
+
+
 # --------------------------------------------------------------------------------------------------- main
 
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", default=["supervised", "contrastive", "probe", "text", "captions"],
-                        choices=["supervised", "contrastive", "probe", "text", "captions"])
+    parts = ["supervised", "contrastive", "probe", "text", "captions", "imagenet"]
+    parser.add_argument("--only", nargs="+", default=parts, choices=parts)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
@@ -303,7 +336,7 @@ def main() -> dict:
     for config in (vit, cnn):
         size = config.vision_config.image_size
         if size not in data:
-            sized = _processor_at(processor, size)
+            sized = _processor_for(processor, config)
             data[size] = (ShapesTensors("train", sized, size), ShapesTensors("test", sized, size))
 
     results: dict = {"args": vars(args)}
@@ -324,6 +357,8 @@ def main() -> dict:
             results["text"] = text_side(models, data, processor)
     if "captions" in args.only:
         results["captions"] = caption_ablation(args, cnn, data, processor)
+    if "imagenet" in args.only:
+        results["imagenet"] = imagenet_start(args, processor)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)
