@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pre-train a lightweight CLIP with any mix of the LightCLIP and CLIP-PING objectives, then evaluate it.
 
-    accelerate launch examples/pretrain.py                       # xxs-lite0 preset, built-in shapes data, `lightclip` terms
+    accelerate launch examples/pretrain.py                       # xxs-lite0 preset, shapes data, `lightclip` terms
     accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py --objectives all --neighbors runs/bank
 
 Run with no arguments it trains `lightclip-xxs-lite0` (EfficientNet-Lite0 at 64 px, started from its ImageNet
@@ -33,7 +33,8 @@ from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcess
 from lightclip.data import ImageTextCollator, SkipCounter, add_data_args, load_datasets_from_args
 from lightclip.pretraining import merge_features
 from lightclip.training import (
-    JsonlLog, cosine_with_warmup, lock_image_tower, param_groups, plot_log, resolve_checkpoint, save_checkpoint, truncate_log,
+    JsonlLog, cosine_with_warmup, lock_image_tower, param_groups, plot_log, resolve_checkpoint, save_checkpoint,
+    truncate_log,
 )
 
 logger = logging.getLogger("lightclip.pretrain")
@@ -207,7 +208,8 @@ def resolve_image_tower_init(args) -> str:
     if args.image_tower_init is None:
         if not is_preset:
             return "checkpoint"
-        return "imagenet" if LightClipConfig.from_preset(args.model).vision_config.backbone == "efficientnet-lite" else "random"
+        backbone = LightClipConfig.from_preset(args.model).vision_config.backbone
+        return "imagenet" if backbone == "efficientnet-lite" else "random"
     if args.image_tower_init == "random" and not is_preset:
         raise ValueError("--image_tower_init random applies to presets; a config or checkpoint folder brings its own")
     return args.image_tower_init
