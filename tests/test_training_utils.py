@@ -8,7 +8,7 @@ import torch
 from lightclip import LightClipConfig, LightClipForPreTraining
 from lightclip.pretraining import merge_features
 from lightclip.training import (
-    cosine_with_warmup, list_checkpoints, lock_image_tower, param_groups, resolve_checkpoint,
+    cosine_with_warmup, list_checkpoints, lock_image_tower, lock_text_tower, param_groups, resolve_checkpoint,
 )
 
 
@@ -122,3 +122,27 @@ def test_lock_image_tower_needs_a_tower_with_groups():
     cnn = LightClipForPreTraining(LightClipConfig.from_preset("lightclip-xxs-cnn", objectives="clip"))
     with pytest.raises(ValueError, match="unlocked_groups"):
         lock_image_tower(cnn, unlocked_groups=4)
+
+
+@pytest.mark.parametrize("unlocked, freeze_layer_norm", [(0, True), (1, False)])
+def test_lock_text_tower_freezes_all_but_the_last_layers(unlocked, freeze_layer_norm):
+    model = LightClipForPreTraining(LightClipConfig.from_preset("lightclip-xxs-cnn", objectives="clip"))
+    text = model.lightclip.text_model
+    groups = [text.embeddings, *text.encoder.layers, text.final_layer_norm]
+    locked = groups[:len(groups) - unlocked]
+    frozen = lock_text_tower(model, unlocked_layers=unlocked, freeze_layer_norm=freeze_layer_norm)
+
+    def is_norm(group, name):
+        owner = group.get_submodule(name.rpartition(".")[0]) if "." in name else group
+        return isinstance(owner, torch.nn.LayerNorm)
+
+    expected = [p for g in locked for n, p in g.named_parameters() if freeze_layer_norm or not is_norm(g, n)]
+    assert frozen == sum(p.numel() for p in expected) > 0
+    model(pixel_values=torch.randn(4, 3, 32, 32), input_ids=torch.randint(5, 100, (4, 6))).loss.backward()
+    assert all(p.grad is None for p in expected)
+    trainable = [p for p in model.parameters() if all(p is not q for q in expected)]
+    assert trainable and all(p.grad is not None for p in trainable if p.requires_grad)
+    assert model.lightclip.text_projection.weight.grad is not None
+    assert (text.final_layer_norm.weight.grad is not None) == (unlocked > 0 or not freeze_layer_norm)
+    with pytest.raises(ValueError, match="unlocked_layers"):
+        lock_text_tower(model, unlocked_layers=len(groups) + 1)

@@ -35,29 +35,58 @@ def _stay_in_eval_mode(module: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(module, False)
 
 
+def _locked_groups(groups: list[nn.Module], unlocked: int, what: str) -> list[nn.Module]:
+    """All but the last `unlocked` of `groups` (input to output), checked."""
+    if not 0 <= unlocked <= len(groups):
+        raise ValueError(f"{what} must be in [0, {len(groups)}], got {unlocked}")
+    return groups[:len(groups) - unlocked]
+
+
+def _tower(model: nn.Module, name: str) -> nn.Module:
+    """`vision_model` / `text_model` of a `LightClipModel` or of a `LightClipForPreTraining`."""
+    return model.get_submodule(f"lightclip.{name}" if hasattr(model, "lightclip") else name)
+
+
 def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats: bool = True) -> int:
     """LiT / open_clip `--lock-image`: freeze the image tower's layer groups except the last `unlocked_groups`.
 
-    The tower must list its groups (`backbone.groups()`, input to output: the native CNNs have it). With
-    `freeze_bn_stats`, the locked groups stay in eval mode through every later `model.train()`, so their BatchNorm
-    statistics are the pre-trained ones and never batch statistics. Returns the number of frozen parameters.
+    The tower must list its groups (`backbone.groups()`, input to output: the native CNNs have it); the projection
+    stays trainable. With `freeze_bn_stats`, the locked groups stay in eval mode through every later `model.train()`,
+    so their BatchNorm statistics are the pre-trained ones and never batch statistics. Returns the number of frozen
+    parameters.
     """
-    vision = model.get_submodule("lightclip.vision_model" if hasattr(model, "lightclip") else "vision_model")
+    vision = _tower(model, "vision_model")
     backbone = getattr(vision, "backbone", None)
     if not hasattr(backbone, "groups"):
         raise ValueError(f"locking needs an image tower that lists its layer groups (backbone 'efficientnet-lite' or "
                          f"'convnet'), not {vision.config.backbone!r}")
-    groups = backbone.groups()
-    if not 0 <= unlocked_groups <= len(groups):
-        raise ValueError(f"unlocked_groups must be in [0, {len(groups)}], got {unlocked_groups}")
     frozen = 0
-    for group in groups[:len(groups) - unlocked_groups]:
+    for group in _locked_groups(backbone.groups(), unlocked_groups, "unlocked_groups"):
         for param in group.parameters():
             param.requires_grad_(False)
             frozen += param.numel()
         if freeze_bn_stats:
             group.eval()
             group.train = _stay_in_eval_mode.__get__(group)
+    return frozen
+
+
+def lock_text_tower(model: nn.Module, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> int:
+    """open_clip `--lock-text`: freeze the text tower's groups (token and position embeddings, each transformer layer,
+    the final LayerNorm) except the last `unlocked_layers`; the projection stays trainable, as open_clip's HF text
+    encoder leaves its projection. Without `freeze_layer_norm`, the LayerNorms of the locked groups keep training.
+    Returns the number of frozen parameters.
+    """
+    text = _tower(model, "text_model")
+    groups = [text.embeddings, *text.encoder.layers, text.final_layer_norm]
+    frozen = 0
+    for group in _locked_groups(groups, unlocked_layers, "unlocked_layers"):
+        for module in group.modules():
+            if isinstance(module, nn.LayerNorm) and not freeze_layer_norm:
+                continue
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(False)
+                frozen += param.numel()
     return frozen
 
 
@@ -173,5 +202,5 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-__all__ = ["param_groups", "lock_image_tower", "cosine_with_warmup", "save_checkpoint", "resolve_checkpoint", "list_checkpoints",
+__all__ = ["param_groups", "lock_image_tower", "lock_text_tower", "cosine_with_warmup", "save_checkpoint", "resolve_checkpoint", "list_checkpoints",
            "JsonlLog", "truncate_log", "plot_log"]
