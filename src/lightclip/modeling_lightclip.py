@@ -354,6 +354,18 @@ class LightClipVisionTransformer(nn.Module):
         )
 
 
+def _run_groups(groups: list[nn.Module], pixel_values: torch.Tensor,
+                output_hidden_states: bool) -> BaseModelOutputWithPooling:
+    """The native CNNs' forward: the groups in order; the last feature map and, on request, the input and every
+    group's output, like transformers' CNNs."""
+    states, hidden = (pixel_values,) if output_hidden_states else None, pixel_values
+    for group in groups:
+        hidden = group(hidden)
+        if output_hidden_states:
+            states += (hidden,)
+    return BaseModelOutputWithPooling(last_hidden_state=hidden, hidden_states=states)
+
+
 class LightClipConvNet(nn.Module):
     """The native small CNN (`backbone="convnet"`): per stage a 3x3 conv and a stride-2 3x3 conv, each followed by
     BatchNorm and ReLU. Returns the last feature map and, on request, every stage's output, like transformers' CNNs.
@@ -375,13 +387,8 @@ class LightClipConvNet(nn.Module):
     def _conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
-        states, hidden = (pixel_values,) if output_hidden_states else None, pixel_values
-        for stage in self.stages:
-            hidden = stage(hidden)
-            if output_hidden_states:
-                states += (hidden,)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, hidden_states=states)
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
+        return _run_groups(self.groups(), pixel_values, output_hidden_states)
 
 
 class Conv2dSame(nn.Conv2d):
@@ -497,12 +504,7 @@ class LightClipEfficientNetLite(nn.Module):
         return [self.stem, *self.stages, self.head]
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
-        states, hidden = (pixel_values,) if output_hidden_states else None, pixel_values
-        for group in self.groups():
-            hidden = group(hidden)
-            if output_hidden_states:
-                states += (hidden,)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, hidden_states=states)
+        return _run_groups(self.groups(), pixel_values, output_hidden_states)
 
 
 class LightClipConvVisionTower(nn.Module):
