@@ -97,8 +97,8 @@ class LightClipImageProcessor(CLIPImageProcessorPil):
         super().__init__(**kwargs)
 
     @classmethod
-    def from_vision_config(cls, vision_config, image_size: int | None = None) -> "LightClipImageProcessor":
-        """The processor a tower expects, at `image_size` (default the tower's): CLIP's normalisation, but
+    def from_vision_config(cls, vision_config) -> "LightClipImageProcessor":
+        """The processor a tower expects, at its `image_size`: CLIP's normalisation, but
         EfficientNet-Lite's (`IMAGENET_LITE_MEAN` / `IMAGENET_LITE_STD`, i.e. (x - 127) / 128, as its released ImageNet
         weights were trained) for `backbone="efficientnet-lite"`."""
         normalisation = {}
@@ -106,7 +106,7 @@ class LightClipImageProcessor(CLIPImageProcessorPil):
             from .configuration_lightclip import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD
 
             normalisation = dict(image_mean=list(IMAGENET_LITE_MEAN), image_std=list(IMAGENET_LITE_STD))
-        return cls(image_size=image_size or vision_config.image_size, **normalisation)
+        return cls(image_size=vision_config.image_size, **normalisation)
 
     def convert_to_rgb(self, image, input_data_format=None) -> np.ndarray:
         if isinstance(image, Image.Image):
