@@ -80,9 +80,18 @@ def machine(args: argparse.Namespace) -> str:
         f"- 1-min load average: {getattr(args, 'load_at_start', float('nan')):.1f} at start, {os.getloadavg()[0]:.1f} at end"
         " (above the thread count means other processes shared the cores)",
         f"- rounds: warmup {args.warmup}, median of {args.repeats} (variants interleaved)",
-        "- command: `" + " ".join(shlex.quote(a) for a in ["python", *sys.argv]) + "`",
+        "- command: `" + command_line() + "`",
     ]
     return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The command as anyone can run it from the repository root: `python benchmarks/<script>.py ...`, with neither
+    the interpreter's path nor the machine's path to the script."""
+    script = os.path.abspath(sys.argv[0])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.relpath(script, root) if script.startswith(root + os.sep) else os.path.basename(script)
+    return " ".join(shlex.quote(a) for a in ["python", script, *sys.argv[1:]])
 
 
 def sync(device: torch.device) -> None:
