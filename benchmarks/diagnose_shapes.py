@@ -85,7 +85,7 @@ class ShapesTensors:
 
 def make_optimizer(model: nn.Module, args) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The pretrain.py defaults: AdamW (0.9, 0.98), eps 1e-6, weight decay 0.1 off norms and biases, 5 % warm-up."""
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1, args.learning_rate), betas=(0.9, 0.98), eps=1e-6)
     return optimizer, cosine_with_warmup(optimizer, int(0.05 * args.steps), args.steps)
 
 

@@ -102,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--per_device_train_batch_size", type=int, default=64)
     group.add_argument("--per_device_eval_batch_size", type=int, default=128)
     group.add_argument("--learning_rate", type=float, default=2e-3)
+    group.add_argument("--image_tower_lr_scale", type=float, default=1.0,
+                       help="Learning rate of the image tower relative to --learning_rate (e.g. 0.1 to fine-tune a "
+                            "pre-trained tower gently while the text tower and projections learn from scratch).")
     group.add_argument("--weight_decay", type=float, default=0.1)
     group.add_argument("--adam_beta1", type=float, default=0.9)
     group.add_argument("--adam_beta2", type=float, default=0.98)
@@ -401,8 +404,9 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset, batch_size=micro_batch, shuffle=not iterable, drop_last=True, collate_fn=collator,
         num_workers=args.dataloader_num_workers,
     )
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
-                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    groups = param_groups(model, args.weight_decay, args.learning_rate, args.image_tower_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon)
     loader_len = None if iterable else len(loader) // max(1, accelerator.num_processes)
     steps_per_epoch = None if iterable else max(1, loader_len // args.gradient_accumulation_steps)
     total_steps = resolve_steps(args, steps_per_epoch)

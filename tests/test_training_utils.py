@@ -56,13 +56,25 @@ def test_accumulated_gradients_equal_the_full_batch(objectives):
 
 def test_param_groups_exclude_norms_biases_and_logit_scales():
     model = LightClipForPreTraining(LightClipConfig.from_preset("lightclip-xxs", objectives="token"))
-    decay, no_decay = param_groups(model, 0.1)
+    decay, no_decay = param_groups(model, 0.1, 1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert "lightclip.logit_scale" in no_decay_names and "token_logit_scale" in no_decay_names
     assert all(n.endswith(("bias", "logit_scale", "class_embedding")) or "norm" in n for n in no_decay_names)
     assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decay["lr"] == no_decay["lr"] == 1e-3
+
+
+def test_param_groups_scale_the_image_tower_learning_rate():
+    model = LightClipForPreTraining(LightClipConfig.from_preset("lightclip-xxs-cnn", objectives="clip"))
+    groups = param_groups(model, 0.1, 1e-3, image_tower_lr_scale=0.1)
+    lr = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert len(lr) == sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for name, param in model.named_parameters():
+        expected = 1e-4 if name.startswith("lightclip.vision_model.") else 1e-3
+        assert lr[id(param)] == pytest.approx(expected), name
+    assert lr[id(model.lightclip.visual_projection.weight)] == pytest.approx(1e-3)
 
 
 def test_cosine_schedule_with_warmup():
@@ -112,7 +124,7 @@ def test_lock_image_tower_freezes_all_but_the_last_groups_and_their_statistics(u
     assert model.lightclip.text_model.embeddings.token_embedding.weight.grad is not None
     after = {k: v for g in locked for k, v in g.state_dict().items() if "running" in k}
     assert all(torch.equal(stats[k], after[k]) for k in stats)
-    assert all(p.requires_grad for group in param_groups(model, 0.1) for p in group["params"])
+    assert all(p.requires_grad for group in param_groups(model, 0.1, 1e-3) for p in group["params"])
 
 
 def test_lock_image_tower_needs_a_tower_with_groups():

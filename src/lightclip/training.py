@@ -18,17 +18,25 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups with no weight decay on norms, biases, embeddings' 1-D params and the logit scales (CLIP recipe)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, learning_rate: float,
+                 image_tower_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups with no weight decay on norms, biases, embeddings' 1-D params and the logit scales (CLIP recipe).
+
+    The image tower may learn at `image_tower_lr_scale` times the base rate, as a pre-trained tower is fine-tuned
+    while the rest of the model learns from scratch; its projection learns at the base rate.
+    """
+    groups: dict[tuple[bool, bool], list] = {}
+    tower = f"{'lightclip.' if hasattr(model, 'lightclip') else ''}vision_model."
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or "logit_scale" in name or "class_embedding" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = param.ndim < 2 or "logit_scale" in name or "class_embedding" in name
+        groups.setdefault((no_decay, image_tower_lr_scale != 1.0 and name.startswith(tower)), []).append(param)
+    return [
+        {"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+         "lr": learning_rate * (image_tower_lr_scale if in_tower else 1.0)}
+        for (no_decay, in_tower), params in sorted(groups.items())
+    ]
 
 
 def _stay_in_eval_mode(module: nn.Module, mode: bool = True) -> nn.Module:
