@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            unwrapped.lightclip.clamp_logit_scale_()
+            unwrapped.clamp_logit_scales_()
             seen += sum(b["input_ids"].shape[0] for b in pending) * accelerator.num_processes
             pending = []
             step += 1
@@ -491,8 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
                           **{k: accelerator.reduce(v.detach(), "mean").item() for k, v in out.losses.items()},
                           "lr": scheduler.get_last_lr()[0], "logit_scale": unwrapped.lightclip.logit_scale_exp().item(),
                           "images_per_sec": round(seen / max(elapsed, 1e-9), 1)}
-                if "soft" in config.objectives:
-                    record["soft_alpha"] = unwrapped.contrastive.alpha
+                record.update(unwrapped.log_values())
                 log.write(record)
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=record["images_per_sec"])

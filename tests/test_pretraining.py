@@ -16,10 +16,12 @@ LOSS_KEY = {"clip": "contrastive_loss", "soft": "contrastive_loss", "token": "to
             "nn": "nn_loss", "xnn": "xnn_loss"}
 WEIGHT_OF = {"contrastive_loss": None, "token_loss": "token_weight", "mlm_loss": "mlm_weight",
              "nn_loss": "nn_weight", "xnn_loss": "xnn_weight"}
-# top-level parameter owners each objective adds to the inner `lightclip` model
-MODULES = {"clip": set(), "soft": set(), "token": {"image_token_proj", "text_token_proj", "token_logit_scale"},
-           "mlm": {"fusion"}, "nn": {"nn_image_head", "nn_text_head", "nn_logit_scale"},
-           "xnn": {"xnn_image_head", "xnn_text_head", "xnn_logit_scale"}}
+# parameter owners each objective adds next to the inner `lightclip` model, in its own `objectives.<name>` module
+MODULES = {"clip": set(), "soft": set(),
+           "token": {"objectives.token.image_proj", "objectives.token.text_proj", "objectives.token.logit_scale"},
+           "mlm": {"objectives.mlm.fusion"},
+           "nn": {"objectives.nn.image_head", "objectives.nn.text_head", "objectives.nn.logit_scale"},
+           "xnn": {"objectives.xnn.image_head", "objectives.xnn.text_head", "objectives.xnn.logit_scale"}}
 
 CASES = {
     "clip": dict(objectives="clip"),
@@ -102,10 +104,13 @@ def test_total_is_weighted_sum(case):
 
 def test_inactive_objectives_build_nothing(case):
     _, model, _ = case
-    owners = {name.split(".")[0] for name, _ in model.named_parameters()}
+    owners = {"lightclip" if name.startswith("lightclip.") else ".".join(name.split(".")[:3])
+              for name, _ in model.named_parameters()}
     expected = {"lightclip"}.union(*(MODULES[o] for o in model.config.objectives))
     assert owners == expected
-    assert type(model.contrastive).__name__ == ("SoftClipLoss" if "soft" in model.config.objectives else "ClipLoss")
+    assert list(model.objectives) == model.config.objectives
+    contrastive = "soft" if "soft" in model.config.objectives else "clip"
+    assert type(model.objectives[contrastive].loss).__name__ == ("SoftClipLoss" if contrastive == "soft" else "ClipLoss")
 
 
 def test_every_parameter_gets_a_gradient(case):
@@ -114,6 +119,28 @@ def test_every_parameter_gets_a_gradient(case):
     assert missing == []
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
     assert bad == []
+
+
+def test_the_registry_serves_every_objective_name():
+    from lightclip.configuration_lightclip import OBJECTIVES
+    from lightclip.objectives import OBJECTIVE_CLASSES
+
+    assert tuple(OBJECTIVE_CLASSES) == OBJECTIVES
+    assert {cls.loss_key for cls in OBJECTIVE_CLASSES.values()} == set(LOSS_KEY.values())
+    assert {cls.weight_field for cls in OBJECTIVE_CLASSES.values()} - {None} == set(WEIGHTS)
+
+
+def test_every_logit_scale_is_clamped_after_a_step():
+    model = build(objectives="all")
+    scales = [model.lightclip.logit_scale] + [o.logit_scale for o in model.objectives.values()
+                                              if o.logit_scale_init is not None]
+    assert len(scales) == 4  # CLIP, token, nn, xnn
+    with torch.no_grad():
+        for k, scale in enumerate(scales):
+            scale.fill_(model.config.logit_scale_max + 1.0 if k % 2 else -1.0)
+    model.clamp_logit_scales_()
+    for k, scale in enumerate(scales):
+        assert scale.item() == pytest.approx(model.config.logit_scale_max if k % 2 else 0.0)
 
 
 def test_missing_neighbor_targets_is_a_clear_error(text_batch):
@@ -230,9 +257,9 @@ def test_pretraining_resumes_from_plain_checkpoint(saved_all, text_batch):
     for name, tensor in pretraining.lightclip.state_dict().items():
         torch.testing.assert_close(resumed.lightclip.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     config = resumed.config
-    assert resumed.token_logit_scale.item() == pytest.approx(config.logit_scale_init_value)
-    assert resumed.nn_logit_scale.item() == pytest.approx(config.neighbor_logit_scale_init_value)
-    assert torch.count_nonzero(resumed.fusion.head_bias) == 0
+    assert resumed.objectives["token"].logit_scale.item() == pytest.approx(config.logit_scale_init_value)
+    assert resumed.objectives["nn"].logit_scale.item() == pytest.approx(config.neighbor_logit_scale_init_value)
+    assert torch.count_nonzero(resumed.objectives["mlm"].fusion.head_bias) == 0
     for name, p in resumed.named_parameters():
         assert torch.isfinite(p).all() and p.abs().max() < 100, name
     out = resumed(**inputs(text_batch))

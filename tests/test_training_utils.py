@@ -59,7 +59,7 @@ def test_param_groups_exclude_norms_biases_and_logit_scales():
     decay, no_decay = param_groups(model, 0.1, 1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert "lightclip.logit_scale" in no_decay_names and "token_logit_scale" in no_decay_names
+    assert "lightclip.logit_scale" in no_decay_names and "objectives.token.logit_scale" in no_decay_names
     assert all(n.endswith(("bias", "logit_scale", "class_embedding")) or "norm" in n for n in no_decay_names)
     assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

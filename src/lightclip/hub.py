@@ -154,25 +154,9 @@ def _fmt_count(n: int) -> str:
 
 
 def _objective_rows(config: dict) -> list[tuple[str, str]]:
-    rows = []
-    for term in config.get("objectives") or ["clip"]:
-        if term == "clip":
-            rows.append(("clip: symmetric image-text InfoNCE", "1.0"))
-        elif term == "soft":
-            rows.append(("soft: InfoNCE with progressively softened negatives (replaces clip)",
-                         f"1.0; alpha rises to {config.get('soft_alpha_max')} ({config.get('soft_schedule')}, "
-                         f"{config.get('soft_mode')})"))
-        elif term == "token":
-            rows.append(("token: patch-word relaxed bipartite matching",
-                         f"{config.get('token_weight')} ({config.get('token_matching')})"))
-        elif term == "mlm":
-            rows.append(("mlm: masked language modelling through the image-text fusion module",
-                         f"{config.get('mlm_weight')} (mask probability {config.get('mlm_probability')})"))
-        elif term == "nn":
-            rows.append(("nn: nearest-neighbour guidance, same modality (CLIP-PING)", str(config.get("nn_weight"))))
-        elif term == "xnn":
-            rows.append(("xnn: nearest-neighbour guidance, cross modality (CLIP-PING)",
-                         f"{config.get('xnn_weight')} ({config.get('xnn_mode')})"))
+    from .objectives import OBJECTIVE_CLASSES
+
+    rows = [OBJECTIVE_CLASSES[term].card_row(config) for term in config.get("objectives") or ["clip"]]
     rows.append(("training-only modules", "dropped at save: the checkpoint is a plain dual encoder"))
     return rows
 
