@@ -39,7 +39,7 @@ from lightclip import LightClipConfig, LightClipModel, LightClipProcessor
 from lightclip.data import load_rgb_image
 from lightclip.evaluation import encode_texts, evaluate_shapes, linear_probe, zero_shot_classifier
 from lightclip.shapes import COLOURS, SHAPES, make_shapes_dataset, shapes_zero_shot_tasks
-from lightclip.training import cosine_with_warmup, param_groups
+from lightclip.trainer_utils import cosine_with_warmup, param_groups
 
 VIT_PRESET, CNN_PRESET, LITE_PRESET = "lightclip-xxs", "lightclip-xxs-cnn", "lightclip-xxs-lite0"
 

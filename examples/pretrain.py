@@ -32,7 +32,7 @@ import lightclip
 from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcessor
 from lightclip.data import ImageTextCollator, SkipCounter, add_data_args, load_datasets_from_args
 from lightclip.pretraining import merge_features
-from lightclip.training import (
+from lightclip.trainer_utils import (
     JsonlLog, cosine_with_warmup, lock_image_tower, lock_text_tower, param_groups, plot_log, resolve_checkpoint,
     save_checkpoint, truncate_log,
 )

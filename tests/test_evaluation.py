@@ -365,7 +365,7 @@ def cli_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "model"
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    spec = importlib.util.spec_from_file_location("lightclip_evaluate_cli", REPO / "examples" / "evaluate.py")
+    spec = importlib.util.spec_from_file_location("lightclip_evaluate_cli", REPO / "examples" / "run_evaluation.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     return cli, str(path)

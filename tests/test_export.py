@@ -134,7 +134,7 @@ def test_preprocessing_json_reproduces_the_processor(exported):
 
 
 def test_export_cli(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("export_onnx_cli", ROOT / "utils" / "export_onnx.py")
+    spec = importlib.util.spec_from_file_location("export_onnx_cli", ROOT / "examples" / "export_onnx.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     result = script.main(["--model", str(checkpoint_dir(CHECKPOINTS[0])), "--output", str(tmp_path / "cli")])

@@ -237,7 +237,7 @@ def test_validation_refuses_broken_folders(folder, breakage, message):
 
 
 def test_push_cli(folder, monkeypatch, capsys):
-    script = load_script("utils/push_to_hub.py")
+    script = load_script("examples/push_to_hub.py")
     monkeypatch.setenv("HF_TOKEN", SECRET)
     report = script.main(["--folder", str(folder), "--repo_id", "org/cli", "--dry_run"], api=ExplodingApi())
     assert report["files"]

@@ -7,7 +7,7 @@ import torch
 
 from lightclip import LightClipConfig, LightClipForPreTraining
 from lightclip.pretraining import merge_features
-from lightclip.training import (
+from lightclip.trainer_utils import (
     cosine_with_warmup, list_checkpoints, lock_image_tower, lock_text_tower, param_groups, resolve_checkpoint,
 )
 

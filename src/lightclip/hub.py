@@ -385,7 +385,7 @@ def package_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         results = evaluate_shapes(model, processor)
         previous = _read_json(run_dir / "eval_results.json") or {}
         results["step"] = previous.get("step")
-        results["command"] = eval_command or f"python examples/evaluate.py --model {out_dir} --task shapes"
+        results["command"] = eval_command or f"python examples/run_evaluation.py --model {out_dir} --task shapes"
         save_results(results, out_dir / "eval_results.json")
     write_model_card(out_dir, command=train_command)
     return out_dir

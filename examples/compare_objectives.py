@@ -1,7 +1,7 @@
 """Train the same model on the built-in shapes data under the same step budget and seed with each objective set,
 then print the README results table (zero-shot top-1 on seen / unseen compositions, retrieval R@1).
 
-    python utils/compare_objectives.py --max_train_steps 600 --output_dir runs/compare
+    python examples/compare_objectives.py --max_train_steps 600 --output_dir runs/compare
 
 Every run is `accelerate launch examples/pretrain.py ...`; the CLIP-PING runs share one feature bank built with the
 default teachers (MiniLM text encoder, colour-HOG image descriptor). Extra arguments go to every run.

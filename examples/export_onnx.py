@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export a saved lightclip model to two ONNX graphs (image tower, text tower) with their preprocessing.
 
-    python utils/export_onnx.py --model checkpoints/lightclip-xxs-lite0-shapes --output exported/lightclip-xxs-lite0-shapes
+    python examples/export_onnx.py --model checkpoints/lightclip-xxs-lite0-shapes --output exported/lightclip-xxs-lite0-shapes
 
 Writes image_encoder.onnx, text_encoder.onnx, preprocessing.json and the tokenizer / image processor files; with
 --verify (default on) it also runs both graphs in onnxruntime on random inputs and prints the largest absolute

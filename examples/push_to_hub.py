@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Upload a saved lightclip model folder to the Hugging Face Hub, after checking that it loads.
 
-    python utils/push_to_hub.py --folder checkpoints/lightclip-xxs-lite0-shapes --repo_id your-org/lightclip-xxs-lite0-shapes
-    python utils/push_to_hub.py --folder checkpoints/lightclip-xxs-lite0-shapes --repo_id your-org/x --dry_run
+    python examples/push_to_hub.py --folder checkpoints/lightclip-xxs-lite0-shapes --repo_id your-org/lightclip-xxs-lite0-shapes
+    python examples/push_to_hub.py --folder checkpoints/lightclip-xxs-lite0-shapes --repo_id your-org/x --dry_run
 
 The folder is validated first (LightClipModel.from_pretrained, the zero-shot pipeline on a synthetic picture, the
 model card's metadata); --dry_run stops there and prints the files that would be uploaded. The token comes from

@@ -100,7 +100,11 @@ def lock_text_tower(model: nn.Module, unlocked_layers: int = 0, freeze_layer_nor
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                        min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup then cosine decay to `min_ratio` of the peak learning rate."""
+    """Linear warmup then cosine decay to `min_ratio` of the peak learning rate.
+
+    Unlike transformers' `get_cosine_schedule_with_warmup`, whose first step runs at learning rate 0, the first
+    warm-up step here already runs at `1 / warmup_steps` of the peak.
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:

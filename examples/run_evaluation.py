@@ -4,16 +4,16 @@
 Examples:
 
     # the built-in synthetic benchmark (no data needed)
-    python examples/evaluate.py --model runs/xxs/final --task shapes --output results/shapes.json
+    python examples/run_evaluation.py --model runs/xxs/final --task shapes --output results/shapes.json
 
     # zero-shot on an image folder (class names from the sub-folder names, generic templates)
-    python examples/evaluate.py --model runs/xxs/final --task zero_shot --data path/to/imagefolder --split test
+    python examples/run_evaluation.py --model runs/xxs/final --task zero_shot --data path/to/imagefolder --split test
 
     # retrieval on anything lightclip.data reads: image folder with metadata.jsonl, csv/json, tar shards, hub
-    python examples/evaluate.py --model runs/xxs/final --task retrieval --data path/to/captions --split train
+    python examples/run_evaluation.py --model runs/xxs/final --task retrieval --data path/to/captions --split train
 
     # linear probe: train on --train_split, test on --split
-    python examples/evaluate.py --model runs/xxs/final --task linear_probe --data shapes --label_column shape
+    python examples/run_evaluation.py --model runs/xxs/final --task linear_probe --data shapes --label_column shape
 
 Results are printed and, with --output, written as JSON: {"model", "task", "data", "split", "metrics": {...}}.
 """
@@ -23,12 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-
-# This file is called evaluate.py: keep its folder off sys.path so that `import evaluate` (the HF library), wherever
-# a dependency does it, does not import this script instead.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 TASKS = ("zero_shot", "retrieval", "linear_probe", "shapes")
 
