@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -349,8 +350,28 @@ def log_evaluation(model, processor, args, validation, accelerator, log: JsonlLo
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+@dataclass
+class Run:
+    """Everything the training loop and the final step share, built by `prepare_training`."""
+
+    model: torch.nn.Module  # prepared (DDP-wrapped when distributed)
+    processor: LightClipProcessor
+    config: LightClipConfig
+    loader: torch.utils.data.DataLoader
+    collator: ImageTextCollator
+    skips: SkipCounter
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    bank: object | None
+    log: JsonlLog
+    output_dir: Path
+    total_steps: int
+    steps_per_epoch: int | None
+    step: int = 0
+
+
+def setup(args) -> Accelerator:
+    """Step 1: the accelerator, logging, seeds, CPU threads and the output folder (with `train_config.json`)."""
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
     # `accelerate launch --multi_gpu` on a machine without GPUs starts ranks that Accelerate treats as independent
     # unless told to use the CPU: then they form a gloo process group (MULTI_CPU)
@@ -376,11 +397,20 @@ def main(argv: list[str] | None = None) -> dict:
         if args.config_file:
             shutil.copy(args.config_file, output_dir / Path(args.config_file).name)
     accelerator.wait_for_everyone()
+    return accelerator
 
+
+def load_data(args, accelerator):
+    """Step 2: the training and validation data, and the CLIP-PING feature bank when an objective needs one."""
     with accelerator.main_process_first():
         # the data seed stays 0 so every run (any --seed) trains and evaluates on the same shapes data
         train_dataset, validation = load_datasets_from_args(args, seed=0)
     bank = load_or_build_bank(args, train_dataset, accelerator)
+    return train_dataset, validation, bank
+
+
+def prepare_training(args, accelerator: Accelerator, train_dataset, bank) -> Run:
+    """Step 3: model, data loader, optimiser and schedule, prepared by Accelerate; resumed from a checkpoint."""
     model, processor = build_model_and_processor(args, bank)
     config = model.config
     if args.gradient_checkpointing:
@@ -393,16 +423,14 @@ def main(argv: list[str] | None = None) -> dict:
                 args.model, n_params / 1e6, n_train / 1e6, config.objectives)
 
     skips = SkipCounter()
-    image_size = config.vision_config.image_size
-    collator = ImageTextCollator(processor, train=True, image_size=image_size,
+    collator = ImageTextCollator(processor, train=True, image_size=config.vision_config.image_size,
                                  max_length=config.text_config.max_position_embeddings, seed=args.seed,
                                  skip_counter=skips, return_skip_counts=args.dataloader_num_workers > 0,
                                  return_raw=args.active_teacher)
     iterable = not hasattr(train_dataset, "__len__")
-    micro_batch = args.per_device_train_batch_size
     loader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=micro_batch, shuffle=not iterable, drop_last=True, collate_fn=collator,
-        num_workers=args.dataloader_num_workers,
+        train_dataset, batch_size=args.per_device_train_batch_size, shuffle=not iterable, drop_last=True,
+        collate_fn=collator, num_workers=args.dataloader_num_workers,
     )
     groups = param_groups(model, args.weight_decay, args.learning_rate, args.image_tower_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -420,29 +448,38 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_to != "none":
         flat = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("lightclip", config=flat)
-    log = JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
+    output_dir = Path(args.output_dir)
+    run = Run(model=model, processor=processor, config=config, loader=loader, collator=collator, skips=skips,
+              optimizer=optimizer, scheduler=scheduler, bank=bank,
+              log=JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process),
+              output_dir=output_dir, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
-    step = 0
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        run.step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
         if accelerator.is_main_process:
-            truncate_log(output_dir / "train_log.jsonl", step)
-        logger.info("resumed from %s at step %d", checkpoint, step)
+            truncate_log(output_dir / "train_log.jsonl", run.step)
+        logger.info("resumed from %s at step %d", checkpoint, run.step)
     elif args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         raise FileNotFoundError(args.resume_from_checkpoint)
+    return run
 
+
+def train(args, accelerator: Accelerator, run: Run, validation) -> None:
+    """Step 4: the loop, from `run.step` to `run.total_steps`: logging, evaluations and checkpoints on the way."""
+    model, loader, collator, skips, log = run.model, run.loader, run.collator, run.skips, run.log
     unwrapped = accelerator.unwrap_model(model)
     batches_per_step = args.gradient_accumulation_steps
+    step, total_steps, steps_per_epoch = run.step, run.total_steps, run.steps_per_epoch
     epoch = 0 if steps_per_epoch is None else step // steps_per_epoch
     skip_batches = 0 if steps_per_epoch is None else (step % steps_per_epoch) * batches_per_step
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train",
                     dynamic_ncols=True)
     logger.info("training %d steps (%s per epoch), global batch %d", total_steps, steps_per_epoch,
-                micro_batch * batches_per_step * accelerator.num_processes)
+                args.per_device_train_batch_size * batches_per_step * accelerator.num_processes)
     if args.eval_steps and step == 0:  # the starting point of the evaluation curves, as open_clip's epoch 0
-        log_evaluation(model, processor, args, validation, accelerator, log, step)
+        log_evaluation(model, run.processor, args, validation, accelerator, log, step)
     seen, window_start = 0, time.perf_counter()
     model.train()
     while step < total_steps:
@@ -466,30 +503,23 @@ def main(argv: list[str] | None = None) -> dict:
             # the model's own random draws (drop-connect, dropout) too; the global generator alone would also count
             # the draws made when a data-loader iterator is created, which differ after a resume
             torch.manual_seed(step_seed(args.seed, step, -1))
-            extras = []
-            for micro, b in enumerate(pending):
-                extra = mlm_inputs(b, unwrapped, args.seed, step, micro)
-                raw = (b.pop("images"), b.pop("texts")) if args.active_teacher else ()
-                if bank is not None:
-                    extra["neighbor_targets"] = bank.lookup(b.pop("index"), *raw, xnn_mode=config.xnn_mode,
-                                                            top_k=config.neighbor_top_k, device=accelerator.device)
-                else:
-                    b.pop("index")
-                extras.append(extra)
+            extras = [step_extras(args, run, b, unwrapped, step, micro, accelerator) for micro, b in enumerate(pending)]
             out = training_step(model, accelerator, pending, extras)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
             unwrapped.clamp_logit_scales_()
             seen += sum(b["input_ids"].shape[0] for b in pending) * accelerator.num_processes
             pending = []
             step += 1
+            run.step = step
             progress.update(1)
             if step % args.logging_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "epoch": epoch, "loss": accelerator.reduce(out.loss.detach(), "mean").item(),
                           **{k: accelerator.reduce(v.detach(), "mean").item() for k, v in out.losses.items()},
-                          "lr": scheduler.get_last_lr()[0], "logit_scale": unwrapped.lightclip.logit_scale_exp().item(),
+                          "lr": run.scheduler.get_last_lr()[0],
+                          "logit_scale": unwrapped.lightclip.logit_scale_exp().item(),
                           "images_per_sec": round(seen / max(elapsed, 1e-9), 1)}
                 record.update(unwrapped.log_values())
                 log.write(record)
@@ -497,25 +527,41 @@ def main(argv: list[str] | None = None) -> dict:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=record["images_per_sec"])
                 seen, window_start = 0, time.perf_counter()
             if args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
-                log_evaluation(model, processor, args, validation, accelerator, log, step)
+                log_evaluation(model, run.processor, args, validation, accelerator, log, step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, step, {"step": step, "epoch": epoch},
+                save_checkpoint(accelerator, run.output_dir, step, {"step": step, "epoch": epoch},
                                 keep=args.checkpoints_total_limit)
             if step >= total_steps:
                 break
         epoch += 1
     progress.close()
 
-    results = evaluate(model, processor, args, validation, accelerator)
-    skip_summary = skips.summary()
+
+def step_extras(args, run: Run, batch: dict, unwrapped, step: int, micro: int, accelerator: Accelerator) -> dict:
+    """The masked caption and the neighbour targets of one micro-batch (popping the fields the model does not take)."""
+    extra = mlm_inputs(batch, unwrapped, args.seed, step, micro)
+    raw = (batch.pop("images"), batch.pop("texts")) if args.active_teacher else ()
+    if run.bank is not None:
+        extra["neighbor_targets"] = run.bank.lookup(batch.pop("index"), *raw, xnn_mode=run.config.xnn_mode,
+                                                    top_k=run.config.neighbor_top_k, device=accelerator.device)
+    else:
+        batch.pop("index")
+    return extra
+
+
+def finish(args, accelerator: Accelerator, run: Run, validation) -> dict:
+    """Step 5: final evaluation, then the model, processor, results, curves and card in the output folder."""
+    results = evaluate(run.model, run.processor, args, validation, accelerator)
+    skip_summary = run.skips.summary()
+    output_dir = run.output_dir
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
-        eval_results = {**results, "step": step, "skipped": skip_summary}
+        accelerator.unwrap_model(run.model).save_pretrained(output_dir)
+        run.processor.save_pretrained(output_dir)
+        eval_results = {**results, "step": run.step, "skipped": skip_summary}
         (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2, sort_keys=True))
-        log.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
+        run.log.write({"step": run.step, **{f"eval/{k}": v for k, v in results.items()}})
         plot_log(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
-        message = skips.warn(logger)
+        message = run.skips.warn(logger)
         if message is None:
             logger.info("no samples skipped")
         for key in sorted(results):
@@ -527,6 +573,15 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator = setup(args)
+    train_dataset, validation, bank = load_data(args, accelerator)
+    run = prepare_training(args, accelerator, train_dataset, bank)
+    train(args, accelerator, run, validation)
+    return finish(args, accelerator, run, validation)
 
 
 def _write_card(output_dir: Path, args) -> None:
