@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ COMMAND = "python examples/pretrain.py --model lightclip-xxs --max_train_steps 6
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name.replace("/", "_")[:-3], ROOT / name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the importlib recipe for a source file: dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
