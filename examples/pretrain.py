@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 import lightclip
 from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcessor
 from lightclip.data import ImageTextCollator, SkipCounter, add_data_args, load_datasets_from_args
+from lightclip.evaluation import evaluate_retrieval, evaluate_shapes, save_results
 from lightclip.pretraining import merge_features
 from lightclip.trainer_utils import (
     JsonlLog, cosine_with_warmup, lock_image_tower, lock_text_tower, param_groups, plot_log, resolve_checkpoint,
@@ -325,8 +326,6 @@ def training_step(model, accelerator, micro_batches: list[dict], extras: list[di
 
 def evaluate(model, processor, args, validation, accelerator) -> dict:
     """Built-in shapes benchmark when training on shapes, else retrieval on the validation set (main process)."""
-    from lightclip.evaluation import evaluate_retrieval, evaluate_shapes
-
     results = {}
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model).lightclip
@@ -558,7 +557,7 @@ def finish(args, accelerator: Accelerator, run: Run, validation) -> dict:
         accelerator.unwrap_model(run.model).save_pretrained(output_dir)
         run.processor.save_pretrained(output_dir)
         eval_results = {**results, "step": run.step, "skipped": skip_summary}
-        (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2, sort_keys=True))
+        save_results(eval_results, output_dir / "eval_results.json")
         run.log.write({"step": run.step, **{f"eval/{k}": v for k, v in results.items()}})
         plot_log(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
         message = run.skips.warn(logger)

@@ -318,6 +318,11 @@ def test_load_rgb_image_conversions(tmp_path):
     Image.new("RGB", (3, 2), (1, 2, 3)).save(path)
     for source in (str(path), path, {"bytes": None, "path": str(path)}, path.read_bytes()):
         assert load_rgb_image(source).getpixel((2, 1)) == (1, 2, 3)
+    chw = torch.zeros(3, 2, 3)
+    chw[:, 1, 2] = torch.tensor([1.0, 0.5, 0.0])  # [0, 1] floats scale to 8 bits
+    assert load_rgb_image(chw).getpixel((2, 1)) == (255, 127, 0)
+    assert load_rgb_image(chw * 255).getpixel((2, 1)) == (255, 127, 0)
+    assert load_rgb_image(torch.full((1, 2, 2), 0.5)).getpixel((0, 0)) == (127, 127, 127)
 
 
 def test_load_rgb_image_errors(tmp_path):

@@ -395,6 +395,14 @@ def _open_image(image: Any) -> Image.Image:
         raise UnreadableImageError("no image", "missing image")
     if isinstance(image, np.ndarray):
         return Image.fromarray(image)
+    if type(image).__module__.startswith("torch"):  # a CHW (or HW) float tensor in [0, 1] or [0, 255]
+        array = image.detach().float().cpu()
+        if array.ndim == 3 and array.shape[0] in (1, 3):
+            array = array.permute(1, 2, 0)
+        array = array.numpy()
+        if array.size and array.max() <= 1.0 + 1e-6:
+            array = array * 255.0
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8).squeeze())
     if isinstance(image, (bytes, bytearray, memoryview)):
         source, name = io.BytesIO(bytes(image)), f"<{len(image)} bytes>"
     elif isinstance(image, (str, os.PathLike)):
@@ -412,7 +420,8 @@ def _open_image(image: Any) -> Image.Image:
 
 
 def load_rgb_image(image: Any) -> Image.Image:
-    """An 8-bit RGB PIL image from a PIL image, a path, bytes, a numpy array or a {"bytes", "path"} dict.
+    """An 8-bit RGB PIL image from a PIL image, a path, bytes, a numpy array, a CHW float tensor (in [0, 1] or
+    [0, 255]) or a {"bytes", "path"} dict.
 
     Transparency is composited on white; grayscale, palette, CMYK and 16-bit / float images are converted (16-bit
     scaled by its range); the EXIF orientation is applied. Raises `UnreadableImageError` for missing or corrupt images.

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import load_rgb_image
+
 __all__ = [
     "DEFAULT_TEMPLATES",
     "encode_images",
@@ -326,13 +328,6 @@ def _model_device(model, device=None) -> torch.device:
         return torch.device("cpu")
 
 
-def _to_rgb(image):
-    """A PIL RGB image from whatever an image column holds (PIL image, path, array, `{"bytes"|"path"}` dict)."""
-    from .data import load_rgb_image
-
-    return load_rgb_image(image)
-
-
 def encode_texts(
     model, processor, texts: Sequence[str], *, batch_size: int = 256, device=None, progress: bool = False,
     desc: str = "Encoding texts",
@@ -376,7 +371,7 @@ def encode_images(
     chunks = []
     with _EvalMode(model):
         for start in tqdm(range(0, len(dataset), batch_size), desc=desc, disable=not progress, leave=False):
-            images = [_to_rgb(image) for image in images_only[start : start + batch_size][image_column]]
+            images = [load_rgb_image(image) for image in images_only[start : start + batch_size][image_column]]
             pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
             embeds = model.encode_image(pixel_values, normalize=normalize)
             chunks.append(embeds.float().cpu())

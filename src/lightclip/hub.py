@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from .configuration_lightclip import LightClipVisionConfig
+from .modeling_lightclip import PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ DATASET_ID = "lightclip-shapes"
 # anything pickled are never uploaded
 UPLOAD_SUFFIXES = (".safetensors", ".json", ".py", ".md", ".txt", ".png", ".model")
 NEVER_UPLOAD = ("train_log.jsonl",)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
                   "tokenizer_config.json", "README.md")
 # the inference code `trust_remote_code` users load; the package is its single source, copied in when a folder is

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .data import load_rgb_image
+
 DEFAULT_TEXT_TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_IMAGE_TEACHER = "descriptor:color-hog"
 _MINILM_IDS = {"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2", "minilm"}
@@ -45,24 +47,6 @@ __all__ = [
     "Teacher",
     "load_teacher",
 ]
-
-
-def _to_rgb(image: Any):
-    """A PIL RGB image from a CHW float tensor in [0, 1] / [0, 255], or anything `lightclip.data.load_rgb_image`
-    reads (PIL image, path, bytes, a datasets image dict, an HWC uint8 array)."""
-    from PIL import Image
-
-    from .data import load_rgb_image
-
-    if isinstance(image, torch.Tensor):
-        array = image.detach().float().cpu()
-        if array.ndim == 3 and array.shape[0] in (1, 3):
-            array = array.permute(1, 2, 0)
-        array = array.numpy()
-        if array.max() <= 1.0 + 1e-6:
-            array = array * 255.0
-        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8).squeeze()).convert("RGB")
-    return load_rgb_image(image)
 
 
 def _as_list(batch: Any) -> list:
@@ -148,7 +132,7 @@ class ColorHogDescriptorTeacher(Teacher):
         from PIL import Image
 
         s, b, g = self.image_size, self.color_bins, self.grid
-        rgb = np.asarray(_to_rgb(image).resize((s, s), Image.BILINEAR), dtype=np.float32) / 255.0
+        rgb = np.asarray(load_rgb_image(image).resize((s, s), Image.BILINEAR), dtype=np.float32) / 255.0
         q = np.minimum((rgb * b).astype(np.int64), b - 1)
         color = np.bincount(((q[..., 0] * b + q[..., 1]) * b + q[..., 2]).ravel(), minlength=b**3).astype(np.float64)
         gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -223,7 +207,7 @@ class HFVisionTeacher(Teacher):
         self.dim = self._encode([np.zeros((32, 32, 3), dtype=np.uint8)], None).shape[-1]
 
     def _encode(self, batch, indices):
-        images = [x if isinstance(x, np.ndarray) else _to_rgb(x) for x in batch]
+        images = [x if isinstance(x, np.ndarray) else load_rgb_image(x) for x in batch]
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
         out = self.model(pixel_values=pixel_values)
         pooled = getattr(out, "pooler_output", None)
@@ -268,7 +252,7 @@ class LightClipTowerTeacher(Teacher):
 
     def _encode(self, batch, indices):
         if self.modality == "image":
-            inputs = self.processor(images=[_to_rgb(x) for x in batch], return_tensors="pt")
+            inputs = self.processor(images=[load_rgb_image(x) for x in batch], return_tensors="pt")
             return self.model.encode_image(inputs["pixel_values"].to(self.device), normalize=True)
         inputs = self.processor(text=[str(t) for t in batch], padding=True, truncation=True, return_tensors="pt")
         mask = inputs.get("attention_mask")
@@ -311,7 +295,7 @@ class ImageNetLiteTeacher(Teacher):
         self._freeze()
 
     def _encode(self, batch, indices):
-        pixel_values = self.processor(images=[_to_rgb(x) for x in batch], return_tensors="pt")["pixel_values"]
+        pixel_values = self.processor(images=[load_rgb_image(x) for x in batch], return_tensors="pt")["pixel_values"]
         weight = next(self.tower.parameters())
         return self.tower(pixel_values.to(weight.device, weight.dtype)).pooler_output
 
