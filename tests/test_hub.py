@@ -7,12 +7,10 @@ made-up string that must never appear in what the code prints or logs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ import lightclip  # noqa: F401
 from lightclip import LightClipModel
 from lightclip.hub import CARD_KEYS, REMOTE_CODE_FILES, package_checkpoint, push_folder, upload_files, write_model_card
 
-from conftest import make_model
+from conftest import load_script, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_lightclipTestSecret0123456789abcdef"
@@ -32,14 +30,6 @@ EVAL = {"shapes/shape/top1": 0.4321, "shapes/shape/top1_unseen": 0.3456, "shapes
 TRAIN = {"model": "lightclip-xxs", "train_data": "shapes", "max_train_steps": 600, "per_device_train_batch_size": 64,
          "gradient_accumulation_steps": 1, "seed": 7, "learning_rate": 0.002, "weight_decay": 0.1}
 COMMAND = "python examples/pretrain.py --model lightclip-xxs --max_train_steps 600 --seed 7"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace("/", "_")[:-3], ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # the importlib recipe for a source file: dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from conftest import load_script
 from lightclip.neighbors import (
     ActiveTeacherNeighbors,
     FeatureBank,
@@ -458,12 +459,7 @@ def test_teacher_parameters_get_no_gradient(tmp_path):
 
 def test_build_neighbors_cli_on_shapes(tmp_path):
     pytest.importorskip("lightclip.data")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "build_neighbors", os.path.join(os.path.dirname(__file__), "..", "examples", "build_neighbors.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("examples/build_neighbors.py")
     text = F.normalize(torch.randn(30, 8), dim=-1)
     np.save(tmp_path / "text.npy", text.numpy())
     argv = ["--train_data", "shapes", "--shapes_train_size", "30", "--shapes_test_size", "4",

@@ -16,7 +16,6 @@ Sources (`load_image_text_dataset(source, ...)`, `--train_data source`):
 
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import json
@@ -26,6 +25,7 @@ import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,35 +44,36 @@ SHAPES_SOURCES = ("shapes", "lightclip-shapes")
 # --------------------------------------------------------------------------------------------------- arguments
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Adds the data arguments of the training and evaluation scripts to `parser`."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--train_data", default="shapes",
-                       help="'shapes', an imagefolder folder, a .csv/.jsonl file, tar shards "
-                            "('shards-{000..009}.tar') or a hub dataset name.")
-    group.add_argument("--validation_data", default=None,
-                       help="Same kinds as --train_data. Default: the shapes test split when --train_data is shapes.")
-    group.add_argument("--dataset_config_name", default=None, help="Config name of a hub dataset.")
-    group.add_argument("--train_split", default="train")
-    group.add_argument("--validation_split", default=None,
-                       help="Default: 'test' for shapes, 'validation' for hub datasets, 'train' for local files.")
-    group.add_argument("--image_column", default=None,
-                       help=f"Default: the first column among {', '.join(IMAGE_COLUMN_CANDIDATES)}.")
-    group.add_argument("--caption_column", default=None,
-                       help="One column, or several separated by commas (each row then has several captions). "
-                            f"Default: a column among {', '.join(CAPTION_COLUMN_CANDIDATES)}.")
-    group.add_argument("--max_train_samples", type=int, default=None)
-    group.add_argument("--max_eval_samples", type=int, default=None)
-    group.add_argument("--streaming", action="store_true", help="Stream hub and local datasets (tar shards always are).")
-    group.add_argument("--preprocessing_num_workers", type=int, default=None)
-    group.add_argument("--dataloader_num_workers", type=int, default=0)
-    group.add_argument("--shapes_train_size", type=int, default=None, help="Default 4000.")
-    group.add_argument("--shapes_test_size", type=int, default=None, help="Default 500.")
-    group.add_argument("--shapes_image_size", type=int, default=64)
+@dataclass
+class DataArguments:
+    """The data arguments of the training, evaluation and feature-bank scripts (`HfArgumentParser` dataclass)."""
+
+    train_data: str = field(default="shapes", metadata={
+        "help": "'shapes', an imagefolder folder, a .csv/.jsonl file, tar shards ('shards-{000..009}.tar') or a hub "
+                "dataset name."})
+    validation_data: str | None = field(default=None, metadata={
+        "help": "Same kinds as --train_data. Default: the shapes test split when --train_data is shapes."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of a hub dataset."})
+    train_split: str = "train"
+    validation_split: str | None = field(default=None, metadata={
+        "help": "Default: 'test' for shapes, 'validation' for hub datasets, 'train' for local files."})
+    image_column: str | None = field(default=None, metadata={
+        "help": f"Default: the first column among {', '.join(IMAGE_COLUMN_CANDIDATES)}."})
+    caption_column: str | None = field(default=None, metadata={
+        "help": "One column, or several separated by commas (each row then has several captions). "
+                f"Default: a column among {', '.join(CAPTION_COLUMN_CANDIDATES)}."})
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    streaming: bool = field(default=False, metadata={"help": "Stream hub and local datasets (tar shards always are)."})
+    preprocessing_num_workers: int | None = None
+    dataloader_num_workers: int = 0
+    shapes_train_size: int | None = field(default=None, metadata={"help": "Default 4000."})
+    shapes_test_size: int | None = field(default=None, metadata={"help": "Default 500."})
+    shapes_image_size: int = 64
 
 
-def load_datasets_from_args(args: argparse.Namespace, seed: int = 0):
-    """(train, validation or None) from the arguments of `add_data_args`."""
+def load_datasets_from_args(args: DataArguments, seed: int = 0):
+    """(train, validation or None) from `DataArguments` (or any object with its attributes)."""
     common = dict(image_column=args.image_column, caption_column=args.caption_column,
                   config_name=args.dataset_config_name, streaming=getattr(args, "streaming", False),
                   num_proc=args.preprocessing_num_workers, shapes_image_size=args.shapes_image_size, seed=seed)
