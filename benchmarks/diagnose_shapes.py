@@ -37,7 +37,8 @@ from torch import nn
 
 from lightclip import LightClipConfig, LightClipModel, LightClipProcessor
 from lightclip.data import load_rgb_image
-from lightclip.evaluation import encode_texts, evaluate_shapes, linear_probe, zero_shot_classifier
+from lightclip.evaluation import encode_texts, linear_probe, zero_shot_classifier
+from lightclip.shapes import evaluate_shapes
 from lightclip.shapes import COLOURS, SHAPES, make_shapes_dataset, shapes_zero_shot_tasks
 from lightclip.trainer_utils import cosine_with_warmup, param_groups
 

@@ -36,7 +36,8 @@ from transformers import HfArgumentParser
 import lightclip
 from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcessor
 from lightclip.data import DataArguments, ImageTextCollator, SkipCounter, load_datasets_from_args
-from lightclip.evaluation import evaluate_retrieval, evaluate_shapes, save_results
+from lightclip.evaluation import evaluate_retrieval, save_results
+from lightclip.shapes import evaluate_shapes, is_shapes_source
 from lightclip.pretraining import merge_features
 from lightclip.trainer_utils import (
     JsonlLog, cosine_with_warmup, lock_image_tower, lock_text_tower, param_groups, plot_log, resolve_checkpoint,
@@ -357,7 +358,7 @@ def evaluate(model, processor, args, validation, accelerator) -> dict:
         inner = accelerator.unwrap_model(model).lightclip
         was_training = inner.training
         inner.eval()
-        if args.train_data in ("shapes", "lightclip-shapes") and validation is not None:
+        if is_shapes_source(args.train_data) and validation is not None:
             results = evaluate_shapes(inner, processor, dataset=validation, batch_size=args.per_device_eval_batch_size)
         elif validation is not None:
             results = evaluate_retrieval(inner, processor, validation, batch_size=args.per_device_eval_batch_size)

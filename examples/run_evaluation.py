@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from lightclip import LightClipModel, LightClipProcessor
-    from lightclip import evaluation
+    from lightclip import evaluation, shapes
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LightClipModel.from_pretrained(args.model).to(device).eval()
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
     common = dict(image_column=args.image_column or "image", batch_size=args.batch_size)
 
     if args.task == "shapes":
-        return evaluation.evaluate_shapes(model, processor, num_samples=args.num_samples, batch_size=args.batch_size)
+        return shapes.evaluate_shapes(model, processor, num_samples=args.num_samples, batch_size=args.batch_size)
     if args.task == "retrieval":
         dataset = load_retrieval_dataset(args)
         return evaluation.evaluate_retrieval(model, processor, dataset, batch_size=args.batch_size)

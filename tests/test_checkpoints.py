@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 
 import lightclip  # noqa: F401
 from lightclip import LightClipModel, LightClipProcessor
-from lightclip.evaluation import evaluate_shapes
+from lightclip.shapes import evaluate_shapes
 from lightclip.hub import (
     CARD_KEYS, PICKLE_SUFFIXES, REMOTE_CODE_FILES, add_remote_code, validate_folder, weight_summary,
 )

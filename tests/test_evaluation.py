@@ -347,7 +347,7 @@ SHAPES_KEYS = {
 
 def test_evaluate_shapes_keys():
     pytest.importorskip("lightclip.shapes")
-    from lightclip.evaluation import evaluate_shapes
+    from lightclip.shapes import evaluate_shapes
 
     model, processor = _tiny_lightclip()
     result = evaluate_shapes(model, processor, num_samples=40, batch_size=16)
@@ -372,7 +372,7 @@ def cli_model(tmp_path_factory):
 def test_evaluate_shapes_on_loader_output(streaming):
     """The trainer passes `lightclip.data.load_image_text_dataset("shapes", ...)`: undecoded images, maybe streamed."""
     data = pytest.importorskip("lightclip.data")
-    from lightclip.evaluation import evaluate_shapes
+    from lightclip.shapes import evaluate_shapes
 
     model, processor = _tiny_lightclip()
     dataset = data.load_image_text_dataset("shapes", "test", shapes_size=24, streaming=streaming)

@@ -32,13 +32,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .processing_lightclip import to_rgb8
+from .shapes import is_shapes_source
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "png", "image_path", "file_name", "filepath")
 CAPTION_COLUMN_CANDIDATES = ("text", "caption", "captions", "txt", "sentences")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
-SHAPES_SOURCES = ("shapes", "lightclip-shapes")
 
 
 # --------------------------------------------------------------------------------------------------- arguments
@@ -80,7 +80,7 @@ def load_datasets_from_args(args: DataArguments, seed: int = 0):
     train = load_image_text_dataset(args.train_data, args.train_split, max_samples=args.max_train_samples,
                                     shapes_size=args.shapes_train_size, **common)
     validation_data = args.validation_data
-    if validation_data is None and args.train_data in SHAPES_SOURCES:
+    if validation_data is None and is_shapes_source(args.train_data):
         validation_data = "shapes"
     if validation_data is None:
         return train, None
@@ -98,7 +98,7 @@ def load_datasets_from_args(args: DataArguments, seed: int = 0):
 
 def detect_source_kind(source: str) -> str:
     """One of "shapes", "imagefolder", "csv", "json", "tar", "hub"."""
-    if source in SHAPES_SOURCES:
+    if is_shapes_source(source):
         return "shapes"
     lower = source.lower()
     if lower.endswith(".tar"):  # a file, a brace pattern or a glob; missing shards raise when listed

@@ -45,15 +45,17 @@ from .data import load_rgb_image
 
 __all__ = [
     "DEFAULT_TEMPLATES",
+    "as_map_dataset",
     "encode_images",
     "encode_texts",
     "evaluate_linear_probe",
     "evaluate_retrieval",
-    "evaluate_shapes",
     "evaluate_zero_shot",
     "format_results",
+    "grouped_zero_shot",
     "linear_probe",
     "load_results",
+    "retrieval_from_image_embeds",
     "retrieval_metrics",
     "save_results",
     "zero_shot_accuracy",
@@ -404,7 +406,7 @@ def _format_template(template: str, classname: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _as_map_dataset(dataset):
+def as_map_dataset(dataset):
     """A streamed `datasets.IterableDataset` (tar shards, `streaming=True`) read into a `Dataset`; others unchanged."""
     try:
         from datasets import Dataset, IterableDataset
@@ -422,9 +424,10 @@ def _group_name(value) -> str:
     return str(value)
 
 
-def _grouped_zero_shot(
+def grouped_zero_shot(
     image_embeds: torch.Tensor, classifier: torch.Tensor, labels: Sequence[int], groups: Sequence | None
 ) -> dict[str, float]:
+    """`zero_shot_accuracy`, plus `top1_<group>` and `num_images_<group>` per value of `groups` (if given)."""
     results = zero_shot_accuracy(image_embeds, classifier, labels)
     if groups is not None:
         labels = torch.as_tensor(labels)
@@ -447,13 +450,13 @@ def evaluate_zero_shot(
     With `group_column`, also reports `top1_<group>` and `num_images_<group>` per value of that column (booleans read
     as "seen"/"unseen").
     """
-    dataset = _as_map_dataset(dataset)
+    dataset = as_map_dataset(dataset)
     classifier = zero_shot_classifier(model, processor, classnames, templates)
     image_embeds = encode_images(
         model, processor, dataset, image_column=image_column, batch_size=batch_size, progress=progress
     )
     groups = dataset[group_column] if group_column is not None else None
-    return _grouped_zero_shot(image_embeds, classifier, dataset[label_column], groups)
+    return grouped_zero_shot(image_embeds, classifier, dataset[label_column], groups)
 
 
 def _flatten_captions(captions_per_image: Sequence) -> tuple[list[str], torch.Tensor]:
@@ -470,14 +473,15 @@ def evaluate_retrieval(
     batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), progress: bool = True,
 ) -> dict[str, float]:
     """Retrieval recall@k in both directions; `caption_column` holds a caption or a list of captions per image."""
-    dataset = _as_map_dataset(dataset)
+    dataset = as_map_dataset(dataset)
     image_embeds = encode_images(
         model, processor, dataset, image_column=image_column, batch_size=batch_size, progress=progress
     )
-    return _retrieval_from_image_embeds(model, processor, image_embeds, dataset[caption_column], ks)
+    return retrieval_from_image_embeds(model, processor, image_embeds, dataset[caption_column], ks)
 
 
-def _retrieval_from_image_embeds(model, processor, image_embeds, captions_per_image, ks) -> dict[str, float]:
+def retrieval_from_image_embeds(model, processor, image_embeds, captions_per_image, ks) -> dict[str, float]:
+    """Retrieval recall@k against already encoded images (the captions are encoded here)."""
     texts, text_to_image = _flatten_captions(captions_per_image)
     text_embeds = encode_texts(model, processor, texts)
     results = retrieval_metrics(image_embeds, text_embeds, text_to_image, ks=ks)
@@ -492,7 +496,7 @@ def evaluate_linear_probe(
 ) -> dict[str, float]:
     """Linear probe on frozen image features: `model.encode_image(..., normalize=False)`, i.e. the projected embedding
     before L2 normalisation (standardised inside `linear_probe`)."""
-    train_dataset, test_dataset = _as_map_dataset(train_dataset), _as_map_dataset(test_dataset)
+    train_dataset, test_dataset = as_map_dataset(train_dataset), as_map_dataset(test_dataset)
     features = [
         encode_images(
             model, processor, dataset, image_column=image_column, batch_size=batch_size, normalize=False,
@@ -505,47 +509,6 @@ def evaluate_linear_probe(
         val_fraction=val_fraction, weight_decays=weight_decays, seed=seed,
     )
     results.update(num_train=len(train_dataset), num_test=len(test_dataset))
-    return results
-
-
-def evaluate_shapes(
-    model, processor, *, image_size: int | None = None, num_samples: int | None = None, batch_size: int = 64,
-    dataset=None, progress: bool = False,
-) -> dict[str, float]:
-    """The built-in benchmark on the synthetic shapes test split (`lightclip.shapes`).
-
-    Images are encoded once and shared by the zero-shot tasks ("shape", "colour") and retrieval. Keys:
-    `shapes/<task>/top1`, `shapes/<task>/top5` (when the task has >= 5 classes), `shapes/<task>/top1_seen`,
-    `shapes/<task>/top1_unseen` (compositions seen / held out in training), and
-    `shapes/retrieval/{image,text}_retrieval_recall@{1,5,10}`, plus `shapes/num_images`, `shapes/num_images_seen`,
-    `shapes/num_images_unseen` and `shapes/retrieval/num_texts`.
-
-    Args:
-        image_size: size the dataset is rendered at (`None`: the `make_shapes_dataset` default); the processor
-            resizes to the model's input size anyway.
-        num_samples: number of test images (`None`: the split's default size).
-        dataset: an already rendered shapes split, to skip rendering (e.g. cached by a trainer); it may come from
-            `lightclip.data.load_image_text_dataset("shapes", ...)` (undecoded images, streamed or not).
-    """
-    from .shapes import make_shapes_dataset, shapes_zero_shot_tasks
-
-    if dataset is None:
-        kwargs = {} if image_size is None else {"image_size": image_size}
-        dataset = make_shapes_dataset(split="test", num_samples=num_samples, **kwargs)
-    dataset = _as_map_dataset(dataset)
-    image_embeds = encode_images(model, processor, dataset, batch_size=batch_size, progress=progress)
-    groups = dataset["composition_seen"]
-
-    results: dict[str, float] = {}
-    for task, spec in shapes_zero_shot_tasks().items():
-        classifier = zero_shot_classifier(model, processor, spec["classnames"], spec["templates"])
-        task_results = _grouped_zero_shot(image_embeds, classifier, dataset[spec["label_column"]], groups)
-        for key, value in task_results.items():
-            prefix = "shapes" if key.startswith("num_images") else f"shapes/{task}"
-            results[f"{prefix}/{key}"] = value
-    retrieval = _retrieval_from_image_embeds(model, processor, image_embeds, dataset["captions"], (1, 5, 10))
-    retrieval.pop("num_images")
-    results.update({f"shapes/retrieval/{key}": value for key, value in retrieval.items()})
     return results
 
 

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from .configuration_lightclip import LightClipVisionConfig
+from . import shapes
 from .modeling_lightclip import PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ PIPELINE_TAG = "zero-shot-image-classification"
 # with transformers alone through trust_remote_code; the `lightclip` tag finds every lightclip checkpoint.
 LIBRARY_NAME = "transformers"
 TAGS = ["lightclip", "clip", "zero-shot-image-classification", "vision", "synthetic-data", "custom_code"]
-DATASET_ID = "lightclip-shapes"
 
 # top-level files that make up a model repository; sub-folders (training checkpoints, feature banks, logs) and
 # anything pickled are never uploaded
@@ -50,27 +50,6 @@ REMOTE_CODE_FILES = ("configuration_lightclip.py", "modeling_lightclip.py", "pro
 # metadata every card must have; `datasets` and `model-index` are added when the data and results are known
 CARD_KEYS = ("license", "library_name", "pipeline_tag", "tags")
 
-SHAPES_METRICS = (
-    ("shapes/shape/top1", "zero-shot shape top-1"),
-    ("shapes/shape/top5", "zero-shot shape top-5"),
-    ("shapes/shape/top1_seen", "zero-shot shape top-1, seen compositions"),
-    ("shapes/shape/top1_unseen", "zero-shot shape top-1, held-out compositions"),
-    ("shapes/colour/top1", "zero-shot colour top-1"),
-    ("shapes/colour/top5", "zero-shot colour top-5"),
-    ("shapes/colour/top1_unseen", "zero-shot colour top-1, held-out compositions"),
-    ("shapes/retrieval/image_retrieval_recall@1", "text-to-image retrieval recall@1"),
-    ("shapes/retrieval/image_retrieval_recall@5", "text-to-image retrieval recall@5"),
-    ("shapes/retrieval/text_retrieval_recall@1", "image-to-text retrieval recall@1"),
-    ("shapes/retrieval/text_retrieval_recall@5", "image-to-text retrieval recall@5"),
-)
-# the metrics that go into the model-index (zero-shot classification only; retrieval has no Hub task id)
-# (the Hub groups metrics by task and dataset, so all share one task name)
-MODEL_INDEX_METRICS = (
-    ("shapes/shape/top1", "zero-shot shape top-1 accuracy"),
-    ("shapes/shape/top1_unseen", "zero-shot shape top-1 accuracy, held-out compositions"),
-    ("shapes/colour/top1", "zero-shot colour top-1 accuracy"),
-)
-MODEL_INDEX_TASK = "Zero-shot image classification (lightclip-shapes: shape and colour)"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -165,10 +144,8 @@ def _training_rows(train: dict | None, eval_results: dict | None) -> list[tuple[
     if not train:
         return []
     data = train.get("train_data")
-    if data in ("shapes", "lightclip-shapes"):
-        size = train.get("shapes_train_size") or 4000
-        data = (f"lightclip-shapes (built-in synthetic generator): {size} training pictures rendered at "
-                f"{train.get('shapes_image_size') or 64} px, 3 captions each")
+    if shapes.is_shapes_source(data):
+        data = shapes.describe_training_data(train)
     batch = train.get("per_device_train_batch_size")
     accumulation = train.get("gradient_accumulation_steps") or 1
     steps = (eval_results or {}).get("step") or train.get("max_train_steps")
@@ -189,7 +166,7 @@ def _eval_rows(eval_results: dict | None) -> list[tuple[str, str]]:
     """The shapes benchmark's main metrics when present, else every numeric entry (e.g. retrieval on other data)."""
     if not eval_results:
         return []
-    rows = [(label, f"{eval_results[key]:.4f}") for key, label in SHAPES_METRICS
+    rows = [(label, f"{eval_results[key]:.4f}") for key, label in shapes.CARD_METRICS
             if isinstance(eval_results.get(key), (int, float))]
     if rows:
         if "shapes/num_images" in eval_results:
@@ -201,7 +178,7 @@ def _eval_rows(eval_results: dict | None) -> list[tuple[str, str]]:
 
 def trained_on_shapes(train: dict | None, eval_results: dict | None) -> bool:
     if train is not None:
-        return train.get("train_data") in ("shapes", "lightclip-shapes")
+        return shapes.is_shapes_source(train.get("train_data"))
     return any(key.startswith("shapes/") for key in (eval_results or {}))
 
 
@@ -215,20 +192,20 @@ def model_card_data(folder: str | os.PathLike, model_name: str | None = None):
     train = _read_json(folder / "train_config.json")
     datasets = None
     if trained_on_shapes(train, eval_results):
-        datasets = [DATASET_ID]
+        datasets = [shapes.DATASET_ID]
     elif train and isinstance(train.get("train_data"), str) and train["train_data"].count("/") == 1 \
             and not os.path.exists(train["train_data"]):
         datasets = [train["train_data"]]  # a Hub dataset id
     results = [
         EvalResult(
-            task_type=PIPELINE_TAG, task_name=MODEL_INDEX_TASK, dataset_type=DATASET_ID,
-            dataset_name="lightclip-shapes (synthetic)", dataset_split="test", metric_type="accuracy",
+            task_type=PIPELINE_TAG, task_name=shapes.MODEL_INDEX_TASK, dataset_type=shapes.DATASET_ID,
+            dataset_name=shapes.MODEL_INDEX_DATASET_NAME, dataset_split="test", metric_type="accuracy",
             metric_name=metric_name, metric_value=round(float(eval_results[key]), 4),
         )
-        for key, metric_name in MODEL_INDEX_METRICS
+        for key, metric_name in shapes.MODEL_INDEX_METRICS
         if isinstance(eval_results.get(key), (int, float))
     ]
-    tags = [t for t in TAGS if t != "synthetic-data" or datasets == [DATASET_ID]]
+    tags = [t for t in TAGS if t != "synthetic-data" or datasets == [shapes.DATASET_ID]]
     return ModelCardData(
         language="en", license=LICENSE, library_name=LIBRARY_NAME, pipeline_tag=PIPELINE_TAG, tags=tags,
         datasets=datasets, model_name=model_name, eval_results=results or None,
@@ -317,7 +294,7 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
         eval_command = command
     files = [(name, human_size((folder / name).stat().st_size)) for name in upload_files(folder)[0]
              if name != "README.md"]
-    shapes = trained_on_shapes(train, eval_results)
+    on_shapes = trained_on_shapes(train, eval_results)
 
     card = ModelCard.from_template(
         model_card_data(folder, model_name),
@@ -337,7 +314,7 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
         projection_dim=config["projection_dim"],
         repo_id=repo_id,
         files=files,
-        shapes=shapes,
+        shapes=on_shapes,
         train_data=(train or {}).get("train_data") or "data not recorded in this folder",
         starting_point=_starting_point(train or {}),
     )
@@ -378,7 +355,8 @@ def package_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     if evaluate:
         from . import LightClipModel, LightClipProcessor
-        from .evaluation import evaluate_shapes, save_results
+        from .evaluation import save_results
+        from .shapes import evaluate_shapes
 
         model = LightClipModel.from_pretrained(out_dir).eval()
         processor = LightClipProcessor.from_pretrained(out_dir)

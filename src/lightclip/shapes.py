@@ -94,6 +94,9 @@ BACKGROUND_WORDS: dict[str, tuple[str, ...]] = {
 PICTURE_WORDS: tuple[str, ...] = ("a picture of", "a photo of", "an image of", "a drawing of")
 COUNT_WORDS: dict[int, str] = {2: "two", 3: "three"}
 
+# names `--train_data` / `load_image_text_dataset` accept for this dataset; the Hub-style id of its cards
+SOURCE_NAMES = ("shapes", "lightclip-shapes")
+DATASET_ID = "lightclip-shapes"
 DEFAULT_NUM_SAMPLES: dict[str, int] = {"train": 4000, "test": 500}
 _SPLIT_STREAM: dict[str, int] = {"train": 0, "test": 1}
 # Share of test pictures whose main object is a held-out combination.
@@ -459,3 +462,85 @@ def shapes_zero_shot_tasks() -> dict[str, dict]:
             "label_column": "colour",
         },
     }
+
+
+def evaluate_shapes(
+    model, processor, *, image_size: int | None = None, num_samples: int | None = None, batch_size: int = 64,
+    dataset=None, progress: bool = False,
+) -> dict[str, float]:
+    """The built-in benchmark on the synthetic shapes test split (`lightclip.shapes`).
+
+    Images are encoded once and shared by the zero-shot tasks ("shape", "colour") and retrieval. Keys:
+    `shapes/<task>/top1`, `shapes/<task>/top5` (when the task has >= 5 classes), `shapes/<task>/top1_seen`,
+    `shapes/<task>/top1_unseen` (compositions seen / held out in training), and
+    `shapes/retrieval/{image,text}_retrieval_recall@{1,5,10}`, plus `shapes/num_images`, `shapes/num_images_seen`,
+    `shapes/num_images_unseen` and `shapes/retrieval/num_texts`.
+
+    Args:
+        image_size: size the dataset is rendered at (`None`: the `make_shapes_dataset` default); the processor
+            resizes to the model's input size anyway.
+        num_samples: number of test images (`None`: the split's default size).
+        dataset: an already rendered shapes split, to skip rendering (e.g. cached by a trainer); it may come from
+            `lightclip.data.load_image_text_dataset("shapes", ...)` (undecoded images, streamed or not).
+    """
+    from .evaluation import (
+        as_map_dataset, encode_images, grouped_zero_shot, retrieval_from_image_embeds, zero_shot_classifier,
+    )
+
+    if dataset is None:
+        kwargs = {} if image_size is None else {"image_size": image_size}
+        dataset = make_shapes_dataset(split="test", num_samples=num_samples, **kwargs)
+    dataset = as_map_dataset(dataset)
+    image_embeds = encode_images(model, processor, dataset, batch_size=batch_size, progress=progress)
+    groups = dataset["composition_seen"]
+
+    results: dict[str, float] = {}
+    for task, spec in shapes_zero_shot_tasks().items():
+        classifier = zero_shot_classifier(model, processor, spec["classnames"], spec["templates"])
+        task_results = grouped_zero_shot(image_embeds, classifier, dataset[spec["label_column"]], groups)
+        for key, value in task_results.items():
+            prefix = "shapes" if key.startswith("num_images") else f"shapes/{task}"
+            results[f"{prefix}/{key}"] = value
+    retrieval = retrieval_from_image_embeds(model, processor, image_embeds, dataset["captions"], (1, 5, 10))
+    retrieval.pop("num_images")
+    results.update({f"shapes/retrieval/{key}": value for key, value in retrieval.items()})
+    return results
+
+
+def is_shapes_source(name) -> bool:
+    """Whether a data argument names this dataset."""
+    return name in SOURCE_NAMES
+
+
+# ----------------------------------------------------------------------------------------------- model cards
+
+# the benchmark's metrics shown in a model card, in order
+CARD_METRICS = (
+    ("shapes/shape/top1", "zero-shot shape top-1"),
+    ("shapes/shape/top5", "zero-shot shape top-5"),
+    ("shapes/shape/top1_seen", "zero-shot shape top-1, seen compositions"),
+    ("shapes/shape/top1_unseen", "zero-shot shape top-1, held-out compositions"),
+    ("shapes/colour/top1", "zero-shot colour top-1"),
+    ("shapes/colour/top5", "zero-shot colour top-5"),
+    ("shapes/colour/top1_unseen", "zero-shot colour top-1, held-out compositions"),
+    ("shapes/retrieval/image_retrieval_recall@1", "text-to-image retrieval recall@1"),
+    ("shapes/retrieval/image_retrieval_recall@5", "text-to-image retrieval recall@5"),
+    ("shapes/retrieval/text_retrieval_recall@1", "image-to-text retrieval recall@1"),
+    ("shapes/retrieval/text_retrieval_recall@5", "image-to-text retrieval recall@5"),
+)
+# the metrics that go into the model-index (zero-shot classification only; retrieval has no Hub task id)
+# (the Hub groups metrics by task and dataset, so all share one task name)
+MODEL_INDEX_METRICS = (
+    ("shapes/shape/top1", "zero-shot shape top-1 accuracy"),
+    ("shapes/shape/top1_unseen", "zero-shot shape top-1 accuracy, held-out compositions"),
+    ("shapes/colour/top1", "zero-shot colour top-1 accuracy"),
+)
+MODEL_INDEX_TASK = "Zero-shot image classification (lightclip-shapes: shape and colour)"
+MODEL_INDEX_DATASET_NAME = "lightclip-shapes (synthetic)"
+
+
+def describe_training_data(train: dict) -> str:
+    """The card's "data" row for a run on this dataset, from its `train_config.json`."""
+    size = train.get("shapes_train_size") or DEFAULT_NUM_SAMPLES["train"]
+    return (f"lightclip-shapes (built-in synthetic generator): {size} training pictures rendered at "
+            f"{train.get('shapes_image_size') or 64} px, 3 captions each")
