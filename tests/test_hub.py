@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard
 
 import lightclip  # noqa: F401
 from lightclip import LightClipModel
-from lightclip.hub import CARD_KEYS, REMOTE_CODE_FILES, package_checkpoint, push_folder, upload_files, write_model_card
+from lightclip.hub import CARD_KEYS, REMOTE_CODE_FILES, push_folder, upload_files, write_model_card
 
 from conftest import load_script, make_model
 
@@ -252,8 +252,8 @@ def test_training_script_push_calls_push_folder(monkeypatch, tmp_path):
 
 
 def test_package_checkpoint_float16(run_folder, tmp_path):
-    out = package_checkpoint(run_folder, tmp_path / "packaged", dtype="float16", train_command=COMMAND,
-                             evaluate=False)
+    package_checkpoint = load_script("utils/train_checkpoints.py").package_checkpoint
+    out = package_checkpoint(run_folder, tmp_path / "packaged", dtype="float16", train_command=COMMAND, evaluate=False)
     # everything the run would upload, except the code copies: push_folder adds the package's current code
     expected = [name for name in upload_files(run_folder)[0] if name not in REMOTE_CODE_FILES]
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)

@@ -6,7 +6,7 @@
     python utils/train_checkpoints.py --only lightclip-xxs-lite0-shapes --package_only   # re-package an existing run
 
 Each checkpoint is trained by `examples/pretrain.py` on the built-in shapes data into `runs/checkpoints/<name>`
-(ignored by git), then `lightclip.hub.package_checkpoint` copies the model files into `checkpoints/<name>` (weights,
+(ignored by git), then `package_checkpoint` (below) copies the model files into `checkpoints/<name>` (weights,
 config, processor, copied code, train_config.json, training_curves.png), re-evaluates the packaged weights on the
 shapes test split into `eval_results.json`, and writes the model card (`README.md`).
 
@@ -27,9 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from lightclip.hub import REMOTE_CODE_FILES, upload_files, write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +63,50 @@ def command_text(name: str) -> str:
             "evaluate, card")
 
 
+def package_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
+                       train_command: str | None = None, evaluate: bool = True, eval_command: str | None = None) -> Path:
+    """Copy a training run's model files into a clean folder to publish, optionally storing the weights in float16.
+
+    Only the files `upload_files` selects are copied (no training checkpoints, logs or feature banks). With
+    `dtype="float16"` every floating tensor of `model.safetensors` is stored in half precision (half the size);
+    `config.json` keeps `dtype: float32`, so `from_pretrained` and the pipeline (`dtype="auto"`) upcast on load and
+    the model computes in float32 as it was trained. With `evaluate=True` the packaged weights are evaluated on the
+    shapes test split (`evaluate_shapes`) and `eval_results.json` is rewritten with the numbers and `eval_command`.
+    Finally the model card is written.
+    """
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{run_dir} has no model.safetensors")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    for name in upload_files(run_dir)[0]:
+        if name != "README.md" and name not in REMOTE_CODE_FILES:  # push_folder adds the current code
+            shutil.copyfile(run_dir / name, out_dir / name)
+    if dtype == "float16":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(run_dir / "model.safetensors")
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    if evaluate:
+        from lightclip import LightClipModel, LightClipProcessor
+        from lightclip.evaluation import load_results, save_results
+        from lightclip.shapes import evaluate_shapes
+
+        model = LightClipModel.from_pretrained(out_dir).eval()
+        processor = LightClipProcessor.from_pretrained(out_dir)
+        results = evaluate_shapes(model, processor)
+        previous = load_results(run_dir / "eval_results.json") if (run_dir / "eval_results.json").is_file() else {}
+        results["step"] = previous.get("step")
+        results["command"] = eval_command or f"python examples/run_evaluation.py --model {out_dir} --task shapes"
+        save_results(results, out_dir / "eval_results.json")
+    write_model_card(out_dir, command=train_command)
+    return out_dir
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(CHECKPOINTS), action="append", help="checkpoint(s) to build")
@@ -77,9 +124,6 @@ def main(argv=None) -> None:
             command = [sys.executable, *train_command(name)[1:]]
             print("+", shlex.join(command), flush=True)
             subprocess.run(command, check=True, env={**os.environ, **CHECKPOINTS[name].get("env", {})})
-        import lightclip  # noqa: F401
-        from lightclip.hub import package_checkpoint
-
         out = package_checkpoint(f"runs/checkpoints/{name}", f"checkpoints/{name}", dtype=CHECKPOINTS[name]["dtype"],
                                  train_command=command_text(name))
         sizes = {p.name: p.stat().st_size for p in out.iterdir()}

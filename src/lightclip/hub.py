@@ -323,52 +323,6 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
     return path
 
 
-def package_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
-                       train_command: str | None = None, evaluate: bool = True, eval_command: str | None = None) -> Path:
-    """Copy a training run's model files into a clean folder to publish, optionally storing the weights in float16.
-
-    Only the files `upload_files` selects are copied (no training checkpoints, logs or feature banks). With
-    `dtype="float16"` every floating tensor of `model.safetensors` is stored in half precision (half the size);
-    `config.json` keeps `dtype: float32`, so `from_pretrained` and the pipeline (`dtype="auto"`) upcast on load and
-    the model computes in float32 as it was trained. With `evaluate=True` the packaged weights are evaluated on the
-    shapes test split (`evaluate_shapes`) and `eval_results.json` is rewritten with the numbers and `eval_command`.
-    Finally the model card is written.
-    """
-    import shutil
-
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not (run_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{run_dir} has no model.safetensors")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    for name in upload_files(run_dir)[0]:
-        if name != "README.md" and name not in REMOTE_CODE_FILES:  # push_folder adds the current code
-            shutil.copyfile(run_dir / name, out_dir / name)
-    if dtype == "float16":
-        from safetensors.torch import load_file, save_file
-
-        tensors = load_file(run_dir / "model.safetensors")
-        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-        save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    if evaluate:
-        from . import LightClipModel, LightClipProcessor
-        from .evaluation import save_results
-        from .shapes import evaluate_shapes
-
-        model = LightClipModel.from_pretrained(out_dir).eval()
-        processor = LightClipProcessor.from_pretrained(out_dir)
-        results = evaluate_shapes(model, processor)
-        previous = _read_json(run_dir / "eval_results.json") or {}
-        results["step"] = previous.get("step")
-        results["command"] = eval_command or f"python examples/run_evaluation.py --model {out_dir} --task shapes"
-        save_results(results, out_dir / "eval_results.json")
-    write_model_card(out_dir, command=train_command)
-    return out_dir
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Validation and upload
 # ------------------------------------------------------------------------------------------------------------------
@@ -493,4 +447,5 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     return report
 
 
-__all__ = ["add_remote_code", "model_card_data", "package_checkpoint", "push_folder", "upload_files", "validate_folder", "weight_summary", "write_model_card"]
+__all__ = ["add_remote_code", "model_card_data", "push_folder", "upload_files", "validate_folder", "weight_summary",
+           "write_model_card"]
