@@ -35,13 +35,15 @@ from transformers import HfArgumentParser
 
 import lightclip
 from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcessor
-from lightclip.data import DataArguments, ImageTextCollator, SkipCounter, load_datasets_from_args
+from lightclip.data import (
+    DataArguments, ImageTextCollator, SkipCounter, keep_readable_images, load_datasets_from_args,
+)
 from lightclip.evaluation import evaluate_retrieval, save_results
 from lightclip.shapes import evaluate_shapes, is_shapes_source
 from lightclip.pretraining import merge_features
 from lightclip.trainer_utils import (
-    JsonlLog, cosine_with_warmup, lock_image_tower, lock_text_tower, param_groups, plot_log, resolve_checkpoint,
-    save_checkpoint, truncate_log,
+    JsonlLog, cosine_with_warmup, lock_image_tower, lock_text_tower, param_groups, plot_log, prepare_output_dir,
+    resolve_checkpoint, save_checkpoint, truncate_log,
 )
 
 logger = logging.getLogger("lightclip.pretrain")
@@ -352,13 +354,13 @@ def training_step(model, accelerator, micro_batches: list[dict], extras: list[di
 
 
 def evaluate(model, processor, args, validation, accelerator) -> dict:
-    """Built-in shapes benchmark when training on shapes, else retrieval on the validation set (main process)."""
+    """Built-in shapes benchmark when validating on shapes, else retrieval on the validation set (main process)."""
     results = {}
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model).lightclip
         was_training = inner.training
         inner.eval()
-        if is_shapes_source(args.train_data) and validation is not None:
+        if is_shapes_source(args.validation_data or args.train_data) and validation is not None:
             results = evaluate_shapes(inner, processor, dataset=validation, batch_size=args.per_device_eval_batch_size)
         elif validation is not None:
             results = evaluate_retrieval(inner, processor, validation, batch_size=args.per_device_eval_batch_size)
@@ -414,11 +416,11 @@ def setup(args) -> Accelerator:
     set_seed(args.seed)
     set_cpu_threads(args.cpu_threads, accelerator)
     args.image_tower_init = resolve_image_tower_init(args)
-    output_dir = Path(args.output_dir)
+    folder = dict(overwrite=args.overwrite_output_dir, resume=bool(args.resume_from_checkpoint))
+    output_dir = prepare_output_dir(args.output_dir, **folder, clear=False)  # every process refuses alike
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if output_dir.exists() and args.overwrite_output_dir and not args.resume_from_checkpoint:
-            shutil.rmtree(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(output_dir, **folder)
         (output_dir / "train_config.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True))
         if args.config_file:
             shutil.copy(args.config_file, output_dir / Path(args.config_file).name)
@@ -431,11 +433,14 @@ def load_data(args, accelerator):
     with accelerator.main_process_first():
         # the data seed stays 0 so every run (any --seed) trains and evaluates on the same shapes data
         train_dataset, validation = load_datasets_from_args(args, seed=0)
+    validation_skips = SkipCounter()
+    if validation is not None and accelerator.is_main_process:  # evaluation runs there; unreadable images are counted
+        validation = keep_readable_images(validation, validation_skips)
     bank = load_or_build_bank(args, train_dataset, accelerator)
-    return train_dataset, validation, bank
+    return train_dataset, validation, bank, validation_skips
 
 
-def prepare_training(args, accelerator: Accelerator, train_dataset, bank) -> Run:
+def prepare_training(args, accelerator: Accelerator, train_dataset, bank, validation_skips: SkipCounter) -> Run:
     """Step 3: model, data loader, optimiser and schedule, prepared by Accelerate; resumed from a checkpoint."""
     model, processor = build_model_and_processor(args, bank)
     config = model.config
@@ -448,7 +453,7 @@ def prepare_training(args, accelerator: Accelerator, train_dataset, bank) -> Run
     logger.info("model: %s, %.2f M inference parameters (+%.2f M training-only), objectives %s",
                 args.model, n_params / 1e6, n_train / 1e6, config.objectives)
 
-    skips = SkipCounter()
+    skips = SkipCounter().merge(validation_skips)
     collator = ImageTextCollator(processor, train=True, image_size=config.vision_config.image_size,
                                  max_length=config.text_config.max_position_embeddings, seed=args.seed,
                                  skip_counter=skips, return_skip_counts=args.dataloader_num_workers > 0,
@@ -576,13 +581,15 @@ def step_extras(args, run: Run, batch: dict, unwrapped, step: int, micro: int, a
 
 
 def finish(args, accelerator: Accelerator, run: Run, validation) -> dict:
-    """Step 5: final evaluation, then the model, processor, results, curves and card in the output folder."""
-    results = evaluate(run.model, run.processor, args, validation, accelerator)
-    skip_summary = run.skips.summary()
+    """Step 5: the model and processor into the output folder (first, so that nothing after can lose them), then
+    the final evaluation, results, curves and card."""
     output_dir = run.output_dir
     if accelerator.is_main_process:
         accelerator.unwrap_model(run.model).save_pretrained(output_dir)
         run.processor.save_pretrained(output_dir)
+    results = evaluate(run.model, run.processor, args, validation, accelerator)
+    skip_summary = run.skips.summary()
+    if accelerator.is_main_process:
         eval_results = {**results, "step": run.step, "skipped": skip_summary}
         save_results(eval_results, output_dir / "eval_results.json")
         run.log.write({"step": run.step, **{f"eval/{k}": v for k, v in results.items()}})
@@ -604,8 +611,8 @@ def finish(args, accelerator: Accelerator, run: Run, validation) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = setup(args)
-    train_dataset, validation, bank = load_data(args, accelerator)
-    run = prepare_training(args, accelerator, train_dataset, bank)
+    train_dataset, validation, bank, validation_skips = load_data(args, accelerator)
+    run = prepare_training(args, accelerator, train_dataset, bank, validation_skips)
     train(args, accelerator, run, validation)
     return finish(args, accelerator, run, validation)
 

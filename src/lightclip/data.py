@@ -56,7 +56,8 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of a hub dataset."})
     train_split: str = "train"
     validation_split: str | None = field(default=None, metadata={
-        "help": "Default: 'test' for shapes, 'validation' for hub datasets, 'train' for local files."})
+        "help": "Default: 'test' for shapes, 'validation' for hub datasets and for local folders with a "
+                "validation folder, else 'train'."})
     image_column: str | None = field(default=None, metadata={
         "help": f"Default: the first column among {', '.join(IMAGE_COLUMN_CANDIDATES)}."})
     caption_column: str | None = field(default=None, metadata={
@@ -84,13 +85,39 @@ def load_datasets_from_args(args: DataArguments, seed: int = 0):
         validation_data = "shapes"
     if validation_data is None:
         return train, None
-    split = args.validation_split
-    if split is None:
-        kind = detect_source_kind(validation_data)
-        split = "test" if kind == "shapes" else "validation" if kind in ("hub", "imagefolder") else "train"
+    split = args.validation_split or default_validation_split(validation_data)
     validation = load_image_text_dataset(validation_data, split, max_samples=args.max_eval_samples,
                                          shapes_size=args.shapes_test_size, **common)
     return train, validation
+
+
+def default_validation_split(source: str) -> str:
+    """"test" for shapes, "validation" for a hub dataset or an imagefolder with a validation folder, else "train"."""
+    kind = detect_source_kind(source)
+    if kind == "shapes":
+        return "test"
+    if kind == "hub":
+        return "validation"
+    if kind == "imagefolder" and any(os.path.isdir(os.path.join(source, name))
+                                     for name in ("validation", "valid", "val", "dev")):
+        return "validation"
+    return "train"
+
+
+def keep_readable_images(dataset, skip_counter: SkipCounter, prefix: str = "validation: "):
+    """The rows of `dataset` whose image decodes (a streamed one is read into memory first); the others are counted
+    in `skip_counter` under `prefix + reason`, with their row index. For evaluation sets, which are read whole."""
+    from .evaluation import as_map_dataset
+
+    dataset = as_map_dataset(dataset)
+    keep = []
+    for row, image in enumerate(dataset["image"]):
+        try:
+            load_rgb_image(image)
+            keep.append(row)
+        except UnreadableImageError as error:
+            skip_counter.add(prefix + error.reason, row)
+    return dataset if len(keep) == len(dataset) else dataset.select(keep)
 
 
 # --------------------------------------------------------------------------------------------------- sources

@@ -137,6 +137,53 @@ def resolve_checkpoint(resume: str | None, output_dir: str | os.PathLike) -> Pat
     return path
 
 
+# what a training run writes into its output folder (besides the copy of its --config_file, named in
+# train_config.json); --overwrite_output_dir removes these and nothing else (a feature bank or notes stay)
+RUN_OUTPUTS = (
+    "model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+    "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "configuration_lightclip.py", "modeling_lightclip.py", "processing_lightclip.py",
+    "presets.py", "README.md", "eval_results.json", "train_config.json", "train_log.jsonl", "training_curves.png",
+)
+RUN_OUTPUT_DIR_RE = re.compile(r"^\.?(tmp-)?checkpoint-\d+$")
+
+
+def run_outputs(output_dir: str | os.PathLike) -> list[Path]:
+    """The files and checkpoint folders an earlier training run left in `output_dir`."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    names = set(RUN_OUTPUTS)
+    try:
+        config_file = json.loads((root / "train_config.json").read_text()).get("config_file")
+        if config_file:
+            names.add(Path(config_file).name)
+    except (OSError, ValueError):
+        pass
+    return sorted(p for p in root.iterdir() if p.name in names or (p.is_dir() and RUN_OUTPUT_DIR_RE.match(p.name)))
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, resume: bool = False,
+                       clear: bool = True) -> Path:
+    """Make `output_dir` ready for a run. A folder holding an earlier run is refused unless the run resumes it or
+    `overwrite` is set; overwriting removes only the earlier run's outputs (`run_outputs`). With `clear=False`
+    only the check runs (every process of a distributed run checks; one clears)."""
+    root = Path(output_dir)
+    previous = [] if resume else run_outputs(root)
+    if previous and not overwrite:
+        shown = ", ".join(p.name for p in previous[:4]) + (", ..." if len(previous) > 4 else "")
+        raise FileExistsError(
+            f"{root} already holds a training run ({shown}). Pass --resume_from_checkpoint latest to continue it, "
+            "or --overwrite_output_dir to replace it (only the run's own files are removed), or choose another "
+            "--output_dir."
+        )
+    if clear:
+        for path in previous:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict, keep: int | None = None) -> Path:
     """`accelerator.save_state` into a temporary folder, then an atomic rename: a run killed while saving never
     leaves a corrupt `checkpoint-<step>`. Older checkpoints beyond `keep` are removed."""

@@ -1,0 +1,90 @@
+"""Nothing lost, nothing silent: output folders, bad validation data and default splits under faults."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_pretrain_script import run_script
+
+from lightclip.data import SkipCounter, default_validation_split, keep_readable_images, load_image_text_dataset
+from lightclip.trainer_utils import prepare_output_dir, run_outputs
+
+
+def _picture_folder(root, names: list[str], corrupt: tuple[str, ...] = ()) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(names):
+        if name in corrupt:
+            (root / name).write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+        else:
+            Image.fromarray(np.full((16, 16, 3), 40 * k, dtype=np.uint8)).save(root / name)
+    rows = [{"file_name": name, "text": f"picture number {k}"} for k, name in enumerate(names)]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def _a_finished_run(folder) -> None:
+    folder.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "train_log.jsonl", "train_config.json", "run.yaml"):
+        (folder / name).write_text("{}" if name != "train_config.json" else json.dumps({"config_file": "x/run.yaml"}))
+    (folder / "checkpoint-4").mkdir()
+    (folder / "neighbors").mkdir()
+    (folder / "neighbors" / "bank.json").write_text("{}")
+    (folder / "my_notes.txt").write_text("mine")
+
+
+def test_a_used_output_folder_is_refused(tmp_path):
+    _a_finished_run(tmp_path / "run")
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        prepare_output_dir(tmp_path / "run")
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    prepare_output_dir(tmp_path / "run", resume=True)  # resuming continues the run in place
+    assert (tmp_path / "run" / "checkpoint-4").exists()
+    prepare_output_dir(tmp_path / "fresh")  # a new or empty folder is fine
+    (tmp_path / "only_a_bank" / "neighbors").mkdir(parents=True)
+    prepare_output_dir(tmp_path / "only_a_bank")
+
+
+def test_overwrite_removes_only_what_a_run_writes(tmp_path):
+    run = tmp_path / "run"
+    _a_finished_run(run)
+    assert {p.name for p in run_outputs(run)} == {"model.safetensors", "config.json", "train_log.jsonl",
+                                                  "train_config.json", "run.yaml", "checkpoint-4"}
+    prepare_output_dir(run, overwrite=True, clear=False)  # the check of the other processes removes nothing
+    assert (run / "model.safetensors").exists()
+    prepare_output_dir(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["my_notes.txt", "neighbors"]
+    assert (run / "neighbors" / "bank.json").exists()
+
+
+def test_unreadable_validation_images_are_counted_not_fatal(tmp_path):
+    _picture_folder(tmp_path / "val", ["a.png", "b.png", "c.png"], corrupt=("b.png",))
+    dataset = load_image_text_dataset(str(tmp_path / "val"), "train")
+    skips = SkipCounter()
+    kept = keep_readable_images(dataset, skips)
+    assert len(kept) == 2 and kept["captions"] == [["picture number 0"], ["picture number 2"]]
+    assert skips.summary() == {"validation: unreadable image": 1}
+
+
+def test_a_local_folder_validates_on_its_train_split_by_default(tmp_path):
+    _picture_folder(tmp_path / "flat", ["a.png", "b.png"])
+    assert default_validation_split(str(tmp_path / "flat")) == "train"
+    _picture_folder(tmp_path / "split" / "validation", ["a.png"])
+    assert default_validation_split(str(tmp_path / "split")) == "validation"
+    assert default_validation_split("shapes") == "test"
+    assert default_validation_split("someone/dataset") == "validation"
+    assert len(load_image_text_dataset(str(tmp_path / "flat"), default_validation_split(str(tmp_path / "flat")))) == 2
+
+
+def test_bad_validation_data_keeps_the_trained_model(tmp_path):
+    _picture_folder(tmp_path / "val", ["a.png", "b.png", "c.png", "d.png"], corrupt=("c.png",))
+    out = tmp_path / "out"
+    run_script(["--output_dir", str(out), "--max_train_steps", "1", "--objectives", "clip",
+                "--validation_data", str(tmp_path / "val"), "--eval_steps", "0"])
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["skipped"] == {"validation: unreadable image": 1}
+    assert results["num_images"] == 3
+    with pytest.raises(AssertionError, match="already holds a training run"):
+        run_script(["--output_dir", str(out), "--max_train_steps", "1", "--objectives", "clip"])
