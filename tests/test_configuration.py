@@ -192,7 +192,8 @@ def _non_default_config() -> LightClipConfig:
         token_weight=0.5, token_dim=40, token_matching="hungarian", token_chunk_size=8, sinkhorn_epsilon=0.1,
         sinkhorn_iterations=5, sinkhorn_unroll=True, hungarian_capacity=3, hungarian_num_negatives=2, mlm_weight=0.25,
         mlm_probability=0.3, fusion_layers=[1, 2], fusion_num_heads=4, fusion_type="additive",
-        fusion_image_source="multiscale", fusion_detach_image=True, nn_weight=0.4, xnn_weight=0.6, xnn_mode="x1",
+        fusion_image_source="multiscale", fusion_detach_image=True, fusion_word_attention=False, nn_weight=0.4,
+        xnn_weight=0.6, xnn_mode="x1",
         neighbor_head="mlp", neighbor_direction="teacher_to_student", neighbor_logit_scale_init_value=2.0,
         neighbor_top_k=3, teacher_image_dim=24, teacher_text_dim=40,
     )

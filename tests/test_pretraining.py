@@ -36,6 +36,7 @@ CASES = {
     "hungarian": dict(objectives="token", token_matching="hungarian"),
     "filip": dict(objectives="token", token_matching="filip"),
     "additive": dict(objectives="mlm", fusion_type="additive"),
+    "left_context_mlm": dict(objectives="mlm", fusion_word_attention=False),
     "multiscale": dict(objectives="mlm", fusion_image_source="multiscale"),
     "teacher_to_student": dict(objectives="clip-ping", neighbor_direction="teacher_to_student"),
     "mlp_head": dict(objectives="clip-ping", neighbor_head="mlp"),
@@ -165,6 +166,53 @@ def test_mlm_masks_by_itself(text_batch):
     out = model(**inputs(text_batch, with_mlm=False))
     assert out.losses["mlm_loss"].item() > 0  # something was masked and predicted
     assert out.losses["mlm_loss"].item() == pytest.approx(math.log(4096), rel=0.3)  # near chance at init
+
+
+def _masked_word_logits(model, ids: torch.Tensor, pixels: torch.Tensor, position: int) -> torch.Tensor:
+    """The fusion module's logits at `position` of `ids` (already masked there)."""
+    inner, fusion = model.lightclip, model.objectives["mlm"].fusion
+    vision = inner.vision_model(pixels)
+    mask = torch.ones_like(ids)
+    states = inner.text_model(ids, mask, output_hidden_states=True).hidden_states
+    sources = [torch.cat([vision.pooler_output[:, None], vision.patch_tokens], dim=1)]
+    positions = torch.zeros_like(ids, dtype=torch.bool)
+    positions[:, position] = True
+    return fusion(states, sources, inner.text_model.embeddings.token_embedding.weight, positions=positions,
+                  attention_mask=mask)
+
+
+@pytest.mark.parametrize("word_attention", [True, False])
+def test_mlm_reads_the_words_on_both_sides(word_attention):
+    """ALBEF-style MLM: a masked word's logits depend on the words to its right (the text tower is causal, so only
+    the fusion blocks' word attention can bring them); without word attention they cannot."""
+    model = build(objectives="mlm", fusion_word_attention=word_attention).eval()
+    ids = torch.tensor([[2, 4, 40, 41, 42, 3]])  # [CLS] [MASK] w w w [SEP]
+    changed = ids.clone()
+    changed[0, 3] = 77  # a word to the right of the mask
+    pixels = random_pixels(1)
+    with torch.no_grad():
+        before, after = _masked_word_logits(model, ids, pixels, 1), _masked_word_logits(model, changed, pixels, 1)
+    difference = (before - after).abs().max().item()
+    assert difference > 1e-4 if word_attention else difference == 0.0
+
+
+def test_mlm_word_attention_ignores_padding():
+    model = build(objectives="mlm").eval()
+    ids = torch.tensor([[2, 4, 40, 41, 3, 0, 0]])
+    padded = ids.clone()
+    padded[0, 5:] = torch.tensor([55, 66])  # other ids where the attention mask is 0
+    inner, fusion = model.lightclip, model.objectives["mlm"].fusion
+    mask = (ids != 0).long()
+    pixels = random_pixels(1)
+    with torch.no_grad():
+        vision = inner.vision_model(pixels)
+        sources = [torch.cat([vision.pooler_output[:, None], vision.patch_tokens], dim=1)]
+        positions = torch.zeros_like(ids, dtype=torch.bool)
+        positions[0, 1] = True
+        logits = [fusion(inner.text_model(x, mask, output_hidden_states=True).hidden_states, sources,
+                         inner.text_model.embeddings.token_embedding.weight, positions=positions, attention_mask=mask)
+                  for x in (ids, padded)]
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-6)
 
 
 def test_mlm_never_targets_or_draws_the_unknown_token(tokenizer):

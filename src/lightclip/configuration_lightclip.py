@@ -319,6 +319,7 @@ class LightClipConfig(PreTrainedConfig):
     fusion_type: str = "cross_attention"  # "cross_attention" | "additive"
     fusion_image_source: str = "last"  # "last" (pooled + last-stage tokens) | "multiscale"
     fusion_detach_image: bool = False
+    fusion_word_attention: bool = True  # bidirectional self-attention over the masked caption in each fusion block
     # CLIP-PING: nearest-neighbour guidance
     nn_weight: float = 1.0
     xnn_weight: float = 1.0

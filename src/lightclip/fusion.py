@@ -1,9 +1,10 @@
 """LightCLIP's auxiliary fusion module for masked language modelling (training only).
 
-Our reading of the paper (docs/method.md): at several text-encoder stages, the masked text states, plus the running
-fusion state, cross-attend to the unmasked image tokens (pooled embedding + patch tokens, projected to the text
-width); an MLP follows, each with a residual and pre-LayerNorm. The last block feeds an MLM head whose decoder is
-the text token-embedding matrix (tied).
+Our reading of the paper (docs/method.md), ALBEF-style: at several text-encoder stages, the masked text states plus
+the running fusion state attend to each other (bidirectional self-attention over the caption, so a masked word is
+predicted from the words on both sides; the text tower itself is causal), then cross-attend to the unmasked image
+tokens (pooled embedding + patch tokens, projected to the text width); an MLP follows, each with a residual and
+pre-LayerNorm. The last block feeds an MLM head whose decoder is the text token-embedding matrix (tied).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from .configuration_lightclip import LightClipConfig
 
 
 class LightClipCrossAttention(nn.Module):
-    """Text queries attend to image keys/values (SDPA)."""
+    """Queries attend to keys/values of another (or the same) sequence (SDPA); `key_mask` (batch, keys) marks the
+    keys that may be attended (padding excluded)."""
 
     def __init__(self, width: int, num_heads: int):
         super().__init__()
@@ -27,34 +29,46 @@ class LightClipCrossAttention(nn.Module):
         self.kv_proj = nn.Linear(width, 2 * width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, text: torch.Tensor, image: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, width = text.shape
         q = self.q_proj(text).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv_proj(image).view(batch, image.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1])
+        mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
 class LightClipFusionBlock(nn.Module):
-    """One injection stage: `state + text_stage` -> (cross-attention to the image) -> MLP, pre-LN residuals.
+    """One injection stage: `state + text_stage` -> (self-attention over the words) -> (cross-attention to the
+    image) -> MLP, pre-LN residuals.
 
-    With `fusion_type="additive"` the cross-attention is replaced by adding the projected pooled image embedding.
+    With `fusion_word_attention=False` the words are not mixed (each masked word then sees only the causal text
+    tower's left context); with `fusion_type="additive"` the cross-attention is replaced by adding the projected
+    pooled image embedding.
     """
 
     def __init__(self, config: LightClipConfig):
         super().__init__()
         text = config.text_config
         width = text.hidden_size
+        heads = config.fusion_num_heads or text.num_attention_heads
         self.additive = config.fusion_type == "additive"
+        if config.fusion_word_attention:
+            self.norm_self = nn.LayerNorm(width, eps=text.layer_norm_eps)
+            self.self_attn = LightClipCrossAttention(width, heads)
         self.norm_attn = nn.LayerNorm(width, eps=text.layer_norm_eps)
         if not self.additive:
-            self.cross_attn = LightClipCrossAttention(width, config.fusion_num_heads or text.num_attention_heads)
+            self.cross_attn = LightClipCrossAttention(width, heads)
         self.norm_mlp = nn.LayerNorm(width, eps=text.layer_norm_eps)
         self.fc1 = nn.Linear(width, text.intermediate_size)
         self.act = ACT2FN[text.hidden_act]
         self.fc2 = nn.Linear(text.intermediate_size, width)
 
-    def forward(self, state: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, state: torch.Tensor, image_tokens: torch.Tensor,
+                word_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if hasattr(self, "self_attn"):
+            words = self.norm_self(state)
+            state = state + self.self_attn(words, words, word_mask)
         if self.additive:
             state = state + self.norm_attn(image_tokens[:, :1])  # the pooled image embedding, broadcast over words
         else:
@@ -84,7 +98,8 @@ class LightClipFusion(nn.Module):
         self.head_bias = nn.Parameter(torch.zeros(text.vocab_size))
 
     def forward(self, text_hidden_states: tuple[torch.Tensor, ...], image_sources: list[torch.Tensor],
-                token_embedding: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+                token_embedding: torch.Tensor, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """MLM logits `(batch, length, vocab)`, or `(positions.sum(), vocab)` when `positions` is given.
 
         Args:
@@ -92,13 +107,14 @@ class LightClipFusion(nn.Module):
             image_sources: `(batch, tokens, width_k)` image token sequences, pooled embedding first; one per stage,
                 or a single one shared by all stages.
             token_embedding: the text tower's token-embedding matrix, the tied MLM decoder.
-            positions: optional `(batch, length)` boolean mask of the words to predict (`mlm_labels != -100`). The
-                blocks mix information across image tokens only, never across words, so running them and the
-                vocabulary head on these words alone gives the same logits for them at a fraction of the cost;
-                rows come out in the order of `labels[positions]`.
+            positions: optional `(batch, length)` boolean mask of the words to predict (`mlm_labels != -100`); rows
+                come out in the order of `labels[positions]`. Only these words go through the vocabulary head;
+                without word attention the blocks never mix words, so only these words go through them too.
+            attention_mask: `(batch, length)`, 1 for words and 0 for padding, which word attention never reads.
         """
         keep = index = None
-        if positions is not None:
+        word_attention = hasattr(self.blocks[0], "self_attn")
+        if positions is not None and not word_attention:
             # each row's selected words first (stable sort keeps their order), cut to the longest row's count
             width = int(positions.sum(-1).max()) if positions.numel() else 0
             index = torch.sort((~positions).to(torch.int8), dim=-1, stable=True).indices[:, :width]
@@ -112,10 +128,12 @@ class LightClipFusion(nn.Module):
             source = image_sources[min(k, len(image_sources) - 1)]
             source = source.detach() if self.detach_image else source
             image = self.image_norm(self.image_proj[min(k, len(self.image_proj) - 1)](source))
-            state = block(state, image)
-        hidden = self.head_norm(self.head_act(self.head_transform(state)))
+            state = block(state, image, attention_mask if word_attention else None)
         if keep is not None:
-            hidden = hidden[keep]
+            state = state[keep]
+        elif positions is not None:
+            state = state[positions]
+        hidden = self.head_norm(self.head_act(self.head_transform(state)))
         return F.linear(hidden, token_embedding, self.head_bias)
 
 

@@ -237,9 +237,10 @@ class MaskedLanguageModelingObjective(Objective):
             if self.config.vision_config.backbone != "vit":  # CNN stages carry no pooled token: prepend their mean
                 sources = [torch.cat([s.mean(1, keepdim=True), s], dim=1) for s in sources]
         token_embedding = text_tower.embeddings.token_embedding.weight
-        # the fusion blocks never mix words, so only the masked words need to go through them and the vocab head
+        # only the masked words need the vocabulary head (and, without word attention, the fusion blocks)
         selected = mlm_labels != -100
-        logits = self.fusion(masked.hidden_states, sources, token_embedding, positions=selected)
+        logits = self.fusion(masked.hidden_states, sources, token_embedding, positions=selected,
+                             attention_mask=outputs.attention_mask)
         return dict(self.loss(logits, mlm_labels[selected]))  # per micro-batch (no negatives): a scalar
 
     def forward(self, shared: Features, own: Features) -> dict[str, torch.Tensor]:
