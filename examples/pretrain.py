@@ -136,6 +136,10 @@ class PretrainingArguments:
     gradient_accumulation_steps: int = field(default=1, metadata={
         "help": "Micro-batches per step; the contrastive terms still see every micro-batch's negatives."})
     gradient_checkpointing: bool = False
+    max_grad_norm: float | None = field(default=None, metadata={
+        "help": "Clip the global gradient norm to this value before each optimiser step (off by default)."})
+    max_nonfinite_steps: int = field(default=10, metadata={
+        "help": "A step with a non-finite loss or gradient is skipped and counted; stop after this many in a row."})
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(default=None, metadata={
         "help": "Default: what `accelerate launch` / `accelerate config` says."})
     seed: int = 0
@@ -333,6 +337,14 @@ def mlm_inputs(batch: dict, model: LightClipForPreTraining, seed: int, step: int
     return {"mlm_input_ids": ids.to(batch["input_ids"].device), "mlm_labels": labels.to(batch["input_ids"].device)}
 
 
+def finite_step(model, loss: torch.Tensor, accelerator: Accelerator) -> bool:
+    """Whether the loss and every gradient are finite on every process (all take the same decision)."""
+    finite = bool(torch.isfinite(loss.detach()).all()) and all(
+        bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    flags = accelerator.reduce(torch.tensor([0.0 if finite else 1.0], device=accelerator.device), "sum")
+    return bool(flags.item() == 0)
+
+
 def training_step(model, accelerator, micro_batches: list[dict], extras: list[dict]):
     """One optimiser step's forward/backward. With several micro-batches, their features are cached first so every
     contrastive term sees all of them (open_clip's accumulation), then each is recomputed with gradients."""
@@ -396,6 +408,7 @@ class Run:
     total_steps: int
     steps_per_epoch: int | None
     step: int = 0
+    nonfinite_steps: int = 0
 
 
 def setup(args) -> Accelerator:
@@ -511,7 +524,7 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
                 args.per_device_train_batch_size * batches_per_step * accelerator.num_processes)
     if args.eval_steps and step == 0:  # the starting point of the evaluation curves, as open_clip's epoch 0
         log_evaluation(model, run.processor, args, validation, accelerator, log, step)
-    seen, window_start = 0, time.perf_counter()
+    seen, window_start, nonfinite_in_a_row = 0, time.perf_counter(), 0
     model.train()
     while step < total_steps:
         if hasattr(loader, "set_epoch"):
@@ -536,7 +549,20 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
             torch.manual_seed(step_seed(args.seed, step, -1))
             extras = [step_extras(args, run, b, unwrapped, step, micro, accelerator) for micro, b in enumerate(pending)]
             out = training_step(model, accelerator, pending, extras)
-            run.optimizer.step()
+            if finite_step(model, out.loss, accelerator):
+                nonfinite_in_a_row = 0
+                if args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                run.optimizer.step()
+            else:  # the weights stay as they were; the schedule moves on
+                run.nonfinite_steps += 1
+                nonfinite_in_a_row += 1
+                logger.warning("step %d: non-finite loss or gradient, optimiser step skipped (%d so far)", step,
+                               run.nonfinite_steps)
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    raise FloatingPointError(
+                        f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
+                        "lower --learning_rate, set --max_grad_norm, or use --mixed_precision no")
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             unwrapped.clamp_logit_scales_()
@@ -552,7 +578,7 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
                           "lr": run.scheduler.get_last_lr()[0],
                           "logit_scale": unwrapped.lightclip.logit_scale_exp().item(),
                           "images_per_sec": round(seen / max(elapsed, 1e-9), 1)}
-                record.update(unwrapped.log_values())
+                record.update(unwrapped.log_values(), nonfinite_steps=run.nonfinite_steps)
                 log.write(record)
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=record["images_per_sec"])
@@ -594,6 +620,8 @@ def finish(args, accelerator: Accelerator, run: Run, validation) -> dict:
         save_results(eval_results, output_dir / "eval_results.json")
         run.log.write({"step": run.step, **{f"eval/{k}": v for k, v in results.items()}})
         plot_log(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
+        if run.nonfinite_steps:
+            logger.warning("%d optimiser steps skipped for a non-finite loss or gradient", run.nonfinite_steps)
         message = run.skips.warn(logger)
         if message is None:
             logger.info("no samples skipped")

@@ -88,3 +88,44 @@ def test_bad_validation_data_keeps_the_trained_model(tmp_path):
     assert results["num_images"] == 3
     with pytest.raises(AssertionError, match="already holds a training run"):
         run_script(["--output_dir", str(out), "--max_train_steps", "1", "--objectives", "clip"])
+
+
+def test_soft_labels_are_computed_in_float32():
+    import torch
+    import torch.nn.functional as F
+
+    from lightclip.losses import SoftClipLoss
+
+    g = torch.Generator().manual_seed(0)
+    image, text = (F.normalize(torch.randn(16, 32, generator=g), dim=-1) for _ in range(2))
+    loss = SoftClipLoss(alpha_max=0.3)
+    loss.set_progress(1.0)
+    reference = loss(image.double(), text.double(), torch.tensor(30.0, dtype=torch.float64))["contrastive_loss"]
+    low = loss(image.bfloat16(), text.bfloat16(), torch.tensor(30.0, dtype=torch.bfloat16))["contrastive_loss"]
+    assert low.dtype == torch.float32
+    assert abs(low.item() - reference.item()) < 0.05 * abs(reference.item())
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+    proc = run_script(["--output_dir", str(tmp_path / "out"), "--max_train_steps", "8", "--objectives", "clip",
+                       "--learning_rate", "1e30", "--max_nonfinite_steps", "2", "--eval_steps", "0"], check=False)
+    assert proc.returncode != 0
+    assert "2 steps in a row had a non-finite loss or gradient" in proc.stdout + proc.stderr
+    assert "optimiser step skipped" in proc.stdout + proc.stderr
+
+
+def test_gradient_clipping_option_runs(tmp_path):
+    run_script(["--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", "--objectives", "clip",
+                "--max_grad_norm", "0.5", "--eval_steps", "0"])
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r.get("nonfinite_steps", 0) == 0 for r in log if "loss" in r)
+
+
+def test_boolean_typos_are_rejected():
+    from conftest import load_script
+
+    pretrain = load_script("examples/pretrain.py")
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--sinkhorn_unroll", "ture"])
+    assert pretrain.parse_args(["--sinkhorn_unroll", "yes"]).sinkhorn_unroll is True
+    assert pretrain.parse_args(["--lock_image"]).lock_image is True

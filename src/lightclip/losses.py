@@ -132,7 +132,9 @@ class ClipLoss(nn.Module):
 
 
 def _soft_ce(logits: Tensor, labels: Tensor, alpha: float, mode: str, temperature: float) -> Tensor:
-    """Cross-entropy against q = (1 - alpha) onehot + alpha r, r spread over the negatives of each row."""
+    """Cross-entropy against q = (1 - alpha) onehot + alpha r, r spread over the negatives of each row, in float32
+    at least (bf16 logits would round the soft targets and the sum)."""
+    (logits,) = _upcast(logits)
     log_probs = F.log_softmax(logits, dim=-1)
     positive = F.one_hot(labels, logits.shape[-1]).bool()
     if mode == "uniform":
