@@ -129,3 +129,41 @@ def test_boolean_typos_are_rejected():
         pretrain.parse_args(["--sinkhorn_unroll", "ture"])
     assert pretrain.parse_args(["--sinkhorn_unroll", "yes"]).sinkhorn_unroll is True
     assert pretrain.parse_args(["--lock_image"]).lock_image is True
+
+
+def test_a_truncated_checkpoint_names_its_folder(tmp_path):
+    from lightclip import LightClipConfig, LightClipModel
+
+    LightClipModel(LightClipConfig.from_preset("lightclip-xxs")).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=r"safetensors weights cannot be read .*truncated or corrupt") as error:
+        LightClipModel.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_a_bad_metadata_line_names_the_file_and_line(tmp_path):
+    _picture_folder(tmp_path / "data", ["a.png", "b.png"])
+    metadata = tmp_path / "data" / "metadata.jsonl"
+    metadata.write_text(metadata.read_text() + '{"file_name": "c.png", "text": oops}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl, line 3: not a JSON object"):
+        load_image_text_dataset(str(tmp_path / "data"))
+
+
+def test_an_unreachable_hub_gives_one_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from lightclip import LightClipConfig, LightClipModel, LightClipProcessor
+    from lightclip.hub import push_folder, write_model_card
+
+    config = LightClipConfig.from_preset("lightclip-xxs")
+    LightClipModel(config).save_pretrained(tmp_path)
+    LightClipProcessor.from_config(config).save_pretrained(tmp_path)
+    write_model_card(tmp_path)
+
+    class OfflineApi:
+        def create_repo(self, *args, **kwargs):
+            raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
+
+    with pytest.raises(RuntimeError, match=r"could not push .* to the Hub repository org/x: OfflineModeIsEnabled"):
+        push_folder(tmp_path, "org/x", token="hf_test", api=OfflineApi())

@@ -123,6 +123,21 @@ def keep_readable_images(dataset, skip_counter: SkipCounter, prefix: str = "vali
 # --------------------------------------------------------------------------------------------------- sources
 
 
+def _metadata_problem(folder: str) -> str | None:
+    """The first unparsable line of a folder's metadata.jsonl, named with its file and line number, if any."""
+    path = os.path.join(folder, "metadata.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as error:
+                    return f"{path}, line {number}: not a JSON object ({error.msg})"
+    return None
+
+
 def detect_source_kind(source: str) -> str:
     """One of "shapes", "imagefolder", "csv", "json", "tar", "hub"."""
     if is_shapes_source(source):
@@ -181,7 +196,10 @@ def load_image_text_dataset(
         return _load_tar_shards(source, max_samples=max_samples)
     base_dir = None
     if kind == "imagefolder":
-        dataset = datasets.load_dataset("imagefolder", data_dir=source, split=split, streaming=streaming)
+        try:
+            dataset = datasets.load_dataset("imagefolder", data_dir=source, split=split, streaming=streaming)
+        except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
+            raise ValueError(f"{source}: cannot read the image folder: {_metadata_problem(source) or error}") from error
     elif kind in ("csv", "json"):
         data_kwargs = {"delimiter": "\t"} if source.lower().endswith(".tsv") else {}
         dataset = datasets.load_dataset(kind, data_files=source, split="train", streaming=streaming, **data_kwargs)

@@ -435,12 +435,21 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, 
         from huggingface_hub import HfApi
 
         api = HfApi()
-    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
-    commit = api.upload_folder(
-        folder_path=str(folder), repo_id=repo_id, repo_type="model", token=token,
-        allow_patterns=[name for name, _ in report["files"]],
-        commit_message=commit_message or f"Upload {folder.resolve().name} with lightclip",
-    )
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+        commit = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, repo_type="model", token=token,
+            allow_patterns=[name for name, _ in report["files"]],
+            commit_message=commit_message or f"Upload {folder.resolve().name} with lightclip",
+        )
+    except Exception as error:  # offline mode, DNS, refused or timed-out connections, HTTP errors
+        if not isinstance(error, OSError) and not type(error).__module__.startswith(("httpx", "requests", "urllib3")):
+            raise
+        raise RuntimeError(
+            f"could not push {folder} to the Hub repository {repo_id}: {type(error).__name__}: {error}. Check the "
+            "network connection, that HF_HUB_OFFLINE is not set, and that the token may write to that repository; "
+            "the folder is unchanged, so run the push again."
+        ) from error
     report["repo_url"] = str(repo_url)
     report["commit_url"] = getattr(commit, "commit_url", None)
     print(f"uploaded to {report['repo_url']}" + (f" ({report['commit_url']})" if report["commit_url"] else ""))

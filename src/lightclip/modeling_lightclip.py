@@ -608,8 +608,15 @@ class LightClipPreTrainedModel(PreTrainedModel):
         if kwargs.get("use_safetensors") is False:
             raise ValueError("lightclip loads weights from safetensors only; use_safetensors=False is not supported")
         kwargs["use_safetensors"] = True
+        from safetensors import SafetensorError
+
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"{pretrained_model_name_or_path}: its safetensors weights cannot be read ({error}); the file is "
+                "truncated or corrupt: download or save it again"
+            ) from error
         except OSError as error:
             if "safetensors" not in str(error):
                 raise
