@@ -238,6 +238,19 @@ def test_truncated_captions_keep_end_token():
     assert collator.skip_counter.num_skipped == 0
 
 
+def test_captions_of_unknown_tokens_only_are_skipped_and_counted():
+    collator = ImageTextCollator(FakeProcessor(), train=False, image_size=16)
+    image = Image.new("RGB", (20, 20))
+    batch = collator([{"image": image, "captions": ["\U0001F600 \U0001F431"], "index": 0},
+                      {"image": image, "captions": ["\u4e2d\u6587"], "index": 1},
+                      {"image": image, "captions": ["a \U0001F431"], "index": 2}])  # one known word: kept
+    assert batch["index"].tolist() == [2]
+    assert collator.skip_counter.summary() == {"caption of unknown tokens only": 2}
+    assert collator.skip_counter.num_skipped == 2
+    empty = collator([{"image": image, "captions": ["\U0001F600"], "index": 3}])
+    assert empty["index"].numel() == 0 and empty["input_ids"].shape == (0, 0)
+
+
 def test_caption_sampling_per_epoch_is_deterministic():
     captions = [f"a red cat {w}" for w in ("on", "left", "right", "big", "small", "photo")]
     examples = [{"image": Image.new("RGB", (20, 20)), "captions": captions, "index": i} for i in range(8)]

@@ -613,9 +613,10 @@ class SkipCounter:
 class ImageTextCollator:
     """Turns standardised examples into a model batch: decode, augment, pick a caption, tokenise, normalise.
 
-    Bad samples (missing or unreadable image, no non-empty caption) are skipped and counted in `skip_counter`; a
-    batch where every sample is bad has 0 rows (`batch["index"].numel() == 0`): skip it. Captions longer than
-    `max_length` tokens are truncated by the tokenizer and counted as "truncated caption".
+    Bad samples (missing or unreadable image, no non-empty caption, a caption made only of unknown tokens) are
+    skipped and counted in `skip_counter`; a batch where every sample is bad has 0 rows
+    (`batch["index"].numel() == 0`): skip it. Captions longer than `max_length` tokens are truncated by the
+    tokenizer and counted as "truncated caption".
 
     Randomness (crop, caption choice) is drawn from a generator seeded with (seed, epoch, index), so it does not
     depend on the batch composition or the worker; call `set_epoch(epoch)` before each epoch (with data loader
@@ -677,16 +678,27 @@ class ImageTextCollator:
             caption = captions[0]
         return image, caption.strip(), index
 
-    def _count_truncated(self, texts: list[str], indices: list[int], counter: SkipCounter) -> None:
+    def _check_captions(self, texts: list[str], indices: list[int], counter: SkipCounter) -> list[bool]:
+        """Which captions to keep: one made only of unknown tokens (emoji, scripts the vocabulary lacks) would train
+        on no word at all, so it is skipped; an over-long one is kept (truncated) and counted."""
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is None:
-            return
+            return [True] * len(texts)
         limit = self.max_length or getattr(tokenizer, "model_max_length", None)
-        if not limit or limit > 1_000_000:
-            return
+        limit = limit if limit and limit <= 1_000_000 else None
+        unknown = tokenizer.unk_token_id
+        structural = set(tokenizer.all_special_ids) - {unknown}
+        keep = []
         for ids, index in zip(tokenizer(texts, truncation=False)["input_ids"], indices):
-            if len(ids) > limit:
+            words = [i for i in ids if i not in structural]
+            if unknown is not None and words and all(i == unknown for i in words):
+                counter.add("caption of unknown tokens only", index)
+                keep.append(False)
+                continue
+            if limit and len(ids) > limit:
                 counter.add("truncated caption", index)
+            keep.append(True)
+        return keep
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
@@ -694,8 +706,10 @@ class ImageTextCollator:
         counter = SkipCounter(self.skip_counter.max_examples)
         prepared = [p for i, e in enumerate(examples) if (p := self._prepare(e, i, counter)) is not None]
         if prepared:
+            keep = self._check_captions([p[1] for p in prepared], [p[2] for p in prepared], counter)
+            prepared = [p for p, kept in zip(prepared, keep) if kept]
+        if prepared:
             images, texts, indices = map(list, zip(*prepared))
-            self._count_truncated(texts, indices, counter)
             encoded = self.processor(images=images, text=texts, padding=True, truncation=True,
                                      max_length=self.max_length, return_tensors="pt")
             batch = {"pixel_values": encoded["pixel_values"], "input_ids": encoded["input_ids"],
