@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -309,13 +309,15 @@ def resolve_steps(args, steps_per_epoch: int | None) -> int:
     return 500
 
 
-def align_across_processes(batch: dict, accelerator) -> dict:
+def align_across_processes(batch: dict, accelerator, skips: SkipCounter) -> dict:
     """Under DDP the gathered losses need equal local batches and text lengths: cut every process to the
-    smallest batch (the rows cut are counted) and pad the text to the longest."""
+    smallest batch (the rows cut are counted in `skips`) and pad the text to the longest."""
     if accelerator.num_processes == 1:
         return batch
     size = torch.tensor([batch["index"].numel()], device=accelerator.device)
     smallest = int(accelerator.gather(size).min())
+    for index in batch["index"][smallest:].tolist():
+        skips.add("cut to equalise batch sizes across processes", index)
     batch = {k: v[:smallest] for k, v in batch.items()}  # tensors and the raw image / caption lists alike
     batch["input_ids"] = accelerator.pad_across_processes(batch["input_ids"], dim=1, pad_index=0)
     batch["attention_mask"] = accelerator.pad_across_processes(batch["attention_mask"], dim=1, pad_index=0)
@@ -537,7 +539,7 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
             counts = batch.pop("skip_counts", None)
             if counts is not None:
                 skips.merge(counts)
-            batch = align_across_processes(batch, accelerator)
+            batch = align_across_processes(batch, accelerator, skips)
             if batch["index"].numel() == 0:
                 continue
             pending.append(batch)
@@ -614,7 +616,10 @@ def finish(args, accelerator: Accelerator, run: Run, validation) -> dict:
         accelerator.unwrap_model(run.model).save_pretrained(output_dir)
         run.processor.save_pretrained(output_dir)
     results = evaluate(run.model, run.processor, args, validation, accelerator)
-    skip_summary = run.skips.summary()
+    skips = SkipCounter(run.skips.max_examples)  # every process's counts, not only this one's
+    for state in gather_object([run.skips.state_dict()]):
+        skips.merge(state)
+    skip_summary = skips.summary()
     if accelerator.is_main_process:
         eval_results = {**results, "step": run.step, "skipped": skip_summary}
         save_results(eval_results, output_dir / "eval_results.json")
@@ -622,7 +627,7 @@ def finish(args, accelerator: Accelerator, run: Run, validation) -> dict:
         plot_log(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
         if run.nonfinite_steps:
             logger.warning("%d optimiser steps skipped for a non-finite loss or gradient", run.nonfinite_steps)
-        message = run.skips.warn(logger)
+        message = skips.warn(logger)
         if message is None:
             logger.info("no samples skipped")
         for key in sorted(results):

@@ -19,7 +19,7 @@ def _picture_folder(root, names: list[str], corrupt: tuple[str, ...] = ()) -> No
         if name in corrupt:
             (root / name).write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
         else:
-            Image.fromarray(np.full((16, 16, 3), 40 * k, dtype=np.uint8)).save(root / name)
+            Image.fromarray(np.full((16, 16, 3), (40 * k) % 256, dtype=np.uint8)).save(root / name)
     rows = [{"file_name": name, "text": f"picture number {k}"} for k, name in enumerate(names)]
     (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
@@ -167,3 +167,22 @@ def test_an_unreachable_hub_gives_one_clear_error(tmp_path, monkeypatch):
 
     with pytest.raises(RuntimeError, match=r"could not push .* to the Hub repository org/x: OfflineModeIsEnabled"):
         push_folder(tmp_path, "org/x", token="hf_test", api=OfflineApi())
+
+
+@pytest.mark.skipif(not __import__("torch").distributed.is_gloo_available(), reason="needs gloo")
+def test_two_processes_report_every_skip(tmp_path):
+    """One epoch over 64 pairs (8 unreadable) on 2 processes: every unreadable image is counted once, whichever rank
+    met it, and the rows cut to equalise the ranks' batches are counted too."""
+    import sys
+
+    names = [f"{k:02d}.png" for k in range(64)]
+    _picture_folder(tmp_path / "train", names, corrupt=tuple(names[3::8]))
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run_script(["--output_dir", str(out), "--train_data", str(tmp_path / "train"), "--max_train_steps", "4",
+                "--per_device_train_batch_size", "8", "--objectives", "clip", "--eval_steps", "0"], launcher)
+    skipped = json.loads((out / "eval_results.json").read_text())["skipped"]
+    assert skipped["unreadable image"] == 8
+    trained = 64 - 8 - skipped.get("cut to equalise batch sizes across processes", 0)
+    assert trained % 2 == 0  # both ranks trained the same number of rows
