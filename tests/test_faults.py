@@ -186,3 +186,18 @@ def test_two_processes_report_every_skip(tmp_path):
     assert skipped["unreadable image"] == 8
     trained = 64 - 8 - skipped.get("cut to equalise batch sizes across processes", 0)
     assert trained % 2 == 0  # both ranks trained the same number of rows
+
+
+def test_a_streamed_corrupt_image_is_skipped_and_counted(tmp_path):
+    from lightclip import LightClipConfig, LightClipProcessor
+    from lightclip.data import ImageTextCollator
+
+    _picture_folder(tmp_path / "data", ["a.png", "b.png", "c.png"], corrupt=("b.png",))
+    dataset = load_image_text_dataset(str(tmp_path / "data"), "train", streaming=True)
+    rows = list(dataset)  # iterating the stream never decodes
+    assert len(rows) == 3
+    processor = LightClipProcessor.from_config(LightClipConfig.from_preset("lightclip-xxs"))
+    collator = ImageTextCollator(processor, train=True, image_size=32)
+    batch = collator(rows)
+    assert batch["index"].tolist() == [0, 2]
+    assert collator.skip_counter.summary() == {"unreadable image": 1}

@@ -206,6 +206,9 @@ def load_image_text_dataset(
         base_dir = os.path.dirname(os.path.abspath(source))
     else:
         dataset = datasets.load_dataset(source, config_name, split=split, streaming=streaming)
+    if isinstance(dataset, datasets.IterableDataset):
+        # stream undecoded bytes: a corrupt image then reaches the collator, which skips and counts it
+        dataset = dataset.decode(False)
     if max_samples is not None:
         dataset = dataset.take(max_samples) if streaming else dataset.select(range(min(max_samples, len(dataset))))
     return standardize_image_text_dataset(dataset, image_column=image_column, caption_column=caption_column,
