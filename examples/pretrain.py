@@ -411,6 +411,7 @@ class Run:
     steps_per_epoch: int | None
     step: int = 0
     nonfinite_steps: int = 0
+    resume_state: dict | None = None  # the checkpoint's trainer_state.json when resuming
 
 
 def setup(args) -> Accelerator:
@@ -503,7 +504,8 @@ def prepare_training(args, accelerator: Accelerator, train_dataset, bank, valida
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        run.step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        run.resume_state = json.loads((checkpoint / "trainer_state.json").read_text())
+        run.step = run.resume_state["step"]
         if accelerator.is_main_process:
             truncate_log(output_dir / "train_log.jsonl", run.step)
         logger.info("resumed from %s at step %d", checkpoint, run.step)
@@ -518,8 +520,12 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
     unwrapped = accelerator.unwrap_model(model)
     batches_per_step = args.gradient_accumulation_steps
     step, total_steps, steps_per_epoch = run.step, run.total_steps, run.steps_per_epoch
-    epoch = 0 if steps_per_epoch is None else step // steps_per_epoch
-    skip_batches = 0 if steps_per_epoch is None else (step % steps_per_epoch) * batches_per_step
+    state = run.resume_state or {}
+    if "epoch_batches" in state:  # the data position itself: batches consumed in the epoch, empty ones included
+        epoch, skip_batches = state["epoch"], state["epoch_batches"]
+    else:
+        epoch = 0 if steps_per_epoch is None else step // steps_per_epoch
+        skip_batches = 0 if steps_per_epoch is None else (step % steps_per_epoch) * batches_per_step
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train",
                     dynamic_ncols=True)
     logger.info("training %d steps (%s per epoch), global batch %d", total_steps, steps_per_epoch,
@@ -533,9 +539,10 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
             loader.set_epoch(epoch)
         collator.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
-        skip_batches = 0
+        epoch_batches, skip_batches = skip_batches, 0
         pending: list[dict] = []
         for batch in epoch_loader:
+            epoch_batches += 1
             counts = batch.pop("skip_counts", None)
             if counts is not None:
                 skips.merge(counts)
@@ -588,7 +595,8 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
             if args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
                 log_evaluation(model, run.processor, args, validation, accelerator, log, step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, run.output_dir, step, {"step": step, "epoch": epoch},
+                save_checkpoint(accelerator, run.output_dir, step,
+                                {"step": step, "epoch": epoch, "epoch_batches": epoch_batches},
                                 keep=args.checkpoints_total_limit)
             if step >= total_steps:
                 break

@@ -201,3 +201,35 @@ def test_a_streamed_corrupt_image_is_skipped_and_counted(tmp_path):
     batch = collator(rows)
     assert batch["index"].tolist() == [0, 2]
     assert collator.skip_counter.summary() == {"unreadable image": 1}
+
+
+def _final_weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_is_exact_when_whole_batches_are_skipped(tmp_path, streaming):
+    """Three pictures in four are unreadable, so some batches of 2 are empty and skipped: resuming from the step-3
+    checkpoint must continue from the same data position (batches consumed, not steps) and end with the same
+    weights as the uninterrupted run; streamed data resumes at the same position too."""
+    import shutil
+
+    import torch
+
+    names = [f"{k:02d}.png" for k in range(24)]
+    _picture_folder(tmp_path / "train", names, corrupt=tuple(n for k, n in enumerate(names) if k % 4))
+    common = ["--train_data", str(tmp_path / "train"), "--max_train_steps", "6", "--per_device_train_batch_size", "2",
+              "--objectives", "clip", "--eval_steps", "0", "--checkpointing_steps", "3",
+              "--checkpoints_total_limit", "3"] + (["--streaming"] if streaming else [])
+    run_script(common + ["--output_dir", str(tmp_path / "full")])
+    state = json.loads((tmp_path / "full" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["epoch_batches"] > 3  # some batches were empty
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", resumed / "checkpoint-3")
+    run_script(common + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    full, again = _final_weights(tmp_path / "full"), _final_weights(resumed)
+    for name in full:
+        torch.testing.assert_close(again[name], full[name], rtol=0, atol=1e-6, msg=name)
