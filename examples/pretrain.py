@@ -189,12 +189,51 @@ def load_config_file(path: str) -> dict:
     return values
 
 
-def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining, LightClipProcessor]:
+def _tokenizer_overrides(tokenizer) -> dict:
+    if tokenizer is None:
+        return {}
+    return dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
+                eos_token_id=tokenizer.eos_token_id or tokenizer.sep_token_id,
+                mask_token_id=tokenizer.mask_token_id, unk_token_id=tokenizer.unk_token_id)
+
+
+def build_config(args, bank=None, tokenizer=None) -> LightClipConfig:
+    """The run's `LightClipConfig`: the preset or folder, with every objective option, the tokenizer's vocabulary and
+    the bank's teacher widths applied (the config validates them)."""
     overrides = {k: getattr(args, k) for k in OBJECTIVE_FIELDS if getattr(args, k) is not None}
     overrides["objectives"] = args.objectives
     if bank is not None:
         bank = getattr(bank, "bank", bank)  # ActiveTeacherNeighbors wraps the bank
         overrides.update(teacher_image_dim=bank.image_dim, teacher_text_dim=bank.text_dim)
+    text_overrides = _tokenizer_overrides(tokenizer)
+    vision_overrides = {"image_size": args.image_size} if args.image_size else {}
+    if args.model in lightclip.list_presets():
+        return LightClipConfig.from_preset(args.model, text_config=text_overrides, vision_config=vision_overrides,
+                                           **overrides)
+    config = LightClipConfig.from_pretrained(args.model, **overrides)
+    for key, value in text_overrides.items():
+        setattr(config.text_config, key, value)
+    for key, value in vision_overrides.items():
+        setattr(config.vision_config, key, value)
+    return config
+
+
+def validate_args(args) -> None:
+    """Option values checked before any work starts (data, bank, training)."""
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
+    build_config(args)  # unknown objectives, bad choices and values of every objective option
+
+
+def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining, LightClipProcessor]:
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
@@ -202,24 +241,11 @@ def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining,
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         if tokenizer.mask_token_id is None and "mlm" in lightclip.resolve_objectives(args.objectives):
             raise ValueError(f"tokenizer {args.tokenizer} has no mask token; the mlm objective needs one")
-    text_overrides = {}
-    if tokenizer is not None:
-        text_overrides = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                              bos_token_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
-                              eos_token_id=tokenizer.eos_token_id or tokenizer.sep_token_id,
-                              mask_token_id=tokenizer.mask_token_id, unk_token_id=tokenizer.unk_token_id)
-    vision_overrides = {"image_size": args.image_size} if args.image_size else {}
+    config = build_config(args, bank, tokenizer)
     if args.model in lightclip.list_presets():
-        config = LightClipConfig.from_preset(args.model, text_config=text_overrides, vision_config=vision_overrides,
-                                             **overrides)
         model = LightClipForPreTraining(config)
         processor = None
     else:
-        config = LightClipConfig.from_pretrained(args.model, **overrides)
-        for key, value in text_overrides.items():
-            setattr(config.text_config, key, value)
-        for key, value in vision_overrides.items():
-            setattr(config.vision_config, key, value)
         has_weights = any((Path(args.model) / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
         model = LightClipForPreTraining.from_pretrained(args.model, config=config) if has_weights or not Path(
             args.model).exists() else LightClipForPreTraining(config)
@@ -429,6 +455,7 @@ def setup(args) -> Accelerator:
                         handlers=[logging.StreamHandler(sys.stdout)])
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
+    validate_args(args)
     set_seed(args.seed)
     set_cpu_threads(args.cpu_threads, accelerator)
     args.image_tower_init = resolve_image_tower_init(args)
@@ -587,7 +614,8 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
                           "lr": run.scheduler.get_last_lr()[0],
                           "logit_scale": unwrapped.lightclip.logit_scale_exp().item(),
                           "images_per_sec": round(seen / max(elapsed, 1e-9), 1)}
-                record.update(unwrapped.log_values(), nonfinite_steps=run.nonfinite_steps)
+                record.update(unwrapped.log_values(), nonfinite_steps=run.nonfinite_steps,
+                              skipped_samples=skips.num_skipped)  # this process's count so far
                 log.write(record)
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=record["images_per_sec"])

@@ -233,3 +233,19 @@ def test_resume_is_exact_when_whole_batches_are_skipped(tmp_path, streaming):
     full, again = _final_weights(tmp_path / "full"), _final_weights(resumed)
     for name in full:
         torch.testing.assert_close(again[name], full[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_option_values_are_checked_before_any_work():
+    from conftest import load_script
+
+    pretrain = load_script("examples/pretrain.py")
+    for argv, message in [(["--push_to_hub"], "hub_model_id"), (["--token_matching", "bogus"], "token_matching"),
+                          (["--objectives", "clip,typo"], "unknown objective"), (["--max_train_steps", "0"],
+                                                                                  "max_train_steps")]:
+        with pytest.raises(ValueError, match=message):
+            pretrain.validate_args(pretrain.parse_args(argv))
+    pretrain.validate_args(pretrain.parse_args([]))  # the defaults are valid
+    # the script checks them first: a bad value is reported, not the data source that does not exist
+    proc = run_script(["--token_matching", "bogus", "--train_data", "/nonexistent/data.csv", "--output_dir",
+                       "/nonexistent/out"], check=False)
+    assert proc.returncode != 0 and "token_matching" in proc.stderr and "nonexistent" not in proc.stderr

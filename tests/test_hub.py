@@ -106,11 +106,19 @@ def test_card_body(run_folder):
         assert f"{count:,}" in text
     assert COMMAND in text
     assert "| zero-shot shape top-1 | 0.4321 |" in text
-    assert "| seed | 7 |" in text and "| steps | 600 |" in text
+    assert "| seed | 7 |" in text and "| steps | 600 |" in text and "| skipped samples | none |" in text
     assert "soft: InfoNCE" in text and "token: patch-word" in text and "mlm:" in text
     assert "not a general-purpose CLIP" in text
     assert "trust_remote_code=True" in text and "LightClipModel.from_pretrained" in text
     assert "`model.safetensors`" in text and "optimizer.bin" not in text and "train_log.jsonl" not in text
+
+
+def test_card_names_skipped_samples(folder):
+    results = {**EVAL, "skipped": {"unreadable image": 3, "truncated caption": 2}}
+    (folder / "eval_results.json").write_text(json.dumps(results))
+    write_model_card(folder, command=COMMAND)
+    text = ModelCard.load(folder / "README.md").text
+    assert "| skipped samples | truncated caption: 2, unreadable image: 3 |" in text
 
 
 def test_card_without_training_files(run_folder, tmp_path):

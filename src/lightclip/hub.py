@@ -159,6 +159,10 @@ def _training_rows(train: dict | None, eval_results: dict | None) -> list[tuple[
         ("seed", str(train.get("seed"))),
         ("mixed precision", str(train.get("mixed_precision") or "no")),
     ]
+    skipped = (eval_results or {}).get("skipped")
+    if isinstance(skipped, dict):
+        rows.append(("skipped samples", ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+                     or "none"))
     return rows
 
 
