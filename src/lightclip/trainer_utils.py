@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .hub import REMOTE_CODE_FILES, REQUIRED_FILES
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 
@@ -140,10 +142,9 @@ def resolve_checkpoint(resume: str | None, output_dir: str | os.PathLike) -> Pat
 # what a training run writes into its output folder (besides the copy of its --config_file, named in
 # train_config.json); --overwrite_output_dir removes these and nothing else (a feature bank or notes stay)
 RUN_OUTPUTS = (
-    "model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-    "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "configuration_lightclip.py", "modeling_lightclip.py", "processing_lightclip.py",
-    "presets.py", "README.md", "eval_results.json", "train_config.json", "train_log.jsonl", "training_curves.png",
+    *REQUIRED_FILES, *REMOTE_CODE_FILES, "model.safetensors.index.json", "generation_config.json",
+    "preprocessor_config.json", "special_tokens_map.json", "eval_results.json", "train_config.json",
+    "train_log.jsonl", "training_curves.png",
 )
 RUN_OUTPUT_DIR_RE = re.compile(r"^\.?(tmp-)?checkpoint-\d+$")
 
