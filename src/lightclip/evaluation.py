@@ -14,8 +14,10 @@ Ties are resolved pessimistically everywhere: a target counts as ranked within t
 competitors score *greater than or equal to* it. A degenerate model that gives every candidate the same score
 therefore scores 0 (and not, by accident of sort order, 1).
 
-The first half of the module holds pure metric functions on embeddings (numpy arrays or tensors, no model); the
-second half holds runners that encode a `datasets.Dataset` in batches under `torch.no_grad()`.
+The first half of the module holds pure metric functions on embeddings (numpy arrays or tensors, no model): they
+compute the similarities in torch and score them with the package's `evaluate` metric modules (`lightclip/metrics`,
+loaded offline by `load_metric`). The second half holds runners that encode a `datasets.Dataset` in batches under
+`torch.no_grad()`.
 
 Example:
 
@@ -30,10 +32,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +58,7 @@ __all__ = [
     "format_results",
     "grouped_zero_shot",
     "linear_probe",
+    "load_metric",
     "load_results",
     "retrieval_from_image_embeds",
     "retrieval_metrics",
@@ -87,8 +92,11 @@ DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 # Training-feature elements up to which the linear probe runs on one thread.
 _SINGLE_THREAD_PROBE_SIZE = 2**20
 
-# Similarity rows scored at once in `retrieval_metrics`, to bound memory on large benchmarks.
-_QUERY_CHUNK = 1024
+# Similarity rows computed and handed to the retrieval metric at once, so no full copy of the matrix is made in torch.
+_SCORE_ROWS = 1024
+
+# The `evaluate` metric modules the metrics below are computed with (package files, loaded offline).
+METRICS_DIR = Path(__file__).parent / "metrics"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,23 +113,20 @@ def _as_tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     return x.to(dtype) if dtype is not None else x
 
 
-def _nan_last(scores: torch.Tensor) -> torch.Tensor:
-    """NaN scores (a diverged model) rank below everything, so they count as misses rather than ties won."""
-    return torch.nan_to_num(scores, nan=-math.inf)
+@functools.lru_cache(maxsize=None)
+def load_metric(name: str):
+    """The `evaluate` metric module `lightclip/metrics/<name>.py` ("zero_shot_accuracy", "retrieval_recall"), loaded
+    offline from the installed file once per process and reused; its inputs stay in memory (no cache file, no lock).
+    """
+    import evaluate
 
-
-def _hits_at_k(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Boolean hit vectors for each k: row i hits when fewer than k other columns score >= `scores[i, targets[i]]`."""
-    scores = _nan_last(scores)
-    target_scores = scores.gather(1, targets[:, None])
-    competitors = (scores >= target_scores).sum(1) - 1  # the target itself always satisfies >=
-    return {k: competitors < k for k in ks}
+    return evaluate.load(str(METRICS_DIR / f"{name}.py"), keep_in_memory=True)
 
 
 def zero_shot_accuracy(
     image_embeds: Any, classifier: Any, labels: Any, topk: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
-    """Top-k accuracy of zero-shot classification by cosine similarity.
+    """Top-k accuracy of zero-shot classification by cosine similarity (the `zero_shot_accuracy` metric module).
 
     Args:
         image_embeds: `(N, D)` image embeddings (normalised here; the ranking does not depend on it).
@@ -140,15 +145,15 @@ def zero_shot_accuracy(
         raise ValueError(f"{image_embeds.shape[0]} image embeddings but {labels.shape[0]} labels")
     if image_embeds.shape[0] == 0:
         raise ValueError("zero_shot_accuracy needs at least one image")
-    ks = [k for k in topk if k <= classifier.shape[0]]
-    hits = _hits_at_k(image_embeds @ classifier.T, labels, ks)
-    return {f"top{k}": hits[k].float().mean().item() for k in ks}
+    scores = (image_embeds @ classifier.T).numpy()
+    return load_metric("zero_shot_accuracy").compute(predictions=scores, references=labels.numpy(), topk=tuple(topk))
 
 
 def retrieval_metrics(
     image_embeds: Any, text_embeds: Any, text_to_image: Any, ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
-    """Recall@k for text -> image and image -> text retrieval by cosine similarity.
+    """Recall@k for text -> image and image -> text retrieval by cosine similarity (the `retrieval_recall` metric
+    module).
 
     Args:
         image_embeds: `(N_images, D)`.
@@ -171,30 +176,11 @@ def retrieval_metrics(
         raise ValueError("retrieval_metrics needs at least one image and one caption")
     if text_to_image.min() < 0 or text_to_image.max() >= num_images:
         raise ValueError(f"text_to_image holds indices outside [0, {num_images})")
-
-    # text -> image: one target image per caption
-    t2i_hits = {k: 0 for k in ks}
-    for start in range(0, num_texts, _QUERY_CHUNK):
-        scores = text_embeds[start : start + _QUERY_CHUNK] @ image_embeds.T
-        for k, hit in _hits_at_k(scores, text_to_image[start : start + _QUERY_CHUNK], ks).items():
-            t2i_hits[k] += int(hit.sum())
-
-    # image -> text: the best-scored positive caption decides; only negatives can push it out of the top k
-    i2t_hits = {k: 0 for k in ks}
-    num_queries = 0
-    for start in range(0, num_images, _QUERY_CHUNK):
-        scores = _nan_last(image_embeds[start : start + _QUERY_CHUNK] @ text_embeds.T)
-        positive = text_to_image[None, :] == torch.arange(start, start + scores.shape[0])[:, None]
-        best_positive = scores.masked_fill(~positive, -math.inf).max(1).values
-        has_caption = positive.any(1)
-        negatives_above = ((scores >= best_positive[:, None]) & ~positive).sum(1)
-        num_queries += int(has_caption.sum())
-        for k in ks:
-            i2t_hits[k] += int(((negatives_above < k) & has_caption).sum())
-
-    results = {f"image_retrieval_recall@{k}": t2i_hits[k] / num_texts for k in ks}
-    results.update({f"text_retrieval_recall@{k}": i2t_hits[k] / num_queries for k in ks})
-    return results
+    metric = load_metric("retrieval_recall")
+    for start in range(0, num_texts, _SCORE_ROWS):
+        scores = text_embeds[start : start + _SCORE_ROWS] @ image_embeds.T
+        metric.add_batch(predictions=scores.numpy(), references=text_to_image[start : start + _SCORE_ROWS].numpy())
+    return metric.compute(ks=tuple(ks))
 
 
 def _fit_logistic_regression(
