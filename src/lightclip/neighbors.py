@@ -356,6 +356,25 @@ def dataset_fingerprint(dataset, caption_index: int = 0, batch_size: int = 1024)
     return _fingerprint_and_len(dataset, caption_index, batch_size)[0]
 
 
+def read_matching_metadata(meta_path: str, expected: dict, format_version: int, what: str) -> dict | None:
+    """The metadata stored at `meta_path` when every key of `expected` and the format version match it; None when
+    there is none. A mismatch raises `ValueError` naming each difference, so a folder built for another dataset or
+    other teachers is never silently reused."""
+    if not os.path.isfile(meta_path):
+        return None
+    with open(meta_path, encoding="utf-8") as f:
+        found = json.load(f)
+    diffs = [f"{key}: stored {found.get(key)!r}, requested {value!r}" for key, value in expected.items()
+             if found.get(key) != value]
+    if found.get("format_version") != format_version:
+        diffs.append(f"format_version: stored {found.get('format_version')}, this code writes {format_version}")
+    if diffs:
+        raise ValueError(f"The {what} in {os.path.dirname(meta_path) or '.'} was built for another dataset or other "
+                         "teachers:\n  " + "\n  ".join(diffs) + "\nPass overwrite=True (--overwrite) to rebuild it, "
+                         "or choose another output folder.")
+    return found
+
+
 def _as_teacher(teacher, modality: str, device=None):
     """A `Teacher` as it is, or a spec (str or None for the default) loaded with `load_teacher`."""
     if teacher is None or isinstance(teacher, (str, os.PathLike)):
@@ -379,7 +398,48 @@ def _gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out.astype(np.float32) if out.dtype.kind == "f" else out.astype(np.int64))
 
 
-class FeatureBank:
+def load_safetensors(path: str, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, memory-mapped (read on first access) or read whole."""
+    if mmap:
+        return _mmap_safetensors(path)
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def read_folder_metadata(folder: str, file_name: str, format_version: int, what: str, build_hint: str) -> dict:
+    """The metadata of a folder of stored features, after checking that it exists and has the format this code
+    reads."""
+    meta_path = os.path.join(folder, file_name)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{folder} is not a {what} (no {file_name}); build it with {build_hint}")
+    with open(meta_path, encoding="utf-8") as f:
+        metadata = json.load(f)
+    if metadata.get("format_version") != format_version:
+        raise ValueError(f"{folder}: {what} format version {metadata.get('format_version')}, this lightclip reads "
+                         f"version {format_version}; rebuild the {what} with --overwrite")
+    return metadata
+
+
+class ImageTextTables:
+    """Row-aligned image and text tables (row i = dataset index i): their length and widths."""
+
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.image_features.shape[0]
+
+    @property
+    def image_dim(self) -> int:
+        return self.image_features.shape[1]
+
+    @property
+    def text_dim(self) -> int:
+        return self.text_features.shape[1]
+
+
+class FeatureBank(ImageTextTables):
     """A frozen feature bank with its neighbour lists, read-only and shared by every process (no all-gather).
 
     >>> bank = FeatureBank.load("banks/shapes")                       # doctest: +SKIP
@@ -401,36 +461,12 @@ class FeatureBank:
     @classmethod
     def load(cls, path: str, mmap: bool = True, seed: int = 0) -> "FeatureBank":
         """Open a bank folder. With mmap=True the features are memory-mapped (nothing is read until looked up)."""
-        meta_path = os.path.join(path, METADATA_FILE)
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path} is not a feature bank (no {METADATA_FILE}); build it with "
-                                    "examples/build_neighbors.py")
-        with open(meta_path, encoding="utf-8") as f:
-            metadata = json.load(f)
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: bank format version {metadata.get('format_version')}, this lightclip reads "
-                             f"version {FORMAT_VERSION}; rebuild the bank with --overwrite")
-        if mmap:
-            features = _mmap_safetensors(os.path.join(path, FEATURES_FILE))
-            neighbors = _mmap_safetensors(os.path.join(path, NEIGHBORS_FILE))
-        else:
-            from safetensors.torch import load_file
-
-            features = load_file(os.path.join(path, FEATURES_FILE))
-            neighbors = load_file(os.path.join(path, NEIGHBORS_FILE))
+        metadata = read_folder_metadata(path, METADATA_FILE, FORMAT_VERSION, "feature bank",
+                                        "examples/build_neighbors.py")
+        features = load_safetensors(os.path.join(path, FEATURES_FILE), mmap)
+        neighbors = load_safetensors(os.path.join(path, NEIGHBORS_FILE), mmap)
         return cls(features["image"], features["text"], neighbors["image_nn"], neighbors["text_nn"], metadata,
                    path, seed)
-
-    def __len__(self) -> int:
-        return self.image_features.shape[0]
-
-    @property
-    def image_dim(self) -> int:
-        return self.image_features.shape[1]
-
-    @property
-    def text_dim(self) -> int:
-        return self.text_features.shape[1]
 
     @property
     def k(self) -> int:
@@ -529,10 +565,16 @@ def _encode_dataset(dataset, n, image_teacher, text_teacher, batch_size, caption
     bar.close()
     if not bool(seen.all()):
         raise ValueError("dataset 'index' values are not a permutation of 0..N-1; the bank needs row i = index i")
-    for table in (image, text):  # renormalise after the fp16 cast, blockwise (no fp32 copy of the whole bank)
-        for start in range(0, n, 65536):
-            table[start:start + 65536] = F.normalize(table[start:start + 65536].float(), dim=-1).half()
+    for table in (image, text):
+        renormalize_fp16_(table)
     return image, text
+
+
+def renormalize_fp16_(table: torch.Tensor, block_size: int = 65536) -> torch.Tensor:
+    """L2-normalise the rows of an fp16 table again after the cast, in place and blockwise (no fp32 copy of it)."""
+    for start in range(0, len(table), block_size):
+        table[start:start + block_size] = F.normalize(table[start:start + block_size].float(), dim=-1).half()
+    return table
 
 
 def _mine_bank(image, text, k, backend, block_size, nprobe, show_progress):
@@ -590,17 +632,8 @@ def build_feature_bank(
     }
     meta_path = os.path.join(out_dir, METADATA_FILE)
     features = None
-    if os.path.isfile(meta_path) and not overwrite:
-        with open(meta_path, encoding="utf-8") as f:
-            found = json.load(f)
-        diffs = [f"{key}: bank has {found.get(key)!r}, requested {value!r}" for key, value in expected.items()
-                 if found.get(key) != value]
-        if found.get("format_version") != FORMAT_VERSION:
-            diffs.append(f"format_version: bank has {found.get('format_version')}, this code writes {FORMAT_VERSION}")
-        if diffs:
-            raise ValueError(f"The feature bank in {out_dir} was built for another dataset or other teachers:\n  "
-                             + "\n  ".join(diffs) + "\nPass overwrite=True (--overwrite) to rebuild it, or choose "
-                             "another output folder.")
+    found = None if overwrite else read_matching_metadata(meta_path, expected, FORMAT_VERSION, "feature bank")
+    if found is not None:
         if found.get("k") == k and found.get("backend") == backend:
             return FeatureBank.load(out_dir)
         bank = FeatureBank.load(out_dir, mmap=False)
