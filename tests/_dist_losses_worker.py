@@ -17,16 +17,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lightclip.losses import ClipLoss, NeighborContrastiveLoss, SoftClipLoss, TokenMatchingLoss
+from lightclip.losses import (
+    AffinityDistillationLoss,
+    ClipLoss,
+    FeatureDistillationLoss,
+    NeighborContrastiveLoss,
+    SoftClipLoss,
+    TokenMatchingLoss,
+)
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 3
 GLOBAL_BATCH = WORLD_SIZE * LOCAL_BATCH
-CASES = ("clip", "soft", "token_sinkhorn", "token_hungarian", "token_filip", "nn")
+CASES = ("clip", "soft", "token_sinkhorn", "token_hungarian", "token_filip", "nn", "kd", "kd_temperature", "fd_cosine",
+         "fd_mse")
 
 
 def make_inputs() -> dict[str, torch.Tensor]:
-    """The fixed global batch: raw inputs of the towers, word masks and constant neighbour targets."""
+    """The fixed global batch: raw inputs of the towers, word masks and constant neighbour (or teacher) targets."""
     g = torch.Generator().manual_seed(1234)
     b, d_in, n, m, d = GLOBAL_BATCH, 5, 4, 5, 4
     lengths = torch.randint(1, m + 1, (b,), generator=g)
@@ -77,6 +85,12 @@ def run_case(name: str, rows: slice) -> tuple[torch.Tensor, dict[str, torch.Tens
         loss = NeighborContrastiveLoss()(queries_i, queries_t, data["image_targets"], data["text_targets"], scale)[
             "nn_loss"
         ]
+    elif name.startswith("kd"):  # the constant targets stand for the teacher's embeddings
+        kd = AffinityDistillationLoss(temperature=0.1 if name == "kd_temperature" else None)
+        loss = kd(img, txt, scale, data["image_targets"], data["text_targets"], torch.tensor(20.0))["kd_loss"]
+    elif name.startswith("fd_"):
+        fd = FeatureDistillationLoss(name.removeprefix("fd_"))
+        loss = fd(model.head(img), model.head(txt), data["image_targets"], data["text_targets"])["fd_loss"]
     else:
         raise ValueError(name)
     loss.backward()

@@ -41,6 +41,8 @@ __all__ = [
     "mask_tokens",
     "MaskedLanguageModelingLoss",
     "NeighborContrastiveLoss",
+    "AffinityDistillationLoss",
+    "FeatureDistillationLoss",
 ]
 
 
@@ -681,3 +683,104 @@ class NeighborContrastiveLoss(nn.Module):
             self.nce(image_queries, image_targets, logit_scale) + self.nce(text_queries, text_targets, logit_scale)
         )
         return {f"{self.name}_loss": loss}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# distillation from a frozen CLIP teacher (docs/distillation.md)
+
+
+def _soft_target_ce(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean over rows of -sum_j softmax(teacher)_j log softmax(student)_j, in float32 at least."""
+    student_logits, teacher_logits = _upcast(student_logits, teacher_logits)
+    return -(teacher_logits.softmax(dim=-1) * F.log_softmax(student_logits, dim=-1)).sum(dim=-1).mean()
+
+
+class AffinityDistillationLoss(ClipLoss):
+    """Affinity distillation (`kd`): the student's image->text and text->image distributions over the global batch
+    are pulled to the teacher's (open_clip `DistillClipLoss`, TinyCLIP's affinity mimicking).
+
+    loss = 1/2 (CE(softmax(T_i2t), S_i2t) + CE(softmax(T_t2i), S_t2i)), with S = s * img @ txt.T from the student's
+    own scale s and T = t * timg @ ttxt.T from the teacher's scale t, or 1 / `temperature` when one is set. The
+    cross-entropy, not the KL divergence, is returned (same gradient; it equals the teacher distribution's entropy,
+    not 0, when the student matches the teacher). Teacher features are constants, gathered without autograd; the
+    student's columns are gathered with gradients, so local rows against global columns average to the one-process
+    loss under DDP, as `ClipLoss`.
+    """
+
+    def __init__(self, temperature: float | None = None) -> None:
+        super().__init__()
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"temperature must be positive or None, got {temperature}")
+        self.temperature = temperature
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        teacher_image_features: Tensor,
+        teacher_text_features: Tensor,
+        teacher_logit_scale: Tensor | float | None = None,
+    ) -> dict[str, Tensor]:
+        """Student features (B_local, D_s) and teacher features (B_local, D_t), all L2-normalised; `logit_scale`
+        and `teacher_logit_scale` exponentiated. `teacher_logit_scale` is ignored when a temperature is set."""
+        if self.temperature is not None:
+            teacher_logit_scale = 1.0 / self.temperature
+        elif teacher_logit_scale is None:
+            raise ValueError("AffinityDistillationLoss needs teacher_logit_scale when no temperature is set")
+        student_per_image, student_per_text = self.logits(image_features, text_features, logit_scale)
+        # the targets in float32 at least, autocast off: bf16 would round the teacher's distribution
+        dtype = torch.promote_types(image_features.dtype, torch.float32)
+        teacher_image, teacher_text = (t.detach().to(dtype) for t in (teacher_image_features, teacher_text_features))
+        teacher_logit_scale = torch.as_tensor(teacher_logit_scale).detach().to(teacher_image)
+        with torch.autocast(teacher_image.device.type, enabled=False):
+            teacher_per_image = teacher_logit_scale * teacher_image @ gather_no_grad(teacher_text).T
+            teacher_per_text = teacher_logit_scale * teacher_text @ gather_no_grad(teacher_image).T
+        loss = 0.5 * (
+            _soft_target_ce(student_per_image, teacher_per_image) + _soft_target_ce(student_per_text, teacher_per_text)
+        )
+        return {"kd_loss": loss}
+
+
+class FeatureDistillationLoss(nn.Module):
+    """Feature distillation (`fd`, CLIP-KD's FD): each student embedding is pulled to its own sample's teacher
+    embedding, image and text alike.
+
+    Both sides are L2-normalised here. `loss="cosine"`: mean of 1 - cos; `loss="mse"`: `F.mse_loss`, the mean over
+    rows and dimensions as CLIP-KD, which on unit vectors equals 2 (1 - cos) / D (the same pull, D / 2 times
+    weaker). When the widths differ, the caller maps the student embeddings into the teacher's width first (a
+    training-only projection it owns). Per-sample, so it needs no gather: the mean of the local means is the
+    global mean under DDP.
+    """
+
+    def __init__(self, loss: str = "cosine") -> None:
+        super().__init__()
+        if loss not in ("cosine", "mse"):
+            raise ValueError(f"loss must be 'cosine' or 'mse', got {loss!r}")
+        self.loss = loss
+
+    def extra_repr(self) -> str:
+        return f"loss={self.loss!r}"
+
+    def distance(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """Mean distance of the (projected) student rows to the teacher rows, (B, D_t) each."""
+        (student,) = _upcast(student)
+        student = F.normalize(student, dim=-1)
+        teacher = F.normalize(teacher.detach().to(student.dtype), dim=-1)
+        if self.loss == "mse":
+            return F.mse_loss(student, teacher)
+        return (1.0 - (student * teacher).sum(dim=-1)).mean()
+
+    def forward(
+        self, image_features: Tensor, text_features: Tensor, teacher_image_features: Tensor,
+        teacher_text_features: Tensor,
+    ) -> dict[str, Tensor]:
+        """Student features (B_local, D_t), already projected to the teacher's width; teacher features
+        (B_local, D_t). Returns `{"fd_loss": 1/2 (d(image) + d(text))}`."""
+        loss = 0.5 * (
+            self.distance(image_features, teacher_image_features) + self.distance(text_features, teacher_text_features)
+        )
+        return {"fd_loss": loss}
