@@ -4,8 +4,8 @@
     python examples/push_to_hub.py --folder checkpoints/lightclip-xxs-lite0-shapes --repo_id your-org/lightclip-xxs-lite0-shapes
     python examples/push_to_hub.py --folder checkpoints/lightclip-xxs-lite0-shapes --repo_id your-org/x --dry_run
 
-The folder is validated first (LightClipModel.from_pretrained, the zero-shot pipeline on a synthetic picture, the
-model card's metadata); --dry_run stops there and prints the files that would be uploaded. The token comes from
+The folder is validated first (its files, the zero-shot pipeline on a synthetic picture, the model card's
+metadata); --dry_run stops there and prints the files that would be uploaded. The token comes from
 HF_TOKEN or `hf auth login`; it is never printed. See lightclip.hub.push_folder.
 """
 

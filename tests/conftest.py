@@ -51,24 +51,30 @@ def assert_exact_save_load(model: LightClipModel, folder, pixels: torch.Tensor) 
         torch.testing.assert_close(loaded.eval().encode_image(pixels), model.encode_image(pixels), rtol=0, atol=0)
 
 
-def assert_zero_shot_pipeline_and_onnx(model: LightClipModel, processor: LightClipProcessor, folder, image,
-                                       pixels: torch.Tensor) -> None:
-    """`model` and `processor` saved under `folder`: the transformers zero-shot pipeline scores `image` as the model
-    does, and the ONNX export embeds `pixels` as the model does."""
+def assert_pipeline_matches_model(model: LightClipModel, processor: LightClipProcessor, folder, image) -> None:
+    """`pipeline("zero-shot-image-classification", model=folder)` scores `image` as `model` and `processor` do (finite
+    scores: NaN never passes)."""
     from transformers import pipeline
 
-    from lightclip.export import OnnxClip, export_onnx
-
-    model.save_pretrained(folder / "model")
-    processor.save_pretrained(folder / "model")
     labels = ["a red circle", "a blue square"]
-    result = pipeline("zero-shot-image-classification", model=str(folder / "model"))(image, candidate_labels=labels)
+    result = pipeline("zero-shot-image-classification", model=str(folder))(image, candidate_labels=labels)
     batch = processor(text=[f"This is a photo of {label}." for label in labels], images=image, padding=True,
-                      return_tensors="pt")
+                      truncation=True, return_tensors="pt")
     with torch.no_grad():
         expected = model(**batch).logits_per_image[0].softmax(-1)
     scores = {r["label"]: r["score"] for r in result}
     torch.testing.assert_close(torch.tensor([scores[label] for label in labels]), expected, rtol=1e-4, atol=1e-5)
+
+
+def assert_zero_shot_pipeline_and_onnx(model: LightClipModel, processor: LightClipProcessor, folder, image,
+                                       pixels: torch.Tensor) -> None:
+    """`model` and `processor` saved under `folder`: the transformers zero-shot pipeline scores `image` as the model
+    does, and the ONNX export embeds `pixels` as the model does."""
+    from lightclip.export import OnnxClip, export_onnx
+
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    assert_pipeline_matches_model(model, processor, folder / "model", image)
 
     export_onnx(folder / "model", folder / "onnx")
     onnx_model = OnnxClip(folder / "onnx")

@@ -1,5 +1,6 @@
-"""The shipped checkpoints: complete folders, a few MB, zero-shot accuracy well above chance (computed here, never read
-from a file), and loading by repo id from a local Hugging Face cache with the Hub switched off."""
+"""The shipped checkpoints: complete folders, a few MB, ready to push, loading and classifying through the pipeline as
+the model does (the smoke test), zero-shot accuracy well above chance (computed here, never read from a file), and
+loading by repo id from a local Hugging Face cache with the Hub switched off."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from huggingface_hub import ModelCard
 
 import lightclip  # noqa: F401
 from lightclip import LightClipModel, LightClipProcessor
-from lightclip.shapes import evaluate_shapes
+from lightclip.shapes import evaluate_shapes, make_shapes_dataset
 from lightclip.hub import (
     CARD_KEYS, PICKLE_SUFFIXES, REMOTE_CODE_FILES, add_remote_code, validate_folder, weight_summary,
 )
+
+from conftest import assert_pipeline_matches_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 200  # test pictures rendered for the accuracy check (the full split has 500)
@@ -56,8 +59,23 @@ def test_checkpoint_folder(name):
     assert all(data.get(key) for key in CARD_KEYS)
     assert data["datasets"] == ["lightclip-shapes"] and data["model-index"]
     assert "not a general-purpose CLIP" in card.text
-    report = validate_folder(folder)  # loads as float32 (also through the pipeline), classifies, parses the card
+    report = validate_folder(folder)  # push_folder's check before upload: the pipeline, the card
     assert "model.safetensors" in dict(report["files"])
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_shipped_folder_smoke(name):
+    """The folder as a user loads it: `LightClipModel.from_pretrained` in float32 with finite embeddings, and the
+    zero-shot pipeline scoring a shapes test picture exactly as the model does."""
+    folder = checkpoint_dir(name)
+    model = LightClipModel.from_pretrained(folder).eval()
+    processor = LightClipProcessor.from_pretrained(folder)
+    assert model.dtype == torch.float32
+    image = make_shapes_dataset("test", num_samples=1)[0]["image"]
+    with torch.no_grad():
+        embeds = model.encode_image(processor(images=[image], return_tensors="pt")["pixel_values"])
+    assert torch.isfinite(embeds).all()
+    assert_pipeline_matches_model(model, processor, folder, image)
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

@@ -7,8 +7,8 @@
 - `push_folder(folder, repo_id)` validates the folder, then `HfApi.create_repo(..., exist_ok=True)` and
   `HfApi.upload_folder` with an allow-list of the model files (weights, configs, processor, card, copied code,
   results, curves); `dry_run=True` validates and lists what would be uploaded, uploading nothing.
-- `validate_folder(folder)` loads the folder for real: `LightClipModel.from_pretrained`, the zero-shot pipeline on a
-  synthetic picture, and `ModelCard.load` of its card.
+- `validate_folder(folder)` is that check before upload: the files, the zero-shot pipeline on a synthetic picture, and
+  `ModelCard.load` of the card (tests/test_checkpoints.py smoke-tests the shipped checkpoints themselves).
 
 The token comes from the `token` argument, else `HF_TOKEN` or the stored login (`huggingface_hub.get_token()`); it is
 passed to the client and never printed or logged.
@@ -342,18 +342,17 @@ def _synthetic_picture(size: int = 64):
 
 
 def validate_folder(folder: str | os.PathLike) -> dict:
-    """Load a folder as a user would, and raise `ValueError` listing every problem found.
+    """`push_folder`'s check before upload: what would be published loads as users load it, or `ValueError` lists
+    every problem found and nothing is uploaded.
 
-    Checks: the required files exist and no pickled weights are present; `LightClipModel.from_pretrained` loads it
-    (float32, safetensors only) and embeds; `pipeline("zero-shot-image-classification", model=folder)` classifies a
-    synthetic picture; `ModelCard.load` parses `README.md` and its metadata has the keys in `CARD_KEYS`.
-    Returns a report dict (files, sizes, pipeline output, card metadata keys).
+    Checks: the required files exist and no pickled weights are present; `pipeline("zero-shot-image-classification",
+    model=folder)` loads it in float32 and classifies a synthetic picture with finite scores that sum to 1;
+    `ModelCard.load` parses `README.md` and its metadata has the keys in `CARD_KEYS`. Returns a report dict (files,
+    sizes, pipeline output, card metadata keys).
     """
     import torch
     from huggingface_hub import ModelCard
     from transformers import pipeline
-
-    from . import LightClipModel, LightClipProcessor
 
     folder = Path(folder)
     problems = [f"missing {name}" for name in REQUIRED_FILES if not (folder / name).is_file()]
@@ -364,24 +363,13 @@ def validate_folder(folder: str | os.PathLike) -> dict:
         raise ValueError(f"{folder} is not ready to upload: " + "; ".join(problems))
 
     report: dict = {}
-    model = LightClipModel.from_pretrained(folder).eval()
-    processor = LightClipProcessor.from_pretrained(folder)
-    if model.dtype != torch.float32:
-        problems.append(f"loads as {model.dtype}, expected torch.float32")
-    picture = _synthetic_picture()
-    labels = ["a red circle", "a blue square", "a green triangle"]
-    with torch.no_grad():
-        batch = processor(text=labels, images=[picture], return_tensors="pt", padding=True)
-        image = model.encode_image(batch["pixel_values"])
-        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
-    if not (torch.isfinite(image).all() and torch.isfinite(text).all()):
-        problems.append("non-finite embeddings")
     classifier = pipeline(PIPELINE_TAG, model=str(folder))
     if classifier.model.dtype != torch.float32:
         problems.append(f"the pipeline loads it as {classifier.model.dtype}, expected torch.float32")
-    scores = classifier(picture, candidate_labels=labels)
+    labels = ["a red circle", "a blue square", "a green triangle"]
+    scores = classifier(_synthetic_picture(), candidate_labels=labels)
     total = sum(s["score"] for s in scores)
-    if len(scores) != len(labels) or abs(total - 1.0) > 1e-4:
+    if len(scores) != len(labels) or not abs(total - 1.0) <= 1e-4:  # NaN scores (non-finite weights) fail too
         problems.append(f"pipeline returned {scores}")
     report["pipeline"] = scores
 
