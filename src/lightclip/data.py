@@ -403,6 +403,9 @@ def _load_tar_shards(source: str, max_samples: int | None = None):
 
     "index" is the global position (shards in order), computed from the tar headers before streaming.
     """
+    # Not `datasets.load_dataset("webdataset", ...)`: its examples carry no global position (`map(with_indices=True)`
+    # restarts in every data loader worker, and the feature banks are indexed by "index"), it refuses shards whose
+    # samples mix .txt and .json captions, and one unparsable .json stops the whole stream.
     import datasets
 
     shards, offset = [], 0

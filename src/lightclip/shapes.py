@@ -407,6 +407,8 @@ def make_shapes_dataset(split: str = "train", num_samples: int | None = None, im
     num_samples = DEFAULT_NUM_SAMPLES[split] if num_samples is None else int(num_samples)
     if num_samples < 0 or image_size < 16:
         raise ValueError("num_samples must be >= 0 and image_size >= 16")
+    # Not `Dataset.from_generator`: its fingerprint names `_generate` without hashing its code (GENERATOR_VERSION does
+    # that job here), and a cache whose Arrow file is corrupt fails to load instead of being regenerated.
     path = os.path.join(cache_root(), "shapes", _fingerprint(split, num_samples, image_size, seed))
     stale = os.path.isdir(path)  # unless it loads below: partial, corrupted or from another version
     if use_cache and os.path.isfile(os.path.join(path, _COMPLETE_MARKER)):
