@@ -23,26 +23,46 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-TASKS = ("zero_shot", "retrieval", "linear_probe", "shapes")
+from transformers import HfArgumentParser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="saved lightclip model folder or hub id")
-    parser.add_argument("--task", choices=TASKS, default="shapes")
-    parser.add_argument("--data", default="shapes", help="'shapes', an imagefolder path, or a hub dataset name")
-    parser.add_argument("--split", default="test", help="evaluation split (the test split for linear_probe)")
-    parser.add_argument("--train_split", default="train", help="linear_probe: split the probe is trained on")
-    parser.add_argument("--classnames_json", help='JSON file with "classnames" and "templates" (zero_shot)')
-    parser.add_argument("--label_column", help="class-index column (default: 'label', or 'shape' for shapes)")
-    parser.add_argument("--group_column", help="zero_shot: also report top1 per value of this column")
-    parser.add_argument("--image_column", help="default 'image' (retrieval: detected by lightclip.data)")
-    parser.add_argument("--caption_column", help="retrieval: caption column(s), default detected by lightclip.data")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_samples", type=int, help="shapes only: number of rendered images per split")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--output", help="write the results JSON here")
+def option(help_text: str, default: Any = None) -> Any:
+    """A dataclass field whose help text `HfArgumentParser` shows for its flag."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class ModelArguments:
+    """The model to evaluate and where it runs."""
+
+    model: str = field(metadata={"help": "saved lightclip model folder or hub id"})
+    batch_size: int = 64
+    device: str | None = option("default: cuda when available, else cpu")
+
+
+@dataclass
+class EvaluationArguments:
+    """The task, its data and where the results go."""
+
+    task: Literal["zero_shot", "retrieval", "linear_probe", "shapes"] = "shapes"
+    data: str = option("'shapes', an imagefolder path, or a hub dataset name", "shapes")
+    split: str = option("evaluation split (the test split for linear_probe)", "test")
+    train_split: str = option("linear_probe: split the probe is trained on", "train")
+    classnames_json: str | None = option('JSON file with "classnames" and "templates" (zero_shot)')
+    label_column: str | None = option("class-index column (default: 'label', or 'shape' for shapes)")
+    group_column: str | None = option("zero_shot: also report top1 per value of this column")
+    image_column: str | None = option("default 'image' (retrieval: detected by lightclip.data)")
+    caption_column: str | None = option("retrieval: caption column(s), default detected by lightclip.data")
+    num_samples: int | None = option("shapes only: number of rendered images per split")
+    output: str | None = option("write the results JSON here")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every option of the argument dataclasses, as one namespace (the runners read across both groups)."""
+    parser = HfArgumentParser((ModelArguments, EvaluationArguments), description=__doc__.split("\n")[0])
     return parser.parse_args(argv)
 
 
