@@ -39,7 +39,8 @@ def objective_step(name: str, objectives: str, args, device, batch, targets):
     torch.manual_seed(args.seed)
     model = LightClipForPreTraining(config).train().to(device)
     model.set_progress(0.5)
-    kwargs = dict(batch, neighbor_targets=targets) if {"nn", "xnn"} & set(config.objectives) else batch
+    neighbors = {"nn", "xnn"} & set(config.pretraining_config.objectives)
+    kwargs = dict(batch, neighbor_targets=targets) if neighbors else batch
     return make_step(model, lambda: model(**kwargs).loss, args, device)
 
 

@@ -23,18 +23,20 @@ import shutil
 import sys
 import time
 import types
+import typing
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, PreTrainedConfig
 
 import lightclip
-from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcessor
+from lightclip import LightClipConfig, LightClipForPreTraining, LightClipPretrainingConfig, LightClipProcessor
+from lightclip.configuration_lightclip import PRETRAINING_FIELDS
 from lightclip.data import (
     DataArguments, ImageTextCollator, SkipCounter, keep_readable_images, load_datasets_from_args,
 )
@@ -77,22 +79,37 @@ class ModelArguments:
         "help": "Comma list of clip, soft, token, mlm, nn, xnn, or the groups lightclip, clip-ping, all."})
 
 
-NOT_OBJECTIVE_FIELDS = ("text_config", "vision_config", "objectives", "teacher_image_dim", "teacher_text_dim")
+# `--objectives` is a ModelArguments option (default `lightclip`); the teacher widths come from the feature bank
+NOT_OBJECTIVE_FIELDS = ("objectives", "teacher_image_dim", "teacher_text_dim")
+
+
+def _option_type(kind: Any) -> Any:
+    """The argparse type of a config field, `None` added (= keep the config's value). A `Literal` parses as `str`, so
+    a bad choice is reported by `validate_args` through the config like every other bad value; `float | int` parses
+    as `float`."""
+    members = [m for m in typing.get_args(kind) if m is not type(None)] if isinstance(kind, types.UnionType) else [kind]
+    if float in members:
+        members = [float]
+    (member,) = members
+    return (str if typing.get_origin(member) is Literal else member) | None
 
 
 def _objective_arguments() -> type:
-    """A dataclass with one optional argument per objective field of `LightClipConfig` (`--soft_alpha_max 0.5`,
-    `--token_matching filip`); `None` keeps the config's value, so the config stays the one source of defaults."""
-    from lightclip import configuration_lightclip
-
+    """A dataclass with one optional argument per value of the model config (`--projection_dim`) and per training-only
+    setting of its `pretraining_config` (`--soft_alpha_max 0.5`, `--token_matching filip`); `None` keeps the config's
+    value, so the config stays the one source of defaults and a new setting is an option with no change here."""
+    common = {f.name for f in dataclasses.fields(PreTrainedConfig)} | set(LightClipConfig.sub_configs)
+    model_fields = [f for f in dataclasses.fields(LightClipConfig) if f.name not in common]
     fields = []
-    for name, config_field in LightClipConfig.__dataclass_fields__.items():
-        if name not in LightClipConfig.__annotations__ or name in NOT_OBJECTIVE_FIELDS:
+    for owner, config_field in [(LightClipConfig, f) for f in model_fields] + [
+            (LightClipPretrainingConfig, f) for f in LightClipPretrainingConfig.own_fields()]:
+        if config_field.name in NOT_OBJECTIVE_FIELDS:
             continue
-        kind = eval(LightClipConfig.__annotations__[name], vars(configuration_lightclip))  # postponed annotation
-        kind = kind if isinstance(kind, types.UnionType) else kind | None
-        help_text = f"LightClipConfig.{name} (default {config_field.default!r})"
-        fields.append((name, kind, field(default=None, metadata={"help": help_text})))
+        choices = typing.get_args(config_field.type) if typing.get_origin(config_field.type) is Literal else ()
+        help_text = (f"{owner.__name__}.{config_field.name}" + (f": one of {', '.join(choices)}" if choices else "")
+                     + f" (default {config_field.default!r})")
+        fields.append((config_field.name, _option_type(config_field.type),
+                       field(default=None, metadata={"help": help_text})))
     return make_dataclass("ObjectiveArguments", fields)
 
 
@@ -201,11 +218,14 @@ def _tokenizer_overrides(tokenizer) -> dict:
 def build_config(args, bank=None, tokenizer=None) -> LightClipConfig:
     """The run's `LightClipConfig`: the preset or folder, with every objective option, the tokenizer's vocabulary and
     the bank's teacher widths applied (the config validates them)."""
-    overrides = {k: getattr(args, k) for k in OBJECTIVE_FIELDS if getattr(args, k) is not None}
-    overrides["objectives"] = args.objectives
+    options = {k: getattr(args, k) for k in OBJECTIVE_FIELDS if getattr(args, k) is not None}
+    settings = {k: v for k, v in options.items() if k in PRETRAINING_FIELDS}
+    settings["objectives"] = args.objectives
     if bank is not None:
         bank = getattr(bank, "bank", bank)  # ActiveTeacherNeighbors wraps the bank
-        overrides.update(teacher_image_dim=bank.image_dim, teacher_text_dim=bank.text_dim)
+        settings.update(teacher_image_dim=bank.image_dim, teacher_text_dim=bank.text_dim)
+    overrides = {k: v for k, v in options.items() if k not in settings}
+    overrides["pretraining_config"] = settings
     text_overrides = _tokenizer_overrides(tokenizer)
     vision_overrides = {"image_size": args.image_size} if args.image_size else {}
     if args.model in lightclip.list_presets():
@@ -358,7 +378,7 @@ def step_seed(seed: int, step: int, micro: int = 0) -> int:
 
 def mlm_inputs(batch: dict, model: LightClipForPreTraining, seed: int, step: int, micro: int) -> dict:
     """BERT masking with a generator seeded by `step_seed`: reproducible across resumes."""
-    if "mlm" not in model.config.objectives:
+    if "mlm" not in model.config.pretraining_config.objectives:
         return {}
     generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, step, micro))
     ids, labels = model.mask_text(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), generator=generator)
@@ -494,7 +514,7 @@ def prepare_training(args, accelerator: Accelerator, train_dataset, bank, valida
     n_params = sum(p.numel() for p in model.lightclip.parameters())
     n_train = sum(p.numel() for p in model.parameters()) - n_params
     logger.info("model: %s, %.2f M inference parameters (+%.2f M training-only), objectives %s",
-                args.model, n_params / 1e6, n_train / 1e6, config.objectives)
+                args.model, n_params / 1e6, n_train / 1e6, config.pretraining_config.objectives)
 
     skips = SkipCounter().merge(validation_skips)
     collator = ImageTextCollator(processor, train=True, image_size=config.vision_config.image_size,
@@ -637,8 +657,9 @@ def step_extras(args, run: Run, batch: dict, unwrapped, step: int, micro: int, a
     extra = mlm_inputs(batch, unwrapped, args.seed, step, micro)
     raw = (batch.pop("images"), batch.pop("texts")) if args.active_teacher else ()
     if run.bank is not None:
-        extra["neighbor_targets"] = run.bank.lookup(batch.pop("index"), *raw, xnn_mode=run.config.xnn_mode,
-                                                    top_k=run.config.neighbor_top_k, device=accelerator.device)
+        settings = run.config.pretraining_config
+        extra["neighbor_targets"] = run.bank.lookup(batch.pop("index"), *raw, xnn_mode=settings.xnn_mode,
+                                                    top_k=settings.neighbor_top_k, device=accelerator.device)
     else:
         batch.pop("index")
     return extra

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import ROOT, make_config
 from transformers import (
     AutoConfig, BertConfig, CLIPConfig, EfficientNetModel, MobileNetV2Model, PreTrainedConfig,
 )
 
 import lightclip
-from lightclip import LightClipConfig, LightClipModel, LightClipTextConfig, LightClipVisionConfig, resolve_objectives
+from lightclip import (
+    LightClipConfig, LightClipModel, LightClipPretrainingConfig, LightClipTextConfig, LightClipVisionConfig,
+    resolve_objectives,
+)
+from lightclip.configuration_lightclip import PRETRAINING_FIELDS
 
 CNN_PRESETS = {"lightclip-mobilenetv2": MobileNetV2Model, "lightclip-efficientnet-b0": EfficientNetModel}
 
@@ -173,8 +178,8 @@ def test_resolve_objectives(names, expected):
 
 
 def test_config_objectives_default_and_groups():
-    assert make_config().objectives == ["clip"]
-    assert make_config(objectives="clip-ping").objectives == ["clip", "nn", "xnn"]
+    assert make_config().pretraining_config.objectives == ["clip"]
+    assert make_config(objectives="clip-ping").pretraining_config.objectives == ["clip", "nn", "xnn"]
 
 
 def test_resolve_objectives_unknown_lists_choices():
@@ -207,7 +212,10 @@ def test_non_default_config_really_differs_from_defaults():
     config, default = _non_default_config(), LightClipConfig()
     base = {f.name for f in dataclasses.fields(PreTrainedConfig)}
     ours = {f.name for f in dataclasses.fields(LightClipConfig)} - base
-    same = [k for k in ours - {"text_config", "vision_config"} if getattr(config, k) == getattr(default, k)]
+    same = [k for k in ours - {"text_config", "vision_config", "pretraining_config"}
+            if getattr(config, k) == getattr(default, k)]
+    settings, default_settings = config.pretraining_config, default.pretraining_config
+    same += [k for k in PRETRAINING_FIELDS if getattr(settings, k) == getattr(default_settings, k)]
     assert same == []
 
 
@@ -218,11 +226,11 @@ def test_config_save_load_preserves_every_field(tmp_path, load):
     loaded = load(tmp_path)
     assert type(loaded) is LightClipConfig
     for name, value in _fields(config).items():
-        if name in ("text_config", "vision_config"):
+        if name in ("text_config", "vision_config", "pretraining_config"):
             assert _fields(getattr(loaded, name)) == _fields(value), name
         elif name not in ("transformers_version",):
             assert getattr(loaded, name) == value, name
-    assert loaded.objectives == ["soft", "token", "mlm", "nn", "xnn"]
+    assert loaded.pretraining_config.objectives == ["soft", "token", "mlm", "nn", "xnn"]
 
 
 def test_cnn_config_round_trip_keeps_backbone(tmp_path):
@@ -237,8 +245,123 @@ def test_objectives_resolve_when_set_after_construction(tmp_path):
     """`from_pretrained(folder, objectives=...)` sets the attribute after `__post_init__`; it must still resolve."""
     make_config().save_pretrained(tmp_path)
     loaded = LightClipConfig.from_pretrained(tmp_path, objectives="lightclip")
-    assert loaded.objectives == ["soft", "token", "mlm"]
-    loaded.objectives = "clip-ping"
-    assert loaded.objectives == ["clip", "nn", "xnn"]
+    assert loaded.pretraining_config.objectives == ["soft", "token", "mlm"]
+    loaded.pretraining_config.objectives = "clip-ping"
+    assert loaded.pretraining_config.objectives == ["clip", "nn", "xnn"]
     with pytest.raises(ValueError, match="unknown objective"):
-        loaded.objectives = "lightclipp"
+        loaded.pretraining_config.objectives = "lightclipp"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# training-only settings: `pretraining_config`, and the flat layout of older files
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _save_flat(config: LightClipConfig, folder) -> None:
+    """Save `config` as files written before `pretraining_config` existed: its settings flat at the top level."""
+    config.save_pretrained(folder)
+    data = json.loads((folder / "config.json").read_text())
+    settings = data.pop("pretraining_config")
+    del settings["model_type"]
+    (folder / "config.json").write_text(json.dumps({**data, **settings}))
+
+
+def test_a_flat_config_file_loads_into_pretraining_config(tmp_path):
+    config = _non_default_config()
+    _save_flat(config, tmp_path / "flat")
+    loaded = LightClipConfig.from_pretrained(tmp_path / "flat")
+    assert loaded.pretraining_config.settings_dict() == config.pretraining_config.settings_dict()
+    assert not set(vars(loaded)) & set(PRETRAINING_FIELDS)
+    loaded.save_pretrained(tmp_path / "again")  # written back nested, same values
+    again = LightClipConfig.from_pretrained(tmp_path / "again")
+    assert again.pretraining_config.settings_dict() == config.pretraining_config.settings_dict()
+    assert not set(json.loads((tmp_path / "again" / "config.json").read_text())) & set(PRETRAINING_FIELDS)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "checkpoints").glob("*/config.json")), ids=lambda p: p.parent.name)
+def test_shipped_config_files_load_with_their_values(path):
+    data = json.loads(path.read_text())
+    stored = {**data.get("pretraining_config", {}), **{k: v for k, v in data.items() if k in PRETRAINING_FIELDS}}
+    assert stored  # the settings are somewhere in the file
+    settings = LightClipConfig.from_pretrained(path.parent).pretraining_config.settings_dict()
+    defaults = LightClipPretrainingConfig().settings_dict()
+    assert settings == {key: stored.get(key, default) for key, default in defaults.items()}
+
+
+def test_a_saved_config_holds_the_settings_nested(tmp_path):
+    config = _non_default_config()
+    config.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert not set(data) & set(PRETRAINING_FIELDS)
+    assert set(PRETRAINING_FIELDS) <= set(data["pretraining_config"])
+    assert not set(config.to_dict()) & set(PRETRAINING_FIELDS)
+    assert config.to_dict()["pretraining_config"]["token_weight"] == 0.5
+
+
+def test_flat_settings_go_into_pretraining_config(tmp_path):
+    config = LightClipConfig(objectives=["lightclip"], token_weight=0.5,
+                             pretraining_config=dict(token_weight=0.1, mlm_weight=0.3))
+    settings = config.pretraining_config
+    assert (settings.objectives, settings.token_weight, settings.mlm_weight) == (["soft", "token", "mlm"], 0.5, 0.3)
+    preset = make_config(objectives="clip-ping", mlm_weight=0.25)
+    assert (preset.pretraining_config.mlm_weight, preset.pretraining_config.token_dim) == (0.25, 64)  # preset's kept
+    preset.save_pretrained(tmp_path)
+    loaded = LightClipConfig.from_pretrained(tmp_path, token_weight=0.5, fusion_word_attention=False)
+    assert (loaded.pretraining_config.token_weight, loaded.pretraining_config.mlm_weight) == (0.5, 0.25)
+    assert loaded.pretraining_config.fusion_word_attention is False
+    model = LightClipModel.from_pretrained(ROOT / "checkpoints" / "lightclip-xxs-lite0-shapes", token_weight=0.5)
+    assert model.config.pretraining_config.token_weight == 0.5
+
+
+def test_a_setting_set_on_the_model_config_is_an_error():
+    config = make_config()
+    with pytest.raises(AttributeError, match="pretraining_config.token_weight"):
+        config.token_weight = 0.5
+    assert not hasattr(config, "token_weight")
+
+
+@pytest.mark.parametrize("key", ["soft_mode", "soft_schedule", "token_matching", "fusion_type", "fusion_image_source",
+                                 "xnn_mode", "neighbor_head", "neighbor_direction"])
+def test_a_value_outside_a_literal_field_raises(key):
+    with pytest.raises(ValueError, match=rf"'{key}' expected one of .*bogus"):
+        LightClipPretrainingConfig(**{key: "bogus"})
+    with pytest.raises(ValueError, match=rf"'{key}' expected one of .*bogus"):
+        setattr(make_config().pretraining_config, key, "bogus")
+    with pytest.raises(ValueError, match=r"'backbone' expected one of .*resnet"):
+        make_config().vision_config.backbone = "resnet"
+
+
+@pytest.mark.parametrize("build", [
+    lambda: LightClipPretrainingConfig(token_wieght=1.0),
+    lambda: LightClipConfig(pretraining_config=dict(token_wieght=1.0)),
+    lambda: make_config(pretraining_config=dict(token_wieght=1.0)),
+])
+def test_unknown_nested_key_suggests_the_right_one(build):
+    with pytest.raises(ValueError, match=r"LightClipPretrainingConfig got unknown key\(s\): 'token_wieght' "
+                                         r"\(did you mean 'token_weight'\?\)"):
+        build()
+
+
+def test_unknown_key_in_a_nested_file_is_named(tmp_path):
+    make_config().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["pretraining_config"]["mlm_probabilty"] = 0.2
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="did you mean 'mlm_probability'"):
+        LightClipConfig.from_pretrained(tmp_path)
+
+
+def test_keys_transformers_takes_are_not_unknown():
+    config = make_config(attn_implementation="eager", torch_dtype="float32", use_cache=False, name_or_path="a/b",
+                         _commit_hash="0" * 40, auto_map={"AutoConfig": "configuration_lightclip.LightClipConfig"})
+    assert (config.dtype, config.name_or_path, config._attn_implementation) == (torch.float32, "a/b", "eager")
+
+
+def test_foreign_pretraining_config_raises():
+    with pytest.raises(ValueError, match=r"'lightclip_pretraining'.*'lightclip'"):
+        LightClipPretrainingConfig(model_type="lightclip")
+
+
+def test_an_int_is_taken_where_a_float_is_declared():
+    settings = make_config(mlm_weight=0, soft_alpha_max=1, text_config=dict(attention_dropout=0)).pretraining_config
+    assert (settings.mlm_weight, settings.soft_alpha_max) == (0, 1)

@@ -73,7 +73,8 @@ def test_preset_is_listed_and_the_tower_is_native():
     assert (vision.backbone, vision.image_size, vision.hidden_size) == ("efficientnet-lite", 224, 1280)
     assert vision.efficientnet_lite_kwargs() == dict(width_multiplier=1.0, depth_multiplier=1.0, drop_connect_rate=0.2)
     assert vision.efficientnet_lite_variant() == "lite0"
-    assert (config.projection_dim, config.token_dim, config.text_config.hidden_size) == (256, 256, 256)
+    token_dim = config.pretraining_config.token_dim
+    assert (config.projection_dim, token_dim, config.text_config.hidden_size) == (256, 256, 256)
 
 
 # 100 px halves to odd sizes, where TensorFlow's "SAME" padding is symmetric instead of one extra pixel right and bottom

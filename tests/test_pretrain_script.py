@@ -36,7 +36,7 @@ def test_all_local_objectives_train_save_and_load_in_pipeline(tmp_path):
     for name in ("model.safetensors", "config.json", "tokenizer.json", "processor_config.json", "eval_results.json",
                  "train_log.jsonl", "training_curves.png", "train_config.json", "run.yaml"):
         assert (out / name).exists(), name
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())["pretraining_config"]
     assert config["objectives"] == ["soft", "token", "mlm"]
     assert config["soft_alpha_max"] == 0.5 and config["token_matching"] == "filip"
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -68,7 +68,8 @@ def test_objectives_apply_to_a_config_folder_model(tmp_path):
                 "lightclip", "--eval_steps", "0"])
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {"contrastive_loss", "token_loss", "mlm_loss", "soft_alpha"} <= set(records[0])
-    assert json.loads((out / "config.json").read_text())["objectives"] == ["soft", "token", "mlm"]
+    settings = json.loads((out / "config.json").read_text())["pretraining_config"]
+    assert settings["objectives"] == ["soft", "token", "mlm"]
 
 
 @pytest.mark.parametrize("model", [[], ["--model", "lightclip-xxs-lite0", "--image_size", "32"]], ids=["cnn", "lite0"])
@@ -116,7 +117,7 @@ def test_clip_ping_builds_a_bank_and_trains_with_active_teachers(tmp_path):
     run_script(["--output_dir", str(out), "--max_train_steps", "2", "--objectives", "clip-ping", "--active_teacher"])
     bank = json.loads((out / "neighbors" / "bank.json").read_text())
     assert bank["teachers"]["text"]["dim"] == 384
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())["pretraining_config"]
     assert config["teacher_text_dim"] == 384 and config["teacher_image_dim"] == bank["teachers"]["image"]["dim"]
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]

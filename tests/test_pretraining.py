@@ -91,13 +91,14 @@ def case(request, text_batch):
 
 def test_losses_have_exactly_the_active_keys(case):
     name, model, out = case
-    assert set(out.losses) == expected_keys(model.config.objectives)
+    assert set(out.losses) == expected_keys(model.config.pretraining_config.objectives)
     assert all(v.dim() == 0 and torch.isfinite(v) for v in out.losses.values())
 
 
 def test_total_is_weighted_sum(case):
     _, model, out = case
-    assert {k: getattr(model.config, k) for k in WEIGHTS} == WEIGHTS  # non-default weights: a dropped one shows
+    settings = model.config.pretraining_config
+    assert {k: getattr(settings, k) for k in WEIGHTS} == WEIGHTS  # non-default weights: a dropped one shows
     weights = {k: 1.0 if WEIGHT_OF[k] is None else WEIGHTS[WEIGHT_OF[k]] for k in out.losses}
     total = sum(weights[k] * v.item() for k, v in out.losses.items())
     assert out.loss.item() == pytest.approx(total, rel=1e-6)
@@ -107,10 +108,10 @@ def test_inactive_objectives_build_nothing(case):
     _, model, _ = case
     owners = {"lightclip" if name.startswith("lightclip.") else ".".join(name.split(".")[:3])
               for name, _ in model.named_parameters()}
-    expected = {"lightclip"}.union(*(MODULES[o] for o in model.config.objectives))
+    expected = {"lightclip"}.union(*(MODULES[o] for o in model.config.pretraining_config.objectives))
     assert owners == expected
-    assert list(model.objectives) == model.config.objectives
-    contrastive = "soft" if "soft" in model.config.objectives else "clip"
+    assert list(model.objectives) == model.config.pretraining_config.objectives
+    contrastive = "soft" if "soft" in model.config.pretraining_config.objectives else "clip"
     assert type(model.objectives[contrastive].loss).__name__ == ("SoftClipLoss" if contrastive == "soft" else "ClipLoss")
 
 
@@ -306,7 +307,8 @@ def test_pretraining_resumes_from_plain_checkpoint(saved_all, text_batch):
         torch.testing.assert_close(resumed.lightclip.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     config = resumed.config
     assert resumed.objectives["token"].logit_scale.item() == pytest.approx(config.logit_scale_init_value)
-    assert resumed.objectives["nn"].logit_scale.item() == pytest.approx(config.neighbor_logit_scale_init_value)
+    nn_init = config.pretraining_config.neighbor_logit_scale_init_value
+    assert resumed.objectives["nn"].logit_scale.item() == pytest.approx(nn_init)
     assert torch.count_nonzero(resumed.objectives["mlm"].fusion.head_bias) == 0
     for name, p in resumed.named_parameters():
         assert torch.isfinite(p).all() and p.abs().max() < 100, name

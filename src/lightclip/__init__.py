@@ -13,7 +13,13 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_lightclip import LightClipConfig, LightClipTextConfig, LightClipVisionConfig, resolve_objectives
+from .configuration_lightclip import (
+    LightClipConfig,
+    LightClipPretrainingConfig,
+    LightClipTextConfig,
+    LightClipVisionConfig,
+    resolve_objectives,
+)
 from .modeling_lightclip import LightClipModel, LightClipOutput, LightClipPreTrainedModel, LightClipVisionModelOutput
 from .presets import list_presets
 from .processing_lightclip import LightClipImageProcessor, LightClipProcessor, build_default_tokenizer
@@ -23,6 +29,7 @@ __version__ = "0.1.0"
 AutoConfig.register("lightclip", LightClipConfig, exist_ok=True)
 AutoConfig.register("lightclip_text_model", LightClipTextConfig, exist_ok=True)
 AutoConfig.register("lightclip_vision_model", LightClipVisionConfig, exist_ok=True)
+AutoConfig.register("lightclip_pretraining", LightClipPretrainingConfig, exist_ok=True)
 AutoModel.register(LightClipConfig, LightClipModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(LightClipConfig, LightClipModel, exist_ok=True)
 AutoImageProcessor.register(LightClipConfig, image_processor_classes={"pil": LightClipImageProcessor}, exist_ok=True)
@@ -47,8 +54,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "LightClipConfig", "LightClipTextConfig", "LightClipVisionConfig", "LightClipModel", "LightClipOutput",
-    "LightClipPreTrainedModel", "LightClipVisionModelOutput", "LightClipImageProcessor", "LightClipProcessor",
-    "LightClipForPreTraining", "LightClipForPreTrainingOutput", "build_default_tokenizer", "list_presets",
-    "resolve_objectives",
+    "LightClipConfig", "LightClipPretrainingConfig", "LightClipTextConfig", "LightClipVisionConfig", "LightClipModel",
+    "LightClipOutput", "LightClipPreTrainedModel", "LightClipVisionModelOutput", "LightClipImageProcessor",
+    "LightClipProcessor", "LightClipForPreTraining", "LightClipForPreTrainingOutput", "build_default_tokenizer",
+    "list_presets", "resolve_objectives",
 ]

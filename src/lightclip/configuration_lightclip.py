@@ -1,61 +1,92 @@
 """LightCLIP model configuration.
 
-`LightClipConfig` is the single source of truth for a lightclip model: the two towers, the shared projection, and the
-training-only objectives that `LightClipForPreTraining` builds from it. The inference model reads only the tower and
-projection fields, so a checkpoint trained with any mix of objectives loads as a plain dual encoder.
+`LightClipConfig` is the single source of truth for a lightclip model: the two towers and the shared projection,
+which define `LightClipModel`, and `pretraining_config` (`LightClipPretrainingConfig`), the training-only objectives
+that `LightClipForPreTraining` builds. The inference model reads only the tower and projection fields, so a checkpoint
+trained with any mix of objectives loads as a plain dual encoder. Files written before `pretraining_config` existed
+hold the training-only keys flat at the top level; they load into it unchanged, and flat keyword arguments
+(`LightClipConfig(token_weight=0.5)`, `from_pretrained(path, objectives="lightclip")`) go there too.
+
+The configs are `huggingface_hub` strict dataclasses, as transformers' own are: every field's type (and the choices of a
+`Literal` field) is checked on construction and on assignment, and the cross-field checks (`validate_architecture`) run
+after construction and again on save. A float field is declared `float | int` so that `mlm_weight=0` stays valid.
 """
 
-from __future__ import annotations
-
 import copy
+import dataclasses
 import difflib
+import functools
 import math
+from typing import ClassVar, Literal, get_args
 
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers.configuration_utils import PreTrainedConfig
 
-# kwargs that transformers itself passes through `__post_init__`; anything else unknown is a typo.
-_PASSTHROUGH_KWARGS = {
-    "auto_map",
-    "name_or_path",
-    "_commit_hash",
-    "_name_or_path",
-    "output_attentions",
-    "attn_implementation",
-    "experts_implementation",
-    "torch_dtype",
-    "per_layer_config",
-    "transformers_version",
-    "use_cache",
-    "_attn_implementation_internal",
-    "_experts_implementation_internal",
-}
+# written by transformers (`custom_object_save`) for `trust_remote_code` loading and kept by `PreTrainedConfig` as a
+# plain attribute: the one key a lightclip config accepts that no transformers class declares or consumes
+_REMOTE_CODE_KEYS = ("auto_map",)
 
 
-def _reject_unknown_kwargs(config: PreTrainedConfig, kwargs: dict) -> None:
-    """Raise a clear error for misspelt keys instead of silently storing them as attributes, and for a config of
-    another model type (a `config.json` of CLIP or BERT would otherwise fail on its first foreign key)."""
-    given_type = kwargs.get("model_type")
-    if given_type is not None and given_type != type(config).model_type:
+def _check_model_type(cls: type[PreTrainedConfig], given: str | None) -> None:
+    """A config of another model type is named as such, before any of its values is checked (a `config.json` of CLIP
+    or BERT would otherwise fail on its first foreign key or value)."""
+    if given is not None and given != cls.model_type:
         raise ValueError(
-            f"{type(config).__name__} expects model_type {type(config).model_type!r} but got a config of model_type "
-            f"{given_type!r}: this checkpoint is not a lightclip model"
-            + (" component" if type(config).base_config_key else "")
+            f"{cls.__name__} expects model_type {cls.model_type!r} but got a config of model_type {given!r}: this "
+            f"checkpoint is not a lightclip model" + (" component" if cls.base_config_key else "")
             + ". Load it with its own class (e.g. AutoConfig / AutoModel)."
         )
-    known = {f for f in type(config).__dataclass_fields__} | _PASSTHROUGH_KWARGS
-    unknown = [k for k in kwargs if k not in known and not k.startswith("_")]
-    # generation parameters are popped by transformers itself
-    from transformers import GenerationConfig
 
-    unknown = [k for k in unknown if k not in GenerationConfig._get_default_generation_params()]
+
+def _reject_unknown_keys(config: PreTrainedConfig, kwargs: dict) -> None:
+    """Raise for a misspelt key instead of keeping it as an attribute nothing reads.
+
+    Unknown means unknown to transformers too: `PreTrainedConfig.__post_init__` consumes the keys it knows
+    (`attn_implementation`, `torch_dtype`, generation parameters, ...) and stores any other one as a plain attribute,
+    so a key it stored that is no field of this class is a typo. Private (`_name_or_path`) and remote-code keys pass.
+    """
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = [key for key in kwargs if key in vars(config) and key not in fields and not key.startswith("_")
+               and key not in _REMOTE_CODE_KEYS]
     if unknown:
+        known = sorted(fields | set(getattr(config, "flat_keys", ())))
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+            close = difflib.get_close_matches(key, known, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"{type(config).__name__} got unknown key(s): {', '.join(hints)}")
 
 
+def _strict_config(cls: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
+    """`huggingface_hub`'s `@strict` with the errors of a lightclip config: a foreign `model_type` is named first, a
+    misspelt key gets a "did you mean" hint, and a bad value raises `ValueError` naming the class and the field, on
+    construction and on assignment. Strict raises its own `StrictDataclassError`, which is no `ValueError`; every bad
+    config value in this package is a `ValueError`, which callers (the trainer's option checks) catch."""
+    cls = strict(cls)
+    init, setattr_ = cls.__init__, cls.__setattr__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        _check_model_type(cls, kwargs.pop("model_type", None))
+        try:
+            init(self, *args, **kwargs)
+        except StrictDataclassError as error:
+            raise ValueError(f"{cls.__name__}: {error}") from error
+        _reject_unknown_keys(self, kwargs)
+
+    @functools.wraps(setattr_)
+    def __setattr__(self, key, value):
+        try:
+            setattr_(self, key, value)
+        except StrictDataclassError as error:
+            raise ValueError(f"{cls.__name__}: {error}") from error
+
+    cls.__init__, cls.__setattr__ = __init__, __setattr__
+    return cls
+
+
+@_strict_config
 class LightClipTextConfig(PreTrainedConfig):
     r"""Configuration of the lightclip text tower: a CLIP-style transformer, shortened as LightCLIP recommends.
 
@@ -80,9 +111,9 @@ class LightClipTextConfig(PreTrainedConfig):
     num_attention_heads: int = 4
     max_position_embeddings: int = 77
     hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-5
-    attention_dropout: float = 0.0
-    initializer_range: float = 0.02
+    layer_norm_eps: float | int = 1e-5
+    attention_dropout: float | int = 0.0
+    initializer_range: float | int = 0.02
     causal: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
@@ -90,14 +121,14 @@ class LightClipTextConfig(PreTrainedConfig):
     mask_token_id: int | None = 4
     unk_token_id: int | None = 1
 
-    def __post_init__(self, **kwargs):
-        _reject_unknown_kwargs(self, kwargs)
+    def validate_architecture(self) -> None:
+        """The width splits evenly over the attention heads."""
+        super().validate_architecture()
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        super().__post_init__(**kwargs)
 
     @property
     def special_token_ids(self) -> list[int]:
@@ -107,7 +138,8 @@ class LightClipTextConfig(PreTrainedConfig):
                             self.unk_token_id) if t is not None]
 
 
-VISION_BACKBONES = ("vit", "convnet", "mobilenetv2", "efficientnet", "efficientnet-lite")
+VisionBackbone = Literal["vit", "convnet", "mobilenetv2", "efficientnet", "efficientnet-lite"]
+VISION_BACKBONES = get_args(VisionBackbone)
 # `backbone="convnet"`: stage widths of the native small CNN (each stage: 3x3 conv, then a stride-2 3x3 conv)
 CONVNET_DEFAULT_WIDTHS = (32, 64, 128)
 # `backbone="efficientnet-lite"`: the native EfficientNet-Lite. Its backbone_kwargs and their defaults (Lite0), and the
@@ -124,6 +156,7 @@ IMAGENET_LITE_MEAN = (127 / 255,) * 3
 IMAGENET_LITE_STD = (128 / 255,) * 3
 
 
+@_strict_config
 class LightClipVisionConfig(PreTrainedConfig):
     r"""Configuration of the lightclip image tower.
 
@@ -141,7 +174,7 @@ class LightClipVisionConfig(PreTrainedConfig):
     model_type = "lightclip_vision_model"
     base_config_key = "vision_config"
 
-    backbone: str = "vit"
+    backbone: VisionBackbone = "vit"
     backbone_kwargs: dict | None = None
     image_size: int = 224
     patch_size: int = 16
@@ -151,27 +184,29 @@ class LightClipVisionConfig(PreTrainedConfig):
     num_hidden_layers: int = 6
     num_attention_heads: int = 4
     hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-5
-    attention_dropout: float = 0.0
-    initializer_range: float = 0.02
+    layer_norm_eps: float | int = 1e-5
+    attention_dropout: float | int = 0.0
+    initializer_range: float | int = 0.02
 
     def __post_init__(self, **kwargs):
-        _reject_unknown_kwargs(self, kwargs)
-        if self.backbone not in VISION_BACKBONES:
-            raise ValueError(f"backbone must be one of {VISION_BACKBONES}, got {self.backbone!r}")
+        # a CNN's width follows from its backbone (and reading it checks the backbone_kwargs)
+        if self.backbone == "convnet":
+            self.hidden_size = self.convnet_widths()[-1]
+        elif self.backbone == "efficientnet-lite":
+            self.efficientnet_lite_kwargs()
+            self.hidden_size = EFFICIENTNET_LITE_HIDDEN_SIZE
+        elif self.backbone != "vit":
+            self.hidden_size = self.backbone_config().hidden_size
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self) -> None:
+        """A ViT's width splits evenly over its heads and its image into whole patches."""
+        super().validate_architecture()
         if self.backbone == "vit":
             if self.hidden_size % self.num_attention_heads != 0:
                 raise ValueError("hidden_size must be a multiple of num_attention_heads")
             if self.image_size % self.patch_size != 0:
                 raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
-        elif self.backbone == "convnet":
-            self.hidden_size = self.convnet_widths()[-1]
-        elif self.backbone == "efficientnet-lite":
-            self.efficientnet_lite_kwargs()  # validates
-            self.hidden_size = EFFICIENTNET_LITE_HIDDEN_SIZE
-        else:
-            self.hidden_size = self.backbone_config().hidden_size
-        super().__post_init__(**kwargs)
 
     def convnet_widths(self) -> list[int]:
         """Stage widths of the `"convnet"` tower."""
@@ -263,103 +298,161 @@ def resolve_objectives(names: str | list[str] | tuple[str, ...]) -> list[str]:
     return [t for t in OBJECTIVES if t in terms]
 
 
-class LightClipConfig(PreTrainedConfig):
-    r"""Configuration of a lightclip dual encoder and of its training-only objectives.
+@_strict_config
+class LightClipPretrainingConfig(PreTrainedConfig):
+    r"""The training-only settings of a lightclip model: which objectives `LightClipForPreTraining` builds, and how.
 
-    Tower and projection fields define `LightClipModel`. The objective fields are read only by
-    `LightClipForPreTraining` (see `docs/method.md` for each reading and its alternatives):
+    `LightClipModel` reads none of them, so they sit apart in `LightClipConfig.pretraining_config` and the rest of a
+    `config.json` reads as the inference model. See `docs/method.md` for each reading and its alternatives:
 
     - `objectives`: terms to train, any of `clip`, `soft`, `token`, `mlm`, `nn`, `xnn`, or the groups `lightclip`,
-      `clip-ping`, `all`.
+      `clip-ping`, `all`; a group or a comma list is resolved to terms on every assignment.
     - `soft_*`: progressively softened negative labels (LightCLIP, instance level).
     - `token_*`, `sinkhorn_*`, `hungarian_*`: patch-word relaxed bipartite matching (LightCLIP, token level).
     - `mlm_*`, `fusion_*`: masked language modelling through the auxiliary fusion module (LightCLIP).
     - `nn_*`, `xnn_*`, `neighbor_*`, `teacher_*`: nearest-neighbour guidance from frozen feature banks (CLIP-PING).
+
+    A field declared here is all a new setting needs: `LightClipConfig` then also takes it flat
+    (`LightClipConfig(token_weight=0.5)`, `from_pretrained(path, token_weight=0.5)`), and `examples/pretrain.py`
+    makes it an option (`--token_weight 0.5`).
+
+    Example:
+
+    ```python
+    >>> from lightclip import LightClipConfig, LightClipPretrainingConfig
+    >>> config = LightClipConfig(pretraining_config=LightClipPretrainingConfig(objectives="lightclip", mlm_weight=0.5))
+    >>> config.pretraining_config.objectives
+    ['soft', 'token', 'mlm']
+    ```"""
+
+    model_type = "lightclip_pretraining"
+    base_config_key = "pretraining_config"
+
+    # which objectives LightClipForPreTraining builds (None: clip)
+    objectives: list[str] | tuple[str, ...] | str | None = None
+    # instance level: progressively softened negatives
+    soft_mode: Literal["similarity", "uniform"] = "similarity"  # similarity: the model's own detached logits
+    soft_alpha_max: float | int = 0.2
+    soft_schedule: Literal["linear", "cosine"] = "linear"
+    soft_temperature: float | int = 1.0
+    # token level: relaxed bipartite matching
+    token_weight: float | int = 1.0
+    token_dim: int = 256
+    token_matching: Literal["sinkhorn", "hungarian", "filip"] = "sinkhorn"
+    token_chunk_size: int = 32
+    sinkhorn_epsilon: float | int = 0.05
+    sinkhorn_iterations: int = 10
+    sinkhorn_unroll: bool = False  # backprop through the iterations (exact, slower) instead of a fixed plan
+    hungarian_capacity: int = 2
+    hungarian_num_negatives: int = 4
+    # masked language modelling through the fusion module
+    mlm_weight: float | int = 1.0
+    mlm_probability: float | int = 0.15
+    fusion_layers: list[int] | None = None  # 1-based text layers; None = 3 evenly spaced, last included
+    fusion_num_heads: int | None = None  # None = text num_attention_heads
+    fusion_type: Literal["cross_attention", "additive"] = "cross_attention"
+    fusion_image_source: Literal["last", "multiscale"] = "last"  # last: pooled + last-stage tokens
+    fusion_detach_image: bool = False
+    fusion_word_attention: bool = True  # bidirectional self-attention over the masked caption in each fusion block
+    # CLIP-PING: nearest-neighbour guidance
+    nn_weight: float | int = 1.0
+    xnn_weight: float | int = 1.0
+    xnn_mode: Literal["x2", "x1"] = "x2"
+    neighbor_head: Literal["linear", "mlp"] = "linear"
+    neighbor_direction: Literal["student_to_teacher", "teacher_to_student"] = "student_to_teacher"
+    neighbor_logit_scale_init_value: float | int = math.log(1 / 0.07)
+    neighbor_top_k: int = 1
+    teacher_image_dim: int | None = None
+    teacher_text_dim: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.objectives is None:
+            self.objectives = ["clip"]
+        super().__post_init__(**kwargs)
+
+    def __setattr__(self, key, value):
+        # `config.objectives = "lightclip"` and `from_pretrained(..., objectives="lightclip")` assign after
+        # construction: resolve groups and validate names on every assignment, or a string would be stored as it is
+        if key == "objectives" and value is not None:
+            value = resolve_objectives(value)
+        super().__setattr__(key, value)
+
+    @classmethod
+    def own_fields(cls) -> tuple[dataclasses.Field, ...]:
+        """The training-only settings: its fields, less those `PreTrainedConfig` declares for every config."""
+        common = {f.name for f in dataclasses.fields(PreTrainedConfig)}
+        return tuple(f for f in dataclasses.fields(cls) if f.name not in common)
+
+    def settings_dict(self) -> dict:
+        """`{field: value}` of the training-only settings."""
+        return {f.name: getattr(self, f.name) for f in self.own_fields()}
+
+
+# the keys `LightClipConfig` also takes flat and moves into `pretraining_config`
+PRETRAINING_FIELDS = tuple(f.name for f in LightClipPretrainingConfig.own_fields())
+
+
+@_strict_config
+class LightClipConfig(PreTrainedConfig):
+    r"""Configuration of a lightclip dual encoder: its towers and shared projection, which define `LightClipModel`,
+    and `pretraining_config`, the training-only objectives of `LightClipForPreTraining` (`LightClipPretrainingConfig`).
+
+    The training-only settings are also taken flat, `LightClipConfig(objectives="lightclip", token_weight=0.5)`, as
+    they were stored in files written before `pretraining_config` existed: flat keys go into `pretraining_config`,
+    over a nested value of the same key. They are read and set on `config.pretraining_config` only; setting one on the
+    model config is an error, since it would be stored where nothing reads it.
 
     Example:
 
     ```python
     >>> from lightclip import LightClipConfig
     >>> config = LightClipConfig.from_preset("lightclip-xxs", objectives=["lightclip"])
-    >>> config.objectives
+    >>> config.pretraining_config.objectives
     ['soft', 'token', 'mlm']
     ```"""
 
     model_type = "lightclip"
-    sub_configs_defaults = {"text_config": LightClipTextConfig, "vision_config": LightClipVisionConfig}
+    sub_configs_defaults = {
+        "text_config": LightClipTextConfig,
+        "vision_config": LightClipVisionConfig,
+        "pretraining_config": LightClipPretrainingConfig,
+    }
+    # keys also taken flat (and offered by the "did you mean" hint of a misspelt key)
+    flat_keys: ClassVar[tuple[str, ...]] = PRETRAINING_FIELDS
 
     text_config: dict | LightClipTextConfig | None = None
     vision_config: dict | LightClipVisionConfig | None = None
     projection_dim: int = 256
-    logit_scale_init_value: float = math.log(1 / 0.07)
-    logit_scale_max: float = math.log(100.0)
-
-    # which objectives LightClipForPreTraining builds
-    objectives: list[str] | None = None
-    # instance level: progressively softened negatives
-    soft_mode: str = "similarity"  # "similarity" (own detached logits) | "uniform"
-    soft_alpha_max: float = 0.2
-    soft_schedule: str = "linear"  # "linear" | "cosine"
-    soft_temperature: float = 1.0
-    # token level: relaxed bipartite matching
-    token_weight: float = 1.0
-    token_dim: int = 256
-    token_matching: str = "sinkhorn"  # "sinkhorn" | "hungarian" | "filip"
-    token_chunk_size: int = 32
-    sinkhorn_epsilon: float = 0.05
-    sinkhorn_iterations: int = 10
-    sinkhorn_unroll: bool = False  # backprop through the iterations (exact, slower) instead of a fixed plan
-    hungarian_capacity: int = 2
-    hungarian_num_negatives: int = 4
-    # masked language modelling through the fusion module
-    mlm_weight: float = 1.0
-    mlm_probability: float = 0.15
-    fusion_layers: list[int] | None = None  # 1-based text layers; None = 3 evenly spaced, last included
-    fusion_num_heads: int | None = None  # None = text num_attention_heads
-    fusion_type: str = "cross_attention"  # "cross_attention" | "additive"
-    fusion_image_source: str = "last"  # "last" (pooled + last-stage tokens) | "multiscale"
-    fusion_detach_image: bool = False
-    fusion_word_attention: bool = True  # bidirectional self-attention over the masked caption in each fusion block
-    # CLIP-PING: nearest-neighbour guidance
-    nn_weight: float = 1.0
-    xnn_weight: float = 1.0
-    xnn_mode: str = "x2"  # "x2" | "x1"
-    neighbor_head: str = "linear"  # "linear" | "mlp"
-    neighbor_direction: str = "student_to_teacher"  # "student_to_teacher" | "teacher_to_student"
-    neighbor_logit_scale_init_value: float = math.log(1 / 0.07)
-    neighbor_top_k: int = 1
-    teacher_image_dim: int | None = None
-    teacher_text_dim: int | None = None
+    logit_scale_init_value: float | int = math.log(1 / 0.07)
+    logit_scale_max: float | int = math.log(100.0)
+    pretraining_config: dict | LightClipPretrainingConfig | None = None
 
     def __post_init__(self, **kwargs):
-        _reject_unknown_kwargs(self, kwargs)
-        self.objectives = resolve_objectives(self.objectives or ["clip"])
-        choices = {
-            "soft_mode": ("similarity", "uniform"),
-            "soft_schedule": ("linear", "cosine"),
-            "token_matching": ("sinkhorn", "hungarian", "filip"),
-            "fusion_type": ("cross_attention", "additive"),
-            "fusion_image_source": ("last", "multiscale"),
-            "xnn_mode": ("x2", "x1"),
-            "neighbor_head": ("linear", "mlp"),
-            "neighbor_direction": ("student_to_teacher", "teacher_to_student"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        flat = {key: kwargs.pop(key) for key in list(kwargs) if key in PRETRAINING_FIELDS}
+        if flat:
+            nested = self.pretraining_config
+            if isinstance(nested, LightClipPretrainingConfig):
+                nested = nested.settings_dict()
+            self.pretraining_config = {**(nested or {}), **flat}
         super().__post_init__(**kwargs)
 
     def __setattr__(self, key, value):
-        # `from_pretrained(..., objectives="lightclip")` and `config.objectives = ...` set the attribute after
-        # `__post_init__`: resolve groups and validate names there too, or a string would be stored as it is
-        if key == "objectives" and value is not None:
-            value = resolve_objectives(value)
+        if key in PRETRAINING_FIELDS:
+            raise AttributeError(f"{key} is a training-only setting: set config.pretraining_config.{key}")
         super().__setattr__(key, value)
 
     @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """`PreTrainedConfig.from_dict`, with training-only settings among `kwargs`
+        (`from_pretrained(path, token_weight=0.5)`) applied like flat keys of the file, not dropped as unknown."""
+        flat = {key: kwargs.pop(key) for key in list(kwargs) if key in PRETRAINING_FIELDS}
+        return super().from_dict({**config_dict, **flat}, **kwargs)
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "LightClipConfig":
-        """Build a named preset (see `lightclip.list_presets()`); `overrides` replace top-level fields, and
-        `text_config` / `vision_config` dicts update the preset's towers."""
+        """Build a named preset (see `lightclip.list_presets()`); `overrides` replace top-level fields (training-only
+        settings flat or in a `pretraining_config` dict), and `text_config` / `vision_config` / `pretraining_config`
+        dicts update the preset's."""
         from .presets import PRESETS
 
         if name not in PRESETS:
@@ -367,21 +460,23 @@ class LightClipConfig(PreTrainedConfig):
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"Unknown preset {name!r}.{hint} Available: {sorted(PRESETS)}")
         preset = copy.deepcopy(PRESETS[name])
-        for key in ("text_config", "vision_config"):
-            preset[key].update(overrides.pop(key, None) or {})
+        for key in cls.sub_configs:
+            preset.setdefault(key, {}).update(overrides.pop(key, None) or {})
         preset.update(overrides)
         return cls(**preset)
 
     def resolved_fusion_layers(self) -> list[int]:
         """Text layers (1-based) after which the fusion module injects the image."""
         n = self.text_config.num_hidden_layers
-        if self.fusion_layers:
-            bad = [i for i in self.fusion_layers if not 1 <= i <= n]
+        fusion_layers = self.pretraining_config.fusion_layers
+        if fusion_layers:
+            bad = [i for i in fusion_layers if not 1 <= i <= n]
             if bad:
                 raise ValueError(f"fusion_layers {bad} out of range 1..{n}")
-            return sorted(set(self.fusion_layers))
+            return sorted(set(fusion_layers))
         stages = min(3, n)
         return sorted({round(n * (k + 1) / stages) for k in range(stages)})
 
 
-__all__ = ["LightClipConfig", "LightClipTextConfig", "LightClipVisionConfig", "resolve_objectives"]
+__all__ = ["LightClipConfig", "LightClipPretrainingConfig", "LightClipTextConfig", "LightClipVisionConfig",
+           "resolve_objectives"]

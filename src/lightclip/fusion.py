@@ -51,9 +51,10 @@ class LightClipFusionBlock(nn.Module):
         super().__init__()
         text = config.text_config
         width = text.hidden_size
-        heads = config.fusion_num_heads or text.num_attention_heads
-        self.additive = config.fusion_type == "additive"
-        if config.fusion_word_attention:
+        settings = config.pretraining_config
+        heads = settings.fusion_num_heads or text.num_attention_heads
+        self.additive = settings.fusion_type == "additive"
+        if settings.fusion_word_attention:
             self.norm_self = nn.LayerNorm(width, eps=text.layer_norm_eps)
             self.self_attn = LightClipCrossAttention(width, heads)
         self.norm_attn = nn.LayerNorm(width, eps=text.layer_norm_eps)
@@ -88,7 +89,7 @@ class LightClipFusion(nn.Module):
         text = config.text_config
         width = text.hidden_size
         self.layers = config.resolved_fusion_layers()
-        self.detach_image = config.fusion_detach_image
+        self.detach_image = config.pretraining_config.fusion_detach_image
         self.image_proj = nn.ModuleList(nn.Linear(w, width) for w in image_widths)
         self.image_norm = nn.LayerNorm(width, eps=text.layer_norm_eps)
         self.blocks = nn.ModuleList(LightClipFusionBlock(config) for _ in self.layers)

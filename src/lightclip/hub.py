@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from .configuration_lightclip import LightClipVisionConfig
+from .configuration_lightclip import LightClipConfig, LightClipVisionConfig
 from . import shapes
 from .modeling_lightclip import PICKLE_SUFFIXES
 
@@ -133,9 +133,12 @@ def _fmt_count(n: int) -> str:
 
 
 def _objective_rows(config: dict) -> list[tuple[str, str]]:
+    """One row per objective, from the training-only settings of a `config.json` dict as loading reads them (nested
+    under `pretraining_config`, or flat in older files)."""
     from .objectives import OBJECTIVE_CLASSES
 
-    rows = [OBJECTIVE_CLASSES[term].card_row(config) for term in config.get("objectives") or ["clip"]]
+    settings = LightClipConfig.from_dict(config).pretraining_config.settings_dict()
+    rows = [OBJECTIVE_CLASSES[term].card_row(settings) for term in settings["objectives"]]
     rows.append(("training-only modules", "dropped at save: the checkpoint is a plain dual encoder"))
     return rows
 

@@ -3,8 +3,9 @@
 An objective owns its training-only parameters, turns one forward of the two towers into the per-sample features its
 loss needs (`forward_features`), and computes that loss from features that may be merged over micro-batches
 (`forward`). `LightClipForPreTraining` holds the active ones in an `nn.ModuleDict` keyed by name; the trainer and
-the model card read the same registry. Adding an objective is one class here, its config fields and its name in
-`configuration_lightclip.OBJECTIVES` (docs/architecture.md).
+the model card read the same registry. Adding an objective is one class here, its settings as fields of
+`configuration_lightclip.LightClipPretrainingConfig` and its name in `configuration_lightclip.OBJECTIVES`
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_lightclip import LightClipConfig
+from .configuration_lightclip import LightClipConfig, LightClipPretrainingConfig
 from .fusion import LightClipFusion
 from .losses import (
     ClipLoss,
@@ -51,9 +52,11 @@ class TowerOutputs:
 class Objective(nn.Module):
     """Base class: one training objective and its training-only parameters.
 
-    Subclasses set `name` (the key in `config.objectives`), `loss_key` (the key of its term in the output's
-    `losses`), `weight_field` (the config field weighting it; `None`: weight 1) and `logit_scale_init` (the config
-    field initialising its own `logit_scale` parameter, if it has one).
+    Subclasses set `name` (the key in `config.pretraining_config.objectives`), `loss_key` (the key of its term in the
+    output's `losses`), `weight_field` (the `pretraining_config` field weighting it; `None`: weight 1) and
+    `logit_scale_init` (the field initialising its own `logit_scale` parameter, if it has one: of `pretraining_config`,
+    or of the model config for the model's own CLIP scale init). `self.config` is the whole `LightClipConfig`, since
+    objectives size themselves on the towers; `self.settings` is its `pretraining_config`.
     """
 
     name: ClassVar[str]
@@ -67,8 +70,18 @@ class Objective(nn.Module):
         self.config = config
 
     @property
+    def settings(self) -> LightClipPretrainingConfig:
+        """The training-only settings, read from the config on every use like the rest of it."""
+        return self.config.pretraining_config
+
+    @property
     def weight(self) -> float:
-        return 1.0 if self.weight_field is None else float(getattr(self.config, self.weight_field))
+        return 1.0 if self.weight_field is None else float(getattr(self.settings, self.weight_field))
+
+    def logit_scale_init_value(self) -> float:
+        """The initial value of its `logit_scale`: the field `logit_scale_init` names."""
+        owner = self.settings if hasattr(self.settings, self.logit_scale_init) else self.config
+        return getattr(owner, self.logit_scale_init)
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped at `config.logit_scale_max` like the CLIP scale."""
@@ -96,7 +109,7 @@ class Objective(nn.Module):
 
     @classmethod
     def card_row(cls, config: Mapping[str, Any]) -> tuple[str, str]:
-        """(what it is, its weight and settings) for the model card, from a `config.json` dict."""
+        """(what it is, its weight and settings) for the model card, from a `pretraining_config` dict."""
         raise NotImplementedError
 
 
@@ -124,8 +137,9 @@ class SoftClipObjective(ClipObjective):
 
     def __init__(self, config: LightClipConfig):
         Objective.__init__(self, config)
-        self.loss = SoftClipLoss(mode=config.soft_mode, alpha_max=config.soft_alpha_max,
-                                 schedule=config.soft_schedule, temperature=config.soft_temperature)
+        settings = self.settings
+        self.loss = SoftClipLoss(mode=settings.soft_mode, alpha_max=settings.soft_alpha_max,
+                                 schedule=settings.soft_schedule, temperature=settings.soft_temperature)
 
     def set_progress(self, progress: float) -> None:
         self.loss.set_progress(progress)
@@ -147,13 +161,14 @@ class TokenMatchingObjective(Objective):
 
     def __init__(self, config: LightClipConfig):
         super().__init__(config)
-        self.image_proj = nn.Linear(config.vision_config.hidden_size, config.token_dim)
-        self.text_proj = nn.Linear(config.text_config.hidden_size, config.token_dim)
+        settings = self.settings
+        self.image_proj = nn.Linear(config.vision_config.hidden_size, settings.token_dim)
+        self.text_proj = nn.Linear(config.text_config.hidden_size, settings.token_dim)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.loss = TokenMatchingLoss(
-            method=config.token_matching, epsilon=config.sinkhorn_epsilon, iterations=config.sinkhorn_iterations,
-            capacity=config.hungarian_capacity, num_negatives=config.hungarian_num_negatives,
-            chunk_size=config.token_chunk_size, unroll=config.sinkhorn_unroll,
+            method=settings.token_matching, epsilon=settings.sinkhorn_epsilon, iterations=settings.sinkhorn_iterations,
+            capacity=settings.hungarian_capacity, num_negatives=settings.hungarian_num_negatives,
+            chunk_size=settings.token_chunk_size, unroll=settings.sinkhorn_unroll,
         )
 
     def forward_features(self, outputs: TowerOutputs) -> Features:
@@ -179,7 +194,8 @@ def mask_text(config: LightClipConfig, input_ids: torch.Tensor, attention_mask: 
     """BERT masking of the text for the MLM objective: (masked ids, labels with -100 where not masked)."""
     text_cfg = config.text_config
     return mask_tokens(input_ids, attention_mask, mask_token_id=text_cfg.mask_token_id, vocab_size=text_cfg.vocab_size,
-                       special_token_ids=text_cfg.special_token_ids, probability=config.mlm_probability,
+                       special_token_ids=text_cfg.special_token_ids,
+                       probability=config.pretraining_config.mlm_probability,
                        generator=generator)
 
 
@@ -197,7 +213,7 @@ class MaskedLanguageModelingObjective(Objective):
 
     @property
     def needs_vision_stages(self) -> bool:
-        return self.config.fusion_image_source == "multiscale"
+        return self.settings.fusion_image_source == "multiscale"
 
     def _stage_indices(self, num_states: int) -> list[int]:
         """Evenly spaced image-tower stages, one per fusion stage, the last stage included."""
@@ -206,7 +222,7 @@ class MaskedLanguageModelingObjective(Objective):
 
     def _image_source_widths(self, model: LightClipModel) -> list[int]:
         vision = self.config.vision_config
-        if self.config.fusion_image_source == "last":
+        if self.settings.fusion_image_source == "last":
             return [vision.hidden_size]
         if vision.backbone == "vit":
             return [vision.hidden_size] * len(self.config.resolved_fusion_layers())
@@ -229,7 +245,7 @@ class MaskedLanguageModelingObjective(Objective):
             mlm_input_ids, _ = text_tower.truncate(mlm_input_ids, None)
             mlm_labels = mlm_labels[:, : mlm_input_ids.shape[1]]
         masked = text_tower(mlm_input_ids, outputs.attention_mask, output_hidden_states=True)
-        if self.config.fusion_image_source == "last":
+        if self.settings.fusion_image_source == "last":
             sources = [torch.cat([vision.pooler_output[:, None], vision.patch_tokens], dim=1)]
         else:
             states = vision.hidden_states
@@ -267,26 +283,30 @@ class NeighborObjective(Objective):
 
     def __init__(self, config: LightClipConfig):
         super().__init__(config)
-        if config.teacher_image_dim is None or config.teacher_text_dim is None:
+        settings = self.settings
+        if settings.teacher_image_dim is None or settings.teacher_text_dim is None:
             raise ValueError(
-                f"the {self.name} objective needs config.teacher_image_dim and config.teacher_text_dim: the widths of "
-                "the feature bank's teachers (FeatureBank.image_dim / .text_dim)"
+                f"the {self.name} objective needs pretraining_config.teacher_image_dim and "
+                "pretraining_config.teacher_text_dim: the widths of the feature bank's teachers "
+                "(FeatureBank.image_dim / .text_dim)"
             )
-        image_dim, text_dim = self.teacher_dims(config)
-        if config.neighbor_direction == "student_to_teacher":
-            self.image_head = _neighbor_head(config.neighbor_head, config.projection_dim, image_dim)
-            self.text_head = _neighbor_head(config.neighbor_head, config.projection_dim, text_dim)
+        image_dim, text_dim = self.teacher_dims(settings)
+        head, width = settings.neighbor_head, config.projection_dim
+        if settings.neighbor_direction == "student_to_teacher":
+            self.image_head = _neighbor_head(head, width, image_dim)
+            self.text_head = _neighbor_head(head, width, text_dim)
         else:
-            self.image_head = _neighbor_head(config.neighbor_head, image_dim, config.projection_dim)
-            self.text_head = _neighbor_head(config.neighbor_head, text_dim, config.projection_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(config.neighbor_logit_scale_init_value))
+            self.image_head = _neighbor_head(head, image_dim, width)
+            self.text_head = _neighbor_head(head, text_dim, width)
+        self.logit_scale = nn.Parameter(torch.tensor(settings.neighbor_logit_scale_init_value))
         # teacher -> student: the targets come out of trainable heads and must keep their gradient
-        self.loss = NeighborContrastiveLoss(self.name, detach_targets=config.neighbor_direction == "student_to_teacher")
+        self.loss = NeighborContrastiveLoss(self.name,
+                                            detach_targets=settings.neighbor_direction == "student_to_teacher")
 
     @staticmethod
-    def teacher_dims(config: LightClipConfig) -> tuple[int, int]:
+    def teacher_dims(settings: LightClipPretrainingConfig) -> tuple[int, int]:
         """Widths of the teacher spaces the image and the text neighbours live in: their own modality's."""
-        return config.teacher_image_dim, config.teacher_text_dim
+        return settings.teacher_image_dim, settings.teacher_text_dim
 
     def forward_features(self, outputs: TowerOutputs) -> Features:
         keys = (f"image_{self.name}", f"text_{self.name}")
@@ -299,7 +319,7 @@ class NeighborObjective(Objective):
         image_embeds, text_embeds = outputs.image_embeds, outputs.text_embeds
         image_t = F.normalize(targets[keys[0]].to(image_embeds), dim=-1)
         text_t = F.normalize(targets[keys[1]].to(text_embeds), dim=-1)
-        if self.config.neighbor_direction == "student_to_teacher":
+        if self.settings.neighbor_direction == "student_to_teacher":
             queries = (F.normalize(self.image_head(image_embeds), dim=-1),
                        F.normalize(self.text_head(text_embeds), dim=-1))
             goals = (image_t, text_t)
@@ -326,8 +346,8 @@ class CrossNeighborObjective(NeighborObjective):
     summary = "nearest-neighbour guidance, cross modality (CLIP-PING)"
 
     @staticmethod
-    def teacher_dims(config: LightClipConfig) -> tuple[int, int]:
-        return config.teacher_text_dim, config.teacher_image_dim
+    def teacher_dims(settings: LightClipPretrainingConfig) -> tuple[int, int]:
+        return settings.teacher_text_dim, settings.teacher_image_dim
 
     @classmethod
     def card_row(cls, config: Mapping[str, Any]) -> tuple[str, str]:

@@ -21,7 +21,7 @@ def _cnn_preset(backbone: str, **backbone_kwargs) -> dict:
         vision_config=dict(backbone=backbone, image_size=224, backbone_kwargs=backbone_kwargs),
         text_config=dict(_TEXT_SMALL),
         projection_dim=256,
-        token_dim=256,
+        pretraining_config=dict(token_dim=256),
     )
 
 
@@ -34,7 +34,7 @@ PRESETS: dict[str, dict] = {
         ),
         text_config=dict(_TEXT_XXS),
         projection_dim=64,
-        token_dim=64,
+        pretraining_config=dict(token_dim=64),
     ),
     # the xxs text tower with a 0.29 M-parameter native CNN at 32 px: learns shape when trained on the shape label, but
     # not contrastively from the shapes captions within the default budget (docs/training.md)
@@ -42,7 +42,7 @@ PRESETS: dict[str, dict] = {
         vision_config=dict(backbone="convnet", image_size=32, backbone_kwargs=dict(widths=[32, 64, 128])),
         text_config=dict(_TEXT_XXS),
         projection_dim=64,
-        token_dim=64,
+        pretraining_config=dict(token_dim=64),
     ),
     # the default of `examples/pretrain.py`: EfficientNet-Lite0 at 64 px, started from its released ImageNet weights,
     # with the xxs text tower; contrastive training from scratch does not learn shape on lightclip-shapes within the
@@ -52,7 +52,7 @@ PRESETS: dict[str, dict] = {
                            backbone_kwargs=dict(width_multiplier=1.0, depth_multiplier=1.0, drop_connect_rate=0.2)),
         text_config=dict(_TEXT_XXS),
         projection_dim=64,
-        token_dim=64,
+        pretraining_config=dict(token_dim=64),
     ),
     # ViT-XS: width 256, 6 layers, patch 16 at 224 px (about 4.8 M parameters), the CLIP-PING headline class
     "lightclip-xs": dict(
@@ -62,7 +62,7 @@ PRESETS: dict[str, dict] = {
         ),
         text_config=dict(_TEXT_SMALL),
         projection_dim=256,
-        token_dim=256,
+        pretraining_config=dict(token_dim=256),
     ),
     "lightclip-mobilenetv2": _cnn_preset("mobilenetv2", depth_multiplier=1.0),
     "lightclip-efficientnet-b0": _cnn_preset(

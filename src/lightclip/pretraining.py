@@ -1,8 +1,9 @@
 """LightClipForPreTraining: `LightClipModel` plus the training-only objectives selected by the config.
 
-Each objective in `config.objectives` is one module of `lightclip.objectives`, held in `self.objectives` (an
-`nn.ModuleDict` keyed by name) with its own parameters, features step and loss; an objective that is off builds and
-runs nothing. `save_pretrained` writes only the inner `LightClipModel`, so inference costs nothing extra.
+Each objective in `config.pretraining_config.objectives` is one module of `lightclip.objectives`, held in
+`self.objectives` (an `nn.ModuleDict` keyed by name) with its own parameters, features step and loss; an objective
+that is off builds and runs nothing. `save_pretrained` writes only the inner `LightClipModel`, so inference costs
+nothing extra.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class LightClipForPreTrainingOutput(ModelOutput):
 
 
 class LightClipForPreTraining(LightClipPreTrainedModel):
-    r"""`LightClipModel` with the LightCLIP and CLIP-PING training objectives selected by `config.objectives`.
+    r"""`LightClipModel` with the LightCLIP and CLIP-PING training objectives selected by
+    `config.pretraining_config.objectives`.
 
     The trainer calls `set_progress(step / total_steps)` every step (the softened-label schedule reads it) and
     `clamp_logit_scales_()` after every optimiser step. For the CLIP-PING terms, pass `neighbor_targets`: the frozen
@@ -71,7 +73,7 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
         super().__init__(config)
         self.lightclip = LightClipModel(config)
         self.objectives = nn.ModuleDict(
-            {name: build_objective(name, config, self.lightclip) for name in config.objectives}
+            {name: build_objective(name, config, self.lightclip) for name in config.pretraining_config.objectives}
         )
         self.post_init()
 
@@ -79,7 +81,7 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, Objective) and module.logit_scale_init is not None:
-            init.constant_(module.logit_scale, getattr(self.config, module.logit_scale_init))
+            init.constant_(module.logit_scale, module.logit_scale_init_value())
         elif isinstance(module, LightClipFusion):
             init.zeros_(module.head_bias)
 
