@@ -76,11 +76,13 @@ class ModelArguments:
     lock_text_freeze_layer_norm: bool = field(default=False, metadata={
         "help": "Freeze the LayerNorms of the locked text groups too."})
     objectives: str = field(default="lightclip", metadata={
-        "help": "Comma list of clip, soft, token, mlm, nn, xnn, or the groups lightclip, clip-ping, all."})
+        "help": "Comma list of clip, soft, token, mlm, nn, xnn, kd, fd, or the groups lightclip, clip-ping, all "
+                "(kd / fd need --distill_model or --distill_embeddings)."})
 
 
-# `--objectives` is a ModelArguments option (default `lightclip`); the teacher widths come from the feature bank
-NOT_OBJECTIVE_FIELDS = ("objectives", "teacher_image_dim", "teacher_text_dim")
+# `--objectives` is a ModelArguments option (default `lightclip`); the teacher widths come from the feature bank, the
+# distillation teacher's name and width from the teacher or its stored embeddings
+NOT_OBJECTIVE_FIELDS = ("objectives", "teacher_image_dim", "teacher_text_dim", "distill_teacher_dim", "distill_teacher")
 
 
 def _option_type(kind: Any) -> Any:
@@ -132,6 +134,20 @@ class NeighborArguments:
 
 
 @dataclass
+class DistillationArguments:
+    """The frozen teacher of the kd / fd objectives (docs/distillation.md): exactly one of the two sources."""
+
+    distill_model: str | None = field(default=None, metadata={
+        "help": "Online teacher: a dual encoder folder or hub id (CLIPModel, SiglipModel, a lightclip checkpoint), "
+                "run on every batch's crops and captions on every process; never trained or saved."})
+    distill_embeddings: str | None = field(default=None, metadata={
+        "help": "Precomputed teacher: a folder from examples/precompute_teacher.py, built with the same data "
+                "options and student image size; training looks its rows up by dataset index."})
+    distill_dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={
+        "help": "Precision of the online teacher's weights (its embeddings are float32 either way)."})
+
+
+@dataclass
 class PretrainingArguments:
     """Optimisation, schedule, checkpoints, logging and publishing."""
 
@@ -176,7 +192,8 @@ class PretrainingArguments:
         "help": "YAML or JSON file of any of these options (command line wins); copied into the output."})
 
 
-ARGUMENTS = (ModelArguments, ObjectiveArguments, NeighborArguments, DataArguments, PretrainingArguments)
+ARGUMENTS = (ModelArguments, ObjectiveArguments, NeighborArguments, DistillationArguments, DataArguments,
+             PretrainingArguments)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -251,9 +268,21 @@ def validate_args(args) -> None:
     if args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
     build_config(args)  # unknown objectives, bad choices and values of every objective option
+    distill = [name for name in ("kd", "fd") if name in lightclip.resolve_objectives(args.objectives)]
+    sources = [f"--{name}" for name in ("distill_model", "distill_embeddings") if getattr(args, name)]
+    if distill and len(sources) != 1:
+        raise ValueError(f"the {' and '.join(distill)} objective(s) need exactly one teacher: --distill_model (run "
+                         "online) or --distill_embeddings (precomputed by examples/precompute_teacher.py); got "
+                         + (" and ".join(sources) or "neither"))
+    if sources and not distill:
+        raise ValueError(f"{sources[0]} is given but no distillation objective is on: add kd and/or fd to "
+                         "--objectives (e.g. --objectives clip,kd)")
 
 
-def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining, LightClipProcessor]:
+def build_config_and_processor(args, bank=None) -> tuple[LightClipConfig, LightClipProcessor]:
+    """The run's config and the student's processor (a checkpoint folder's own, else one built from the config):
+    both before the model, so that a distillation teacher can be fitted to the processor and its width put in the
+    config first."""
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
@@ -262,13 +291,8 @@ def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining,
         if tokenizer.mask_token_id is None and "mlm" in lightclip.resolve_objectives(args.objectives):
             raise ValueError(f"tokenizer {args.tokenizer} has no mask token; the mlm objective needs one")
     config = build_config(args, bank, tokenizer)
-    if args.model in lightclip.list_presets():
-        model = LightClipForPreTraining(config)
-        processor = None
-    else:
-        has_weights = any((Path(args.model) / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
-        model = LightClipForPreTraining.from_pretrained(args.model, config=config) if has_weights or not Path(
-            args.model).exists() else LightClipForPreTraining(config)
+    processor = None
+    if args.model not in lightclip.list_presets():
         try:
             processor = LightClipProcessor.from_pretrained(args.model)
         except (OSError, ValueError, TypeError):
@@ -280,6 +304,17 @@ def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining,
         processor = LightClipProcessor(processor.image_processor, tokenizer)
     if args.image_size:
         processor.image_processor = lightclip.LightClipImageProcessor.from_vision_config(config.vision_config)
+    return config, processor
+
+
+def build_model(args, config: LightClipConfig) -> LightClipForPreTraining:
+    """The model to train: a preset's fresh weights or a folder's, then the ImageNet start and the tower locks."""
+    if args.model in lightclip.list_presets():
+        model = LightClipForPreTraining(config)
+    else:
+        has_weights = any((Path(args.model) / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
+        model = LightClipForPreTraining.from_pretrained(args.model, config=config) if has_weights or not Path(
+            args.model).exists() else LightClipForPreTraining(config)
     if args.image_tower_init == "imagenet":
         from lightclip.pretrained_towers import load_efficientnet_lite_imagenet
 
@@ -292,7 +327,7 @@ def build_model_and_processor(args, bank=None) -> tuple[LightClipForPreTraining,
         frozen = lock_text_tower(model, args.lock_text_unlocked_layers, args.lock_text_freeze_layer_norm)
         logger.info("text tower locked: %.2f M parameters frozen, last %d groups trainable", frozen / 1e6,
                     args.lock_text_unlocked_layers)
-    return model, processor
+    return model
 
 
 def resolve_image_tower_init(args) -> str:
@@ -330,6 +365,51 @@ def load_or_build_bank(args, train_dataset, accelerator):
         return ActiveTeacherNeighbors(bank, load_teacher(specs["image"]["spec"], "image"),
                                       load_teacher(specs["text"]["spec"], "text"))
     return bank
+
+
+def load_distillation_teacher(args, config: LightClipConfig, processor: LightClipProcessor, train_dataset,
+                              accelerator: Accelerator):
+    """The kd / fd teacher, or None: an online `DistillationTeacher` on this process's device (outside the prepared
+    model: never trained, wrapped or saved), or the `TeacherEmbeddingStore` of --distill_embeddings, checked against
+    the student's image size and, on the main process, the training data. Its name and width go into the config."""
+    if not (args.distill_model or args.distill_embeddings):
+        return None
+    from lightclip.distillation import DistillationTeacher, TeacherEmbeddingStore
+
+    if args.distill_model:
+        with accelerator.main_process_first():  # one download from the hub, then every process reads the cache
+            teacher = DistillationTeacher.from_pretrained(args.distill_model, processor.image_processor,
+                                                          device=accelerator.device,
+                                                          dtype=getattr(torch, args.distill_dtype))
+        name = teacher.name
+    else:
+        teacher = TeacherEmbeddingStore.load(args.distill_embeddings)
+        stored_size, image_size = teacher.metadata["view"]["image_size"], config.vision_config.image_size
+        if stored_size != image_size:
+            raise ValueError(f"the teacher embeddings in {args.distill_embeddings} saw {stored_size} px crops, the "
+                             f"student is trained at {image_size} px: rebuild them with examples/precompute_teacher.py "
+                             "--model / --image_size of this run")
+        if accelerator.is_main_process:
+            teacher.check_dataset(train_dataset)
+        accelerator.wait_for_everyone()
+        name = teacher.metadata["teacher"]["spec"]
+    settings = config.pretraining_config
+    settings.distill_teacher, settings.distill_teacher_dim = name, teacher.image_dim
+    logger.info("distillation teacher: %r, %d-d embeddings", teacher, teacher.image_dim)
+    return teacher
+
+
+@torch.no_grad()
+def teacher_targets(teacher, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The frozen teacher's view of one micro-batch: the online teacher on its crops and captions, or the stored
+    rows of its dataset indices, with the teacher's logit scale."""
+    from lightclip.distillation import TeacherEmbeddingStore
+
+    if isinstance(teacher, TeacherEmbeddingStore):
+        (image, text), scale = teacher.lookup(batch["index"], device=device), teacher.logit_scale
+    else:
+        image, text, scale = teacher.embed(batch)
+    return {"image_embeds": image.to(device), "text_embeds": text.to(device), "logit_scale": scale.to(device)}
 
 
 def set_cpu_threads(threads: int | None, accelerator) -> None:
@@ -451,6 +531,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     bank: object | None
+    teacher: object | None  # the kd / fd teacher: DistillationTeacher or TeacherEmbeddingStore
     log: JsonlLog
     output_dir: Path
     total_steps: int
@@ -505,8 +586,9 @@ def load_data(args, accelerator):
 
 def prepare_training(args, accelerator: Accelerator, train_dataset, bank, validation_skips: SkipCounter) -> Run:
     """Step 3: model, data loader, optimiser and schedule, prepared by Accelerate; resumed from a checkpoint."""
-    model, processor = build_model_and_processor(args, bank)
-    config = model.config
+    config, processor = build_config_and_processor(args, bank)
+    teacher = load_distillation_teacher(args, config, processor, train_dataset, accelerator)
+    model = build_model(args, config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if config.vision_config.backbone != "vit":  # convolutions run faster in channels_last (timm's --channels-last)
@@ -520,7 +602,7 @@ def prepare_training(args, accelerator: Accelerator, train_dataset, bank, valida
     collator = ImageTextCollator(processor, train=True, image_size=config.vision_config.image_size,
                                  max_length=config.text_config.max_position_embeddings, seed=args.seed,
                                  skip_counter=skips, return_skip_counts=args.dataloader_num_workers > 0,
-                                 return_raw=args.active_teacher)
+                                 return_raw=args.active_teacher or bool(args.distill_model))
     iterable = not hasattr(train_dataset, "__len__")
     loader = torch.utils.data.DataLoader(
         train_dataset, batch_size=args.per_device_train_batch_size, shuffle=not iterable, drop_last=True,
@@ -544,7 +626,7 @@ def prepare_training(args, accelerator: Accelerator, train_dataset, bank, valida
         accelerator.init_trackers("lightclip", config=flat)
     output_dir = Path(args.output_dir)
     run = Run(model=model, processor=processor, config=config, loader=loader, collator=collator, skips=skips,
-              optimizer=optimizer, scheduler=scheduler, bank=bank,
+              optimizer=optimizer, scheduler=scheduler, bank=bank, teacher=teacher,
               log=JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process),
               output_dir=output_dir, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
@@ -653,15 +735,18 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
 
 
 def step_extras(args, run: Run, batch: dict, unwrapped, step: int, micro: int, accelerator: Accelerator) -> dict:
-    """The masked caption and the neighbour targets of one micro-batch (popping the fields the model does not take)."""
+    """The masked caption, the neighbour targets and the distillation teacher's targets of one micro-batch (popping
+    the fields the model does not take)."""
     extra = mlm_inputs(batch, unwrapped, args.seed, step, micro)
-    raw = (batch.pop("images"), batch.pop("texts")) if args.active_teacher else ()
+    if run.teacher is not None:
+        extra["teacher_targets"] = teacher_targets(run.teacher, batch, accelerator.device)
+    raw = (batch.pop("images"), batch.pop("texts")) if run.collator.return_raw else ()
+    index = batch.pop("index")
     if run.bank is not None:
         settings = run.config.pretraining_config
-        extra["neighbor_targets"] = run.bank.lookup(batch.pop("index"), *raw, xnn_mode=settings.xnn_mode,
-                                                    top_k=settings.neighbor_top_k, device=accelerator.device)
-    else:
-        batch.pop("index")
+        extra["neighbor_targets"] = run.bank.lookup(index, *(raw if args.active_teacher else ()),
+                                                    xnn_mode=settings.xnn_mode, top_k=settings.neighbor_top_k,
+                                                    device=accelerator.device)
     return extra
 
 

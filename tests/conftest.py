@@ -4,6 +4,7 @@ session-wide saved folder holding both, so the save/load, Auto and pipeline test
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -124,3 +125,33 @@ def load_script(relative_path: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def save_clip_teacher(folder, image_size: int = 48, seed: int = 0) -> str:
+    """A tiny random `CLIPModel` (24-d embeddings, `image_size` px input) with a byte-level `CLIPTokenizer` (no
+    merges) and its processor, saved to `folder`: a distillation teacher built offline."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for char in bytes_to_unicode().values():
+            vocab[char + suffix] = len(vocab)
+    for token in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=64)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                           crop_size={"height": image_size, "width": image_size})
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=len(vocab) - 2,
+                         eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1),
+        vision_config=dict(image_size=image_size, patch_size=16, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=24, logit_scale_init_value=math.log(20.0),
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)

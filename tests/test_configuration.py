@@ -171,6 +171,9 @@ def test_foreign_sub_config_raises(clip_folder):
         ("clip+soft", ["soft"]),  # soft replaces clip
         ("xnn, mlm", ["clip", "mlm", "xnn"]),  # canonical order
         (["LightCLIP", "nn"], ["soft", "token", "mlm", "nn"]),
+        ("kd", ["clip", "kd"]),  # distillation joins any group and keeps its contrastive term
+        ("fd,clip-ping", ["clip", "nn", "xnn", "fd"]),
+        ("lightclip,kd,fd", ["soft", "token", "mlm", "kd", "fd"]),
     ],
 )
 def test_resolve_objectives(names, expected):
@@ -192,7 +195,7 @@ def _non_default_config() -> LightClipConfig:
     return make_config(
         text_config=dict(causal=False, eos_token_id=3, layer_norm_eps=1e-6, hidden_act="quick_gelu"),
         vision_config=dict(attention_dropout=0.1, initializer_range=0.01),
-        projection_dim=48, logit_scale_init_value=1.5, logit_scale_max=4.0, objectives="all",
+        projection_dim=48, logit_scale_init_value=1.5, logit_scale_max=4.0, objectives="all,kd,fd",
         soft_mode="uniform", soft_alpha_max=0.3, soft_schedule="cosine", soft_temperature=0.5,
         token_weight=0.5, token_dim=40, token_matching="hungarian", token_chunk_size=8, sinkhorn_epsilon=0.1,
         sinkhorn_iterations=5, sinkhorn_unroll=True, hungarian_capacity=3, hungarian_num_negatives=2, mlm_weight=0.25,
@@ -200,7 +203,8 @@ def _non_default_config() -> LightClipConfig:
         fusion_image_source="multiscale", fusion_detach_image=True, fusion_word_attention=False, nn_weight=0.4,
         xnn_weight=0.6, xnn_mode="x1",
         neighbor_head="mlp", neighbor_direction="teacher_to_student", neighbor_logit_scale_init_value=2.0,
-        neighbor_top_k=3, teacher_image_dim=24, teacher_text_dim=40,
+        neighbor_top_k=3, teacher_image_dim=24, teacher_text_dim=40, kd_weight=0.7, kd_temperature=0.05,
+        fd_weight=3.0, fd_loss="mse", distill_teacher_dim=32, distill_teacher="org/teacher",
     )
 
 
@@ -230,7 +234,7 @@ def test_config_save_load_preserves_every_field(tmp_path, load):
             assert _fields(getattr(loaded, name)) == _fields(value), name
         elif name not in ("transformers_version",):
             assert getattr(loaded, name) == value, name
-    assert loaded.pretraining_config.objectives == ["soft", "token", "mlm", "nn", "xnn"]
+    assert loaded.pretraining_config.objectives == ["soft", "token", "mlm", "nn", "xnn", "kd", "fd"]
 
 
 def test_cnn_config_round_trip_keeps_backbone(tmp_path):

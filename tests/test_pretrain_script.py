@@ -183,3 +183,26 @@ def test_imagenet_start_and_locked_tower(tmp_path):
     assert "ImageNet-1k weights (locked except its last 2 layer groups)" in (out / "README.md").read_text()
     processor = json.loads((out / "processor_config.json").read_text())
     assert processor["image_processor"]["image_mean"] == pytest.approx([127 / 255] * 3)
+
+
+def test_distillation_with_an_online_teacher(tmp_path):
+    """`--objectives clip,kd,fd --distill_model <CLIPModel folder>`: both terms train and are logged, the teacher's
+    name and width reach the config and the card, and the saved student holds no teacher tensor."""
+    from conftest import save_clip_teacher
+    from lightclip import LightClipConfig, LightClipModel
+
+    teacher = save_clip_teacher(tmp_path / "teacher")
+    out = tmp_path / "run"
+    run_script(["--output_dir", str(out), "--max_train_steps", "2", "--objectives", "clip,kd,fd", "--distill_model",
+                teacher, "--eval_steps", "0"])
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and all(r["kd_loss"] > 0 and r["fd_loss"] > 0 for r in steps)
+    settings = json.loads((out / "config.json").read_text())["pretraining_config"]
+    assert settings["objectives"] == ["clip", "kd", "fd"]
+    assert settings["distill_teacher_dim"] == 24 and settings["distill_teacher"] == teacher
+    assert json.loads((out / "train_config.json").read_text())["distill_model"] == teacher
+    saved = set(load_file(out / "model.safetensors"))
+    assert saved == set(LightClipModel(LightClipConfig.from_pretrained(out)).state_dict())
+    card = (out / "README.md").read_text()
+    assert f"kd: affinity distillation from `{teacher}`" in card and "fd: feature distillation" in card

@@ -6,22 +6,25 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CAPTIONS, context_length, make_config, random_pixels
 
 from lightclip import LightClipConfig, LightClipForPreTraining, LightClipModel
 
 TEACHER_IMAGE_DIM, TEACHER_TEXT_DIM = 24, 40
-WEIGHTS = dict(token_weight=0.7, mlm_weight=1.3, nn_weight=0.5, xnn_weight=2.0)
+DISTILL_TEACHER_DIM = 48  # the distillation teacher's width, not the student's 64: fd trains projections
+WEIGHTS = dict(token_weight=0.7, mlm_weight=1.3, nn_weight=0.5, xnn_weight=2.0, kd_weight=0.8, fd_weight=1.7)
 LOSS_KEY = {"clip": "contrastive_loss", "soft": "contrastive_loss", "token": "token_loss", "mlm": "mlm_loss",
-            "nn": "nn_loss", "xnn": "xnn_loss"}
+            "nn": "nn_loss", "xnn": "xnn_loss", "kd": "kd_loss", "fd": "fd_loss"}
 WEIGHT_OF = {"contrastive_loss": None, "token_loss": "token_weight", "mlm_loss": "mlm_weight",
-             "nn_loss": "nn_weight", "xnn_loss": "xnn_weight"}
+             "nn_loss": "nn_weight", "xnn_loss": "xnn_weight", "kd_loss": "kd_weight", "fd_loss": "fd_weight"}
 # parameter owners each objective adds next to the inner `lightclip` model, in its own `objectives.<name>` module
 MODULES = {"clip": set(), "soft": set(),
            "token": {"objectives.token.image_proj", "objectives.token.text_proj", "objectives.token.logit_scale"},
            "mlm": {"objectives.mlm.fusion"},
            "nn": {"objectives.nn.image_head", "objectives.nn.text_head", "objectives.nn.logit_scale"},
-           "xnn": {"objectives.xnn.image_head", "objectives.xnn.text_head", "objectives.xnn.logit_scale"}}
+           "xnn": {"objectives.xnn.image_head", "objectives.xnn.text_head", "objectives.xnn.logit_scale"},
+           "kd": set(), "fd": {"objectives.fd.image_proj", "objectives.fd.text_proj"}}
 
 CASES = {
     "clip": dict(objectives="clip"),
@@ -30,9 +33,12 @@ CASES = {
     "mlm": dict(objectives="mlm"),
     "nn": dict(objectives="nn"),
     "xnn": dict(objectives="xnn"),
+    "kd": dict(objectives="kd"),
+    "fd": dict(objectives="fd"),
     "lightclip": dict(objectives="lightclip"),
     "clip-ping": dict(objectives="clip-ping"),
     "all": dict(objectives="all"),
+    "all_kd_fd": dict(objectives="all,kd,fd", kd_temperature=0.05, fd_loss="mse"),
     "hungarian": dict(objectives="token", token_matching="hungarian"),
     "filip": dict(objectives="token", token_matching="filip"),
     "additive": dict(objectives="mlm", fusion_type="additive"),
@@ -48,7 +54,7 @@ CASES = {
 
 def pretraining_config(**overrides) -> LightClipConfig:
     return make_config(teacher_image_dim=TEACHER_IMAGE_DIM, teacher_text_dim=TEACHER_TEXT_DIM,
-                       **{**WEIGHTS, **overrides})
+                       distill_teacher_dim=DISTILL_TEACHER_DIM, **{**WEIGHTS, **overrides})
 
 
 def build(seed: int = 0, **overrides) -> LightClipForPreTraining:
@@ -63,10 +69,17 @@ def neighbor_targets(batch: int) -> dict[str, torch.Tensor]:
     return {k: torch.randn(batch, d, generator=g) for k, d in dims.items()}
 
 
+def teacher_targets(batch: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(6)
+    image, text = (F.normalize(torch.randn(batch, DISTILL_TEACHER_DIM, generator=g), dim=-1) for _ in range(2))
+    return {"image_embeds": image, "text_embeds": text, "logit_scale": torch.tensor(30.0)}
+
+
 def inputs(text_batch, with_mlm: bool = True, image_size: int = 32) -> dict:
     batch = dict(text_batch)
     n = batch["input_ids"].shape[0]
-    batch.update(pixel_values=random_pixels(n, size=image_size), neighbor_targets=neighbor_targets(n))
+    batch.update(pixel_values=random_pixels(n, size=image_size), neighbor_targets=neighbor_targets(n),
+                 teacher_targets=teacher_targets(n))
     if with_mlm:  # mask the second token of every caption (a word), deterministically
         mlm_input_ids = batch["input_ids"].clone()
         labels = torch.full_like(mlm_input_ids, -100)

@@ -265,7 +265,8 @@ class LightClipVisionConfig(PreTrainedConfig):
         raise ValueError(f"backbone {self.backbone!r} has no transformers config")
 
 
-OBJECTIVES = ("clip", "soft", "token", "mlm", "nn", "xnn")
+# `kd` and `fd` (distillation from a frozen dual encoder) belong to no group: they combine with any of them
+OBJECTIVES = ("clip", "soft", "token", "mlm", "nn", "xnn", "kd", "fd")
 OBJECTIVE_GROUPS = {
     "clip": ("clip",),
     "lightclip": ("soft", "token", "mlm"),
@@ -305,12 +306,14 @@ class LightClipPretrainingConfig(PreTrainedConfig):
     `LightClipModel` reads none of them, so they sit apart in `LightClipConfig.pretraining_config` and the rest of a
     `config.json` reads as the inference model. See `docs/method.md` for each reading and its alternatives:
 
-    - `objectives`: terms to train, any of `clip`, `soft`, `token`, `mlm`, `nn`, `xnn`, or the groups `lightclip`,
-      `clip-ping`, `all`; a group or a comma list is resolved to terms on every assignment.
+    - `objectives`: terms to train, any of `clip`, `soft`, `token`, `mlm`, `nn`, `xnn`, `kd`, `fd`, or the groups
+      `lightclip`, `clip-ping`, `all`; a group or a comma list is resolved to terms on every assignment.
     - `soft_*`: progressively softened negative labels (LightCLIP, instance level).
     - `token_*`, `sinkhorn_*`, `hungarian_*`: patch-word relaxed bipartite matching (LightCLIP, token level).
     - `mlm_*`, `fusion_*`: masked language modelling through the auxiliary fusion module (LightCLIP).
     - `nn_*`, `xnn_*`, `neighbor_*`, `teacher_*`: nearest-neighbour guidance from frozen feature banks (CLIP-PING).
+    - `kd_*`, `fd_*`, `distill_*`: affinity and feature distillation from a frozen dual encoder
+      (`docs/distillation.md`).
 
     A field declared here is all a new setting needs: `LightClipConfig` then also takes it flat
     (`LightClipConfig(token_weight=0.5)`, `from_pretrained(path, token_weight=0.5)`), and `examples/pretrain.py`
@@ -364,6 +367,13 @@ class LightClipPretrainingConfig(PreTrainedConfig):
     neighbor_top_k: int = 1
     teacher_image_dim: int | None = None
     teacher_text_dim: int | None = None
+    # distillation from a frozen dual encoder (docs/distillation.md)
+    kd_weight: float | int = 1.0
+    kd_temperature: float | int | None = None  # None: the teacher's own logit scale; tau: teacher logits / tau
+    fd_weight: float | int = 1.0
+    fd_loss: Literal["cosine", "mse"] = "cosine"
+    distill_teacher_dim: int | None = None  # the teacher's embedding width (fd projects to it when it differs)
+    distill_teacher: str | None = None  # the teacher's hub id or folder, for the record (model card)
 
     def __post_init__(self, **kwargs):
         if self.objectives is None:

@@ -13,6 +13,7 @@ Training-only: neither `import lightclip` nor the inference model imports this m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -164,6 +165,12 @@ class DistillationTeacher:
         scale_exp = getattr(self.model, "logit_scale_exp", None)
         scale = scale_exp() if callable(scale_exp) else self.model.logit_scale.exp()
         return scale.detach().float()
+
+    @functools.cached_property
+    def image_dim(self) -> int:
+        """Width of the teacher's embeddings, image and text alike (as `TeacherEmbeddingStore.image_dim`): read from
+        one caption's embedding, since CLIP, SigLIP and lightclip configs each name it differently."""
+        return self.embed_texts(["a photo"]).shape[1]
 
     def metadata(self) -> dict:
         """What identifies the teacher in a store: its name, model type and a fingerprint of its weights."""

@@ -21,7 +21,9 @@ from torch import nn
 from .configuration_lightclip import LightClipConfig, LightClipPretrainingConfig
 from .fusion import LightClipFusion
 from .losses import (
+    AffinityDistillationLoss,
     ClipLoss,
+    FeatureDistillationLoss,
     MaskedLanguageModelingLoss,
     NeighborContrastiveLoss,
     SoftClipLoss,
@@ -47,6 +49,7 @@ class TowerOutputs:
     mlm_input_ids: torch.Tensor | None = None
     mlm_labels: torch.Tensor | None = None
     neighbor_targets: Mapping[str, torch.Tensor] | None = None
+    teacher_targets: Mapping[str, torch.Tensor] | None = None
 
 
 class Objective(nn.Module):
@@ -355,9 +358,103 @@ class CrossNeighborObjective(NeighborObjective):
         return row[0], f"{row[1]} ({config.get('xnn_mode')})"
 
 
+class DistillationObjective(Objective):
+    """Base of the objectives that distil a frozen dual encoder (docs/distillation.md): they read the teacher's
+    per-sample embeddings of the batch, `teacher_targets`, which the trainer computes online or looks up."""
+
+    summary: ClassVar[str]
+    TARGET_KEYS: ClassVar[tuple[str, ...]] = ("image_embeds", "text_embeds", "logit_scale")
+
+    def teacher_features(self, outputs: TowerOutputs) -> Features:
+        """The teacher's image and text embeddings (B, D) and exponentiated logit scale (), float32 on the student's
+        device: constants, so `merge_features` concatenates their rows and keeps the scale as it is."""
+        targets = outputs.teacher_targets
+        if targets is None or any(k not in targets for k in self.TARGET_KEYS):
+            raise ValueError(
+                f"the {self.name} objective needs teacher_targets with keys {self.TARGET_KEYS}: the teacher's "
+                "embeddings of the batch, from examples/pretrain.py --distill_model (an online teacher) or "
+                "--distill_embeddings (precomputed; see docs/distillation.md)"
+            )
+        batch = outputs.image_embeds.shape[0]
+        image, text = (targets[k].detach().to(outputs.image_embeds.device, torch.float32) for k in self.TARGET_KEYS[:2])
+        if image.shape[0] != batch or text.shape[0] != batch:
+            raise ValueError(f"teacher_targets have {image.shape[0]} image and {text.shape[0]} text rows for a batch "
+                             f"of {batch}")
+        scale = torch.as_tensor(targets["logit_scale"]).detach().to(image.device, torch.float32).reshape(())
+        return {"teacher_image": image, "teacher_text": text, "teacher_logit_scale": scale}
+
+    @classmethod
+    def card_row(cls, config: Mapping[str, Any]) -> tuple[str, str]:
+        teacher = config.get("distill_teacher")
+        return (f"{cls.name}: {cls.summary}" + (f" from `{teacher}`" if teacher else ""),
+                f"{config.get(cls.weight_field)} ({cls.card_setting(config)})")
+
+    @classmethod
+    def card_setting(cls, config: Mapping[str, Any]) -> str:
+        raise NotImplementedError
+
+
+class AffinityDistillationObjective(DistillationObjective):
+    """Affinity distillation (`kd`): the student's image-text distributions over the global batch are pulled to the
+    teacher's (TinyCLIP, CLIP-KD, open_clip's `DistillClipLoss`)."""
+
+    name, loss_key, weight_field = "kd", "kd_loss", "kd_weight"
+    summary = "affinity distillation"
+
+    def __init__(self, config: LightClipConfig):
+        super().__init__(config)
+        self.loss = AffinityDistillationLoss(self.settings.kd_temperature)
+
+    def forward_features(self, outputs: TowerOutputs) -> Features:
+        return self.teacher_features(outputs)
+
+    def forward(self, shared: Features, own: Features) -> dict[str, torch.Tensor]:
+        return self.loss(shared["image_embeds"], shared["text_embeds"], shared["logit_scale"], own["teacher_image"],
+                         own["teacher_text"], own["teacher_logit_scale"])
+
+    @classmethod
+    def card_setting(cls, config: Mapping[str, Any]) -> str:
+        temperature = config.get("kd_temperature")
+        return "teacher's own logit scale" if temperature is None else f"teacher temperature {temperature}"
+
+
+class FeatureDistillationObjective(DistillationObjective):
+    """Feature distillation (`fd`, CLIP-KD's FD): each embedding is pulled to its own sample's teacher embedding,
+    through a training-only projection to the teacher's width when the widths differ."""
+
+    name, loss_key, weight_field = "fd", "fd_loss", "fd_weight"
+    summary = "feature distillation"
+
+    def __init__(self, config: LightClipConfig):
+        super().__init__(config)
+        settings = self.settings
+        if settings.distill_teacher_dim is None:
+            raise ValueError("the fd objective needs pretraining_config.distill_teacher_dim: the width of the "
+                             "teacher's embeddings (examples/pretrain.py fills it from --distill_model or "
+                             "--distill_embeddings)")
+        width, teacher_dim = config.projection_dim, settings.distill_teacher_dim
+        self.image_proj = nn.Linear(width, teacher_dim) if teacher_dim != width else None
+        self.text_proj = nn.Linear(width, teacher_dim) if teacher_dim != width else None
+        self.loss = FeatureDistillationLoss(settings.fd_loss)
+
+    def forward_features(self, outputs: TowerOutputs) -> Features:
+        image, text = outputs.image_embeds, outputs.text_embeds
+        if self.image_proj is not None:
+            image, text = self.image_proj(image), self.text_proj(text)
+        return {"image": image, "text": text, **self.teacher_features(outputs)}
+
+    def forward(self, shared: Features, own: Features) -> dict[str, torch.Tensor]:
+        return self.loss(own["image"], own["text"], own["teacher_image"], own["teacher_text"])
+
+    @classmethod
+    def card_setting(cls, config: Mapping[str, Any]) -> str:
+        return f"{config.get('fd_loss')}, teacher width {config.get('distill_teacher_dim')}"
+
+
 OBJECTIVE_CLASSES: dict[str, type[Objective]] = {
     cls.name: cls for cls in (ClipObjective, SoftClipObjective, TokenMatchingObjective,
-                              MaskedLanguageModelingObjective, NeighborObjective, CrossNeighborObjective)
+                              MaskedLanguageModelingObjective, NeighborObjective, CrossNeighborObjective,
+                              AffinityDistillationObjective, FeatureDistillationObjective)
 }
 
 

@@ -29,7 +29,7 @@ class LightClipForPreTrainingOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`): weighted sum of the active objectives.
         losses (`dict[str, torch.FloatTensor]`): each active term, unweighted: `contrastive_loss`, `token_loss`,
-            `mlm_loss`, `nn_loss`, `xnn_loss`.
+            `mlm_loss`, `nn_loss`, `xnn_loss`, `kd_loss`, `fd_loss`.
         logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`): local image-text logits.
         logits_per_text (`torch.FloatTensor` of shape `(batch_size, batch_size)`): their transpose.
         image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): normalised image embeddings.
@@ -51,6 +51,7 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
     The trainer calls `set_progress(step / total_steps)` every step (the softened-label schedule reads it) and
     `clamp_logit_scales_()` after every optimiser step. For the CLIP-PING terms, pass `neighbor_targets`: the frozen
     teacher features of each sample's neighbours, as returned by `lightclip.neighbors.FeatureBank.lookup(batch["index"])`.
+    For the distillation terms (`kd`, `fd`), pass `teacher_targets`: the frozen teacher's embeddings of the batch.
 
     Example:
 
@@ -113,22 +114,26 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mlm_input_ids: torch.Tensor | None = None,
                 mlm_labels: torch.Tensor | None = None, neighbor_targets: dict[str, torch.Tensor] | None = None,
-                return_features: bool = False, **kwargs) -> LightClipForPreTrainingOutput | dict:
+                teacher_targets: dict[str, torch.Tensor] | None = None, return_features: bool = False,
+                **kwargs) -> LightClipForPreTrainingOutput | dict:
         r"""Compute every active objective on one (local) batch.
 
         Args:
             mlm_input_ids, mlm_labels: a pre-masked copy of `input_ids` and its labels (-100 = not masked). When
                 absent and `mlm` is on, BERT masking is applied here.
             neighbor_targets: `image_nn`, `text_nn`, `image_xnn`, `text_xnn` teacher-space targets `(batch, dim)`.
+            teacher_targets: for `kd` / `fd`, the frozen teacher's `image_embeds` and `text_embeds` of the batch
+                `(batch, teacher_dim)` and its exponentiated `logit_scale` `()` (`DistillationTeacher.embed` or
+                `TeacherEmbeddingStore.lookup` with its `logit_scale`).
             return_features: return the per-sample features dict of `forward_features` instead of the losses;
                 gradient accumulation caches these and calls `compute_losses` on the merged set.
         """
         features = self.forward_features(input_ids, pixel_values, attention_mask, mlm_input_ids, mlm_labels,
-                                         neighbor_targets)
+                                         neighbor_targets, teacher_targets)
         return features if return_features else self.compute_losses(features)
 
     def forward_features(self, input_ids, pixel_values, attention_mask=None, mlm_input_ids=None, mlm_labels=None,
-                         neighbor_targets=None) -> dict:
+                         neighbor_targets=None, teacher_targets=None) -> dict:
         """Everything the losses need, per sample (rows), plus scalars: the shared `image_embeds`, `text_embeds`
         and `logit_scale`, and one dict per objective under its name.
 
@@ -153,7 +158,7 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
         outputs = TowerOutputs(
             model=model, input_ids=input_ids, attention_mask=attention_mask, vision=vision_out, text=text_out,
             image_embeds=features["image_embeds"], text_embeds=features["text_embeds"], mlm_input_ids=mlm_input_ids,
-            mlm_labels=mlm_labels, neighbor_targets=neighbor_targets,
+            mlm_labels=mlm_labels, neighbor_targets=neighbor_targets, teacher_targets=teacher_targets,
         )
         for name, objective in self.objectives.items():
             own = objective.forward_features(outputs)
@@ -183,8 +188,8 @@ def merge_features(chunks: list[dict], live: int) -> dict:
     `chunks[live]` carries gradients, the others are cached (no grad). Rows are concatenated (per-word features
     padded to the longest caption); scalars come from the live chunk, their gradient divided by the number of chunks,
     so that summing the backward of every chunk's merged loss gives exactly the full-batch gradient (open_clip's
-    accumulation, made exact for the logit scales and the per-micro-batch MLM loss). Nested dicts (one per
-    objective) merge the same way.
+    accumulation, made exact for the logit scales and the per-micro-batch MLM loss); a constant scalar (a frozen
+    teacher's logit scale) comes out unchanged. Nested dicts (one per objective) merge the same way.
     """
     count = len(chunks)
     merged = {}
