@@ -14,8 +14,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import CLIPModel, CLIPProcessor
 
-from conftest import CAPTIONS, load_script, make_model, save_clip_teacher
-from lightclip import LightClipModel
+from conftest import CAPTIONS, load_script, make_config, make_model, save_clip_teacher
+from lightclip import LightClipForPreTraining, LightClipModel
 from lightclip.data import ImageTextCollator
 from lightclip.distillation import DistillationTeacher, TeacherEmbeddingStore, build_teacher_embeddings
 from lightclip.losses import AffinityDistillationLoss, FeatureDistillationLoss
@@ -289,3 +289,120 @@ def test_precompute_script_on_shapes(clip_dir, tmp_path):
     assert store.metadata["view"]["image_size"] == STUDENT_SIZE
     image, text = store.lookup(torch.arange(6))
     torch.testing.assert_close(image.norm(dim=-1), torch.ones(6))
+
+
+# ---------------------------------------------------------------------------------------------------------- objectives
+
+
+def distill_model(objectives: str, teacher_dim: int | None = 24, **settings) -> LightClipForPreTraining:
+    torch.manual_seed(0)
+    return LightClipForPreTraining(make_config(objectives=objectives, distill_teacher_dim=teacher_dim, **settings))
+
+
+def teacher_targets(batch: int, dim: int = 24) -> dict[str, torch.Tensor]:
+    return {"image_embeds": unit(batch, dim, seed=10).float(), "text_embeds": unit(batch, dim, seed=11).float(),
+            "logit_scale": torch.tensor(25.0)}
+
+
+def student_batch(tokenizer) -> dict:
+    batch = dict(tokenizer(CAPTIONS, padding=True, return_tensors="pt"))
+    batch["pixel_values"] = torch.randn(len(CAPTIONS), 3, STUDENT_SIZE, STUDENT_SIZE,
+                                        generator=torch.Generator().manual_seed(3))
+    return batch
+
+
+@pytest.mark.parametrize("temperature", [None, 0.05])
+def test_kd_objective_is_the_loss_on_the_model_features(tokenizer, temperature):
+    model = distill_model("clip,kd", kd_temperature=temperature, kd_weight=0.3)
+    targets = teacher_targets(len(CAPTIONS))
+    out = model(**student_batch(tokenizer), teacher_targets=targets)
+    expected = AffinityDistillationLoss(temperature)(out.image_embeds, out.text_embeds,
+                                                     model.lightclip.logit_scale_exp(), targets["image_embeds"],
+                                                     targets["text_embeds"], targets["logit_scale"])["kd_loss"]
+    torch.testing.assert_close(out.losses["kd_loss"], expected)
+    torch.testing.assert_close(out.loss, out.losses["contrastive_loss"] + 0.3 * expected)
+    assert [n for n, _ in model.named_parameters() if n.startswith("objectives.")] == []  # kd trains nothing of its own
+
+
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+def test_fd_objective_is_the_loss_on_the_projected_features(tokenizer, kind):
+    model = distill_model("clip,fd", fd_loss=kind)
+    targets = teacher_targets(len(CAPTIONS))
+    out = model(**student_batch(tokenizer), teacher_targets=targets)
+    fd = model.objectives["fd"]
+    expected = FeatureDistillationLoss(kind)(fd.image_proj(out.image_embeds), fd.text_proj(out.text_embeds),
+                                             targets["image_embeds"], targets["text_embeds"])["fd_loss"]
+    torch.testing.assert_close(out.losses["fd_loss"], expected)
+
+
+def test_fd_projection_exists_only_when_the_widths_differ(tokenizer):
+    width = distill_model("clip").config.projection_dim
+    projected = distill_model("clip,fd", teacher_dim=24)
+    assert {n for n, _ in projected.named_parameters() if n.startswith("objectives.")} == {
+        "objectives.fd.image_proj.weight", "objectives.fd.image_proj.bias", "objectives.fd.text_proj.weight",
+        "objectives.fd.text_proj.bias"}
+    assert projected.objectives["fd"].image_proj.weight.shape == (24, width)
+    same = distill_model("clip,fd", teacher_dim=width)
+    assert [n for n, _ in same.named_parameters() if n.startswith("objectives.")] == []
+    targets = teacher_targets(len(CAPTIONS), dim=width)
+    out = same(**student_batch(tokenizer), teacher_targets=targets)
+    expected = FeatureDistillationLoss()(out.image_embeds, out.text_embeds, targets["image_embeds"],
+                                         targets["text_embeds"])["fd_loss"]
+    torch.testing.assert_close(out.losses["fd_loss"], expected)
+
+
+def test_distillation_objectives_need_their_teacher(tokenizer):
+    with pytest.raises(ValueError, match="distill_teacher_dim"):
+        distill_model("clip,fd", teacher_dim=None)
+    model = distill_model("clip,kd,fd")
+    with pytest.raises(ValueError, match="kd objective needs teacher_targets.*--distill_model.*--distill_embeddings"):
+        model(**student_batch(tokenizer))
+    with pytest.raises(ValueError, match="2 image and 2 text rows for a batch of 4"):
+        model(**student_batch(tokenizer), teacher_targets=teacher_targets(2))
+
+
+def test_distillation_card_rows_name_the_teacher_and_weights():
+    from lightclip.objectives import OBJECTIVE_CLASSES
+
+    settings = distill_model("clip,kd,fd", kd_weight=0.5, fd_weight=2.0, fd_loss="mse",
+                             distill_teacher="org/teacher").config.pretraining_config.settings_dict()
+    assert OBJECTIVE_CLASSES["kd"].card_row(settings) == (
+        "kd: affinity distillation from `org/teacher`", "0.5 (teacher's own logit scale)")
+    assert OBJECTIVE_CLASSES["fd"].card_row(settings) == (
+        "fd: feature distillation from `org/teacher`", "2.0 (mse, teacher width 24)")
+
+
+# ---------------------------------------------------------------------------------------------------------- training script
+
+
+def test_pretrain_checks_the_distillation_options(teacher, processor, tmp_path):
+    """kd / fd need exactly one teacher source and a source needs kd or fd; a store must match the student's image
+    size and the training data, and gives the config the teacher's name and width."""
+    import types
+
+    pretrain = load_script("examples/pretrain.py")
+    for argv, message in [
+        (["--objectives", "clip,kd"], "kd objective.*exactly one teacher.*--distill_model.*--distill_embeddings.*"
+                                      "neither"),
+        (["--objectives", "lightclip,fd", "--distill_model", "a", "--distill_embeddings", "b"],
+         "fd objective.*--distill_model and --distill_embeddings"),
+        (["--objectives", "clip", "--distill_model", "a"], "--distill_model is given but no distillation objective"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pretrain.validate_args(pretrain.parse_args(argv))
+    pretrain.validate_args(pretrain.parse_args(["--objectives", "all,kd", "--distill_embeddings", "b"]))
+
+    rows, folder = make_rows(6), str(tmp_path / "store")
+    build_teacher_embeddings(rows, teacher, processor, folder, show_progress=False)
+    args = pretrain.parse_args(["--model", "lightclip-xxs", "--objectives", "clip,fd", "--distill_embeddings", folder])
+    config, student_processor = pretrain.build_config_and_processor(args)
+    accelerator = types.SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, device="cpu")
+    store = pretrain.load_distillation_teacher(args, config, student_processor, rows, accelerator)
+    assert isinstance(store, TeacherEmbeddingStore) and len(store) == 6
+    settings = config.pretraining_config
+    assert (settings.distill_teacher, settings.distill_teacher_dim) == (teacher.name, 24)
+    with pytest.raises(ValueError, match="another dataset"):
+        pretrain.load_distillation_teacher(args, config, student_processor, rows[:5], accelerator)
+    config.vision_config.image_size = 64
+    with pytest.raises(ValueError, match="saw 32 px crops, the student is trained at 64 px"):
+        pretrain.load_distillation_teacher(args, config, student_processor, rows, accelerator)

@@ -206,3 +206,24 @@ def test_distillation_with_an_online_teacher(tmp_path):
     assert saved == set(LightClipModel(LightClipConfig.from_pretrained(out)).state_dict())
     card = (out / "README.md").read_text()
     assert f"kd: affinity distillation from `{teacher}`" in card and "fd: feature distillation" in card
+
+
+def test_distillation_from_precomputed_embeddings_with_accumulation(tmp_path):
+    """examples/precompute_teacher.py on the run's own data options, then `--distill_embeddings` with two
+    micro-batches per step: kd is trained and logged, and the store's teacher is recorded."""
+    from conftest import load_script, save_clip_teacher
+
+    teacher = save_clip_teacher(tmp_path / "teacher")
+    store = tmp_path / "store"
+    load_script("examples/precompute_teacher.py").main(
+        ["--shapes_train_size", "96", "--shapes_test_size", "32", "--shapes_image_size", "32", "--model",
+         "lightclip-xxs-cnn", "--distill_model", teacher, "--output_dir", str(store), "--batch_size", "32"])
+    out = tmp_path / "run"
+    run_script(["--output_dir", str(out), "--max_train_steps", "2", "--gradient_accumulation_steps", "2",
+                "--objectives", "clip,kd", "--distill_embeddings", str(store), "--eval_steps", "0"])
+    steps = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    assert len(steps) == 2 and all(r["kd_loss"] > 0 for r in steps)
+    settings = json.loads((out / "config.json").read_text())["pretraining_config"]
+    assert settings["distill_teacher"] == teacher and settings["distill_teacher_dim"] == 24
+    assert json.loads((out / "train_config.json").read_text())["distill_embeddings"] == str(store)

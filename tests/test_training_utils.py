@@ -19,16 +19,19 @@ def _batch(seed: int, size: int = 8):
     ids[: size // 2, 8:], ids[: size // 2, 7] = 0, 3  # half the rows are shorter (padded)
     targets = {"image_nn": torch.randn(size, 16, generator=g), "text_nn": torch.randn(size, 24, generator=g),
                "image_xnn": torch.randn(size, 24, generator=g), "text_xnn": torch.randn(size, 16, generator=g)}
+    teacher = {"image_embeds": torch.nn.functional.normalize(torch.randn(size, 20, generator=g), dim=-1),
+               "text_embeds": torch.nn.functional.normalize(torch.randn(size, 20, generator=g), dim=-1),
+               "logit_scale": torch.tensor(40.0)}
     return dict(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=torch.randn(size, 3, 32, 32, generator=g),
-                neighbor_targets=targets)
+                neighbor_targets=targets, teacher_targets=teacher)
 
 
-@pytest.mark.parametrize("objectives", ["clip", "soft,token,nn,xnn"])
+@pytest.mark.parametrize("objectives", ["clip", "soft,token,nn,xnn", "clip,kd,fd"])
 def test_accumulated_gradients_equal_the_full_batch(objectives):
     """Two micro-batches of 4 (different text lengths) with cached features == one batch of 8."""
     torch.manual_seed(0)
     config = LightClipConfig.from_preset("lightclip-xxs", objectives=objectives, teacher_image_dim=16,
-                                         teacher_text_dim=24)
+                                         teacher_text_dim=24, distill_teacher_dim=20)
     model = LightClipForPreTraining(config).eval()
     model.set_progress(0.6)
     batch = _batch(1)
@@ -40,7 +43,8 @@ def test_accumulated_gradients_equal_the_full_batch(objectives):
     def micro(rows: slice, length: int) -> dict:
         return dict(input_ids=batch["input_ids"][rows, :length], attention_mask=batch["attention_mask"][rows, :length],
                     pixel_values=batch["pixel_values"][rows],
-                    neighbor_targets={k: v[rows] for k, v in batch["neighbor_targets"].items()})
+                    neighbor_targets={k: v[rows] for k, v in batch["neighbor_targets"].items()},
+                    teacher_targets={k: v[rows] if v.dim() else v for k, v in batch["teacher_targets"].items()})
 
     parts = [micro(slice(0, 4), 8), micro(slice(4, 8), 12)]
     with torch.no_grad():
