@@ -372,7 +372,7 @@ def test_distillation_card_rows_name_the_teacher_and_weights():
         "fd: feature distillation from `org/teacher`", "2.0 (mse, teacher width 24)")
 
 
-# ---------------------------------------------------------------------------------------------------------- training script
+# ------------------------------------------------------------------------------------------------- training script
 
 
 def test_pretrain_checks_the_distillation_options(teacher, processor, tmp_path):
