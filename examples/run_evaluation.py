@@ -9,6 +9,10 @@ Examples:
     # zero-shot on an image folder (class names from the sub-folder names, generic templates)
     python examples/run_evaluation.py --model runs/xxs/final --task zero_shot --data path/to/imagefolder --split test
 
+    # the same with CLIP's 80 ImageNet prompt templates, for ImageNet-style classes
+    python examples/run_evaluation.py --model runs/xxs/final --task zero_shot --data path/to/imagefolder --split test \
+        --templates openai
+
     # retrieval on anything lightclip.data reads: image folder with metadata.jsonl, csv/json, tar shards, hub
     python examples/run_evaluation.py --model runs/xxs/final --task retrieval --data path/to/captions --split train
 
@@ -52,6 +56,9 @@ class EvaluationArguments:
     split: str = option("evaluation split (the test split for linear_probe)", "test")
     train_split: str = option("linear_probe: split the probe is trained on", "train")
     classnames_json: str | None = option('JSON file with "classnames" and "templates" (zero_shot)')
+    templates: str | None = option(
+        "zero_shot: prompt template set, 'openai' (CLIP's 80 ImageNet prompts) or 'default' (short generic); "
+        "default: the task's own templates, else 'default'")
     label_column: str | None = option("class-index column (default: 'label', or 'shape' for shapes)")
     group_column: str | None = option("zero_shot: also report top1 per value of this column")
     image_column: str | None = option("default 'image' (retrieval: detected by lightclip.data)")
@@ -91,22 +98,26 @@ def load_retrieval_dataset(args: argparse.Namespace):
 
 
 def zero_shot_prompts(args: argparse.Namespace, dataset, label_column: str) -> tuple[list[str], list[str]]:
-    """Class names and templates: from --classnames_json, the shapes task, or the label column's ClassLabel names."""
-    from lightclip.evaluation import DEFAULT_TEMPLATES
+    """Class names from --classnames_json, the shapes task, or the label column's ClassLabel names. Templates from
+    --templates when given, else the task's own (the JSON's "templates", a list or a set name such as "openai"; the
+    shapes task's, which are not ImageNet-style), else the short default set."""
+    from lightclip.evaluation import resolve_templates
 
     if args.classnames_json:
         with open(args.classnames_json, encoding="utf-8") as f:
             spec = json.load(f)
-        return list(spec["classnames"]), list(spec.get("templates") or DEFAULT_TEMPLATES)
-    if args.data == "shapes":
+        classnames, templates = list(spec["classnames"]), spec.get("templates")
+    elif args.data == "shapes":
         from lightclip.shapes import shapes_zero_shot_tasks
 
         task = shapes_zero_shot_tasks()[label_column]
-        return task["classnames"], task["templates"]
-    names = getattr(dataset.features[label_column], "names", None)
-    if not names:
-        raise ValueError(f"column {label_column!r} is not a ClassLabel: pass --classnames_json")
-    return [name.replace("_", " ") for name in names], list(DEFAULT_TEMPLATES)
+        classnames, templates = task["classnames"], task["templates"]
+    else:
+        names = getattr(dataset.features[label_column], "names", None)
+        if not names:
+            raise ValueError(f"column {label_column!r} is not a ClassLabel: pass --classnames_json")
+        classnames, templates = [name.replace("_", " ") for name in names], None
+    return classnames, resolve_templates(args.templates or templates or "default")
 
 
 def run(args: argparse.Namespace) -> dict:

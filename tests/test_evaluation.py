@@ -14,6 +14,8 @@ from torch import nn
 
 from conftest import load_script
 from lightclip.evaluation import (
+    DEFAULT_TEMPLATES,
+    OPENAI_IMAGENET_TEMPLATES,
     evaluate_linear_probe,
     evaluate_retrieval,
     evaluate_zero_shot,
@@ -226,6 +228,32 @@ def test_zero_shot_classifier_is_renormalised_mean_of_normalised_prompts(fake):
     assert set(processor.vocab) == {p for ps in prompts.values() for p in ps}
 
 
+def test_openai_imagenet_templates_are_the_published_80():
+    assert len(OPENAI_IMAGENET_TEMPLATES) == 80 == len(set(OPENAI_IMAGENET_TEMPLATES))
+    assert all(t.count("{}") == 1 and t.count("{") == 1 and t.count("}") == 1 for t in OPENAI_IMAGENET_TEMPLATES)
+    assert OPENAI_IMAGENET_TEMPLATES[0] == "a bad photo of a {}."
+    assert OPENAI_IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+    assert "itap of a {}." in OPENAI_IMAGENET_TEMPLATES and "a {} in a video game." in OPENAI_IMAGENET_TEMPLATES
+    assert set(DEFAULT_TEMPLATES) - set(OPENAI_IMAGENET_TEMPLATES) == {"a {}."}
+
+
+def test_templates_by_name_equal_the_list(fake):
+    model, processor = fake
+    classnames = ["red", "green", "blue"]
+    by_name = zero_shot_classifier(model, processor, classnames, "openai")
+    torch.testing.assert_close(by_name, zero_shot_classifier(model, processor, classnames, OPENAI_IMAGENET_TEMPLATES))
+    assert len(processor.vocab) == 3 * 80  # every class with every template
+    torch.testing.assert_close(zero_shot_classifier(model, processor, classnames, "default"),
+                               zero_shot_classifier(model, processor, classnames, DEFAULT_TEMPLATES))
+    dataset = colour_dataset(per_colour=2)
+    assert evaluate_zero_shot(model, processor, dataset, classnames, "openai", "label", progress=False) == \
+        evaluate_zero_shot(model, processor, dataset, classnames, list(OPENAI_IMAGENET_TEMPLATES), "label",
+                           progress=False)
+    for bad in ("imagenet", "a photo of a {}."):  # an unknown set; a lone template is not split into characters
+        with pytest.raises(ValueError, match="template set"):
+            zero_shot_classifier(model, processor, classnames, bad)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # linear probe
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,6 +433,30 @@ def test_cli_zero_shot_and_retrieval_on_imagefolder(cli_model, tmp_path):
     assert zero_shot["metrics"]["num_images"] == 6 and "top5" not in zero_shot["metrics"]
     retrieval = cli.main(["--model", model, "--task", "retrieval", "--data", str(tmp_path / "captions")])
     assert retrieval["metrics"]["num_texts"] == 6  # read from the "text" column of metadata.jsonl
+
+
+def test_cli_templates_option(tmp_path):
+    """--templates names the set for class names without prompts; the task's own templates otherwise."""
+    cli = load_script("examples/run_evaluation.py")
+    dataset = colour_dataset(per_colour=1)
+
+    def prompts(*flags: str, data: str = str(tmp_path), label_column: str = "label"):
+        args = cli.parse_args(["--model", "unused", "--task", "zero_shot", "--data", data, *flags])
+        return cli.zero_shot_prompts(args, dataset, label_column)
+
+    openai = list(OPENAI_IMAGENET_TEMPLATES)
+    assert prompts() == (list(COLOURS), DEFAULT_TEMPLATES)
+    assert prompts("--templates", "openai") == (list(COLOURS), openai)
+    spec = tmp_path / "classes.json"
+    spec.write_text(json.dumps({"classnames": ["tench", "goldfish"], "templates": "openai"}))
+    assert prompts("--classnames_json", str(spec)) == (["tench", "goldfish"], openai)
+    spec.write_text(json.dumps({"classnames": ["tench", "goldfish"], "templates": ["a {} fish"]}))
+    assert prompts("--classnames_json", str(spec))[1] == ["a {} fish"]
+    assert prompts("--classnames_json", str(spec), "--templates", "openai")[1] == openai
+    shape_templates = prompts(data="shapes", label_column="shape")[1]  # the shapes task keeps its own prompts
+    assert shape_templates != openai and "a {} shape." in shape_templates
+    with pytest.raises(ValueError, match="template set"):
+        prompts("--templates", "imagenet")
 
 
 def test_cli_linear_probe_on_shapes(cli_model):

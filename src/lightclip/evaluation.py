@@ -3,7 +3,8 @@
 The protocol (docs/evaluation.md) uses the metric names of CLIP_benchmark:
 
 - **Zero-shot classification.** Each class is represented by the mean of the L2-normalised text embeddings of its
-  prompts (one per template), renormalised (prompt ensembling, as in CLIP). Top-1 and top-5 accuracy.
+  prompts (one per template), renormalised (prompt ensembling, as in CLIP); `templates="openai"` is CLIP's ensemble
+  of 80 ImageNet prompts. Top-1 and top-5 accuracy.
 - **Retrieval.** `image_retrieval_recall@k` is text -> image: a caption scores a hit when its own image is among its
   k most similar images. `text_retrieval_recall@k` is image -> text: an image scores a hit when *any* of its
   captions is among its k most similar captions.
@@ -49,6 +50,8 @@ from .data import load_rgb_image
 
 __all__ = [
     "DEFAULT_TEMPLATES",
+    "OPENAI_IMAGENET_TEMPLATES",
+    "TEMPLATE_SETS",
     "as_map_dataset",
     "encode_images",
     "encode_texts",
@@ -60,6 +63,7 @@ __all__ = [
     "linear_probe",
     "load_metric",
     "load_results",
+    "resolve_templates",
     "retrieval_from_image_embeds",
     "retrieval_metrics",
     "save_results",
@@ -67,7 +71,34 @@ __all__ = [
     "zero_shot_classifier",
 ]
 
-# A short, generic subset of the 80 OpenAI ImageNet prompt templates, for class names without task-specific prompts.
+# CLIP's 80 ImageNet prompts, in their published order: the ensemble ImageNet-style zero-shot results are reported
+# with. Copied from openai/CLIP, notebooks/Prompt_Engineering_for_ImageNet.ipynb (the same strings as open_clip's
+# OPENAI_IMAGENET_TEMPLATES in src/open_clip/zero_shot_metadata.py).
+OPENAI_IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
+    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+# A short generic ensemble (15 of the 80 above and the bare "a {}."): cheap to encode, for class names without
+# task-specific prompts.
 DEFAULT_TEMPLATES: list[str] = [
     "a photo of a {}.",
     "a bad photo of a {}.",
@@ -86,6 +117,9 @@ DEFAULT_TEMPLATES: list[str] = [
     "itap of a {}.",
     "a {}.",
 ]
+
+# Template sets a task may name instead of listing its prompts, e.g. `templates="openai"` for ImageNet-style prompts.
+TEMPLATE_SETS: dict[str, Sequence[str]] = {"default": DEFAULT_TEMPLATES, "openai": OPENAI_IMAGENET_TEMPLATES}
 
 DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -368,14 +402,29 @@ def encode_images(
     return torch.cat(chunks)
 
 
+def resolve_templates(templates: str | Sequence[str]) -> list[str]:
+    """The prompt templates a task asks for: a list as given, or a `TEMPLATE_SETS` name ("openai", "default").
+
+    A bare string is always a set name, so that a single template passed by mistake is refused rather than split
+    into one-character prompts.
+    """
+    if isinstance(templates, str):
+        if templates not in TEMPLATE_SETS:
+            raise ValueError(f"unknown template set {templates!r}: pass one of {sorted(TEMPLATE_SETS)} or a list")
+        return list(TEMPLATE_SETS[templates])
+    return list(templates)
+
+
 def zero_shot_classifier(
-    model, processor, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256, device=None
+    model, processor, classnames: Sequence[str], templates: str | Sequence[str], batch_size: int = 256, device=None
 ) -> torch.Tensor:
     """Zero-shot class embeddings `(C, D)` by prompt ensembling (docs/evaluation.md).
 
-    Each template is formatted with the class name (`"a photo of a {}."`, or `"{c}"` placeholders), the prompts are
-    encoded and L2-normalised, averaged per class, and the mean is renormalised.
+    `templates` is a list or a `TEMPLATE_SETS` name (`"openai"`: CLIP's 80 ImageNet prompts). Each template is
+    formatted with the class name (`"a photo of a {}."`, or `"{c}"` placeholders), the prompts are encoded and
+    L2-normalised, averaged per class, and the mean is renormalised.
     """
+    templates = resolve_templates(templates)
     if not classnames or not templates:
         raise ValueError("zero_shot_classifier needs at least one class name and one template")
     prompts = [_format_template(template, name) for name in classnames for template in templates]
@@ -428,10 +477,11 @@ def grouped_zero_shot(
 
 
 def evaluate_zero_shot(
-    model, processor, dataset, classnames: Sequence[str], templates: Sequence[str], label_column: str, *,
+    model, processor, dataset, classnames: Sequence[str], templates: str | Sequence[str], label_column: str, *,
     image_column: str = "image", batch_size: int = 64, group_column: str | None = None, progress: bool = True,
 ) -> dict[str, float]:
-    """Zero-shot top-1 / top-5 on `dataset`, whose `label_column` holds class indices into `classnames`.
+    """Zero-shot top-1 / top-5 on `dataset`, whose `label_column` holds class indices into `classnames`; `templates`
+    is a list or a `TEMPLATE_SETS` name (`"openai"` for ImageNet-style prompts).
 
     With `group_column`, also reports `top1_<group>` and `num_images_<group>` per value of that column (booleans read
     as "seen"/"unseen").
