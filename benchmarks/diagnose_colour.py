@@ -71,7 +71,7 @@ def main() -> dict:
         fit = encode_images(encoder, processor, train)
         test_features = embeds if encoder is model else encode_images(encoder, processor, test)
         results[f"probe_{name}"] = {
-            split: linear_probe(fit, train_labels, test_features[mask], colour[mask])["top1"]
+            split: linear_probe(fit, train_labels, test_features[mask], colour[mask])["acc1"]
             for split, mask in (("seen", seen), ("held_out", ~seen))
         }
     print(json.dumps(results, indent=2))

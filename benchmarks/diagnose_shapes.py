@@ -129,9 +129,9 @@ def supervised(args, towers: dict[str, tuple[nn.Module, int]], data: dict[int, t
 def _split_accuracy(correct: torch.Tensor, test: ShapesTensors) -> dict[str, float]:
     seen = torch.tensor(test.dataset["composition_seen"])
     single = torch.tensor(test.dataset["num_objects"]) == 1
-    return {"top1": correct.mean().item(), "top1_seen": correct[seen].mean().item(),
-            "top1_unseen": correct[~seen].mean().item(), "top1_single": correct[single].mean().item(),
-            "top1_multi": correct[~single].mean().item()}
+    return {"acc1": correct.mean().item(), "acc1_seen": correct[seen].mean().item(),
+            "acc1_unseen": correct[~seen].mean().item(), "acc1_single": correct[single].mean().item(),
+            "acc1_multi": correct[~single].mean().item()}
 
 
 def _fmt(values: dict) -> str:
@@ -200,7 +200,7 @@ def contrastive(args, models: dict[str, nn.Module], data: dict[int, tuple], proc
         seconds = time.perf_counter() - start
         model.eval()
         bench = evaluate_shapes(model, _processor_for(processor, _config(model)), dataset=test.dataset)
-        results[name] = {k.removeprefix("shapes/"): v for k, v in bench.items() if "top1" in k or "recall@1" in k}
+        results[name] = {k.removeprefix("shapes/"): v for k, v in bench.items() if "acc1" in k or "recall@1" in k}
         results[name].update(final_train_loss=loss.item(), seconds=seconds)
         print(f"contrastive {name}: {_fmt(results[name])}", flush=True)
     return results
@@ -231,7 +231,7 @@ def probe(models: dict[str, nn.Module], data: dict[int, tuple]) -> dict:
         train, test = data[_image_size(model)]
         with torch.no_grad():
             fit, held = model.encode_image(train.pixels), model.encode_image(test.pixels)
-        results[name] = {f"{label}_probe_top1": linear_probe(fit, getattr(train, label), held, getattr(test, label))["top1"]
+        results[name] = {f"{label}_probe_acc1": linear_probe(fit, getattr(train, label), held, getattr(test, label))["acc1"]
                          for label in ("shape", "colour")}
         print(f"probe {name}: {_fmt(results[name])}", flush=True)
     return results
@@ -306,7 +306,7 @@ def imagenet_start(args, processor) -> dict:
     with torch.no_grad():
         fit, held = (F.normalize(tower(x).pooler_output, dim=-1) for x in (train.pixels, test.pixels))
     results = {"ImageNet features (untrained)": {
-        f"{label}_probe_top1": linear_probe(fit, getattr(train, label), held, getattr(test, label))["top1"]
+        f"{label}_probe_acc1": linear_probe(fit, getattr(train, label), held, getattr(test, label))["acc1"]
         for label in ("shape", "colour")}}
     print(f"probe ImageNet features: {_fmt(results['ImageNet features (untrained)'])}", flush=True)
     trained = contrastive(args, models, data, processor)

@@ -8,16 +8,17 @@ default teachers (MiniLM text encoder, colour-HOG image descriptor). Extra argum
 """
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
+from lightclip.evaluation import load_results
+
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["clip", "lightclip", "clip-ping", "all"]
 COLUMNS = [
-    ("shape top-1 seen", "shapes/shape/top1_seen"), ("shape top-1 unseen", "shapes/shape/top1_unseen"),
-    ("colour top-1 seen", "shapes/colour/top1_seen"), ("colour top-1 unseen", "shapes/colour/top1_unseen"),
+    ("shape top-1 seen", "shapes/shape/acc1_seen"), ("shape top-1 unseen", "shapes/shape/acc1_unseen"),
+    ("colour top-1 seen", "shapes/colour/acc1_seen"), ("colour top-1 unseen", "shapes/colour/acc1_unseen"),
     ("I→T R@1", "shapes/retrieval/text_retrieval_recall@1"), ("T→I R@1", "shapes/retrieval/image_retrieval_recall@1"),
 ]
 
@@ -40,7 +41,7 @@ def main() -> None:
                    "--seed", str(args.seed), "--neighbors", str(out / "neighbors"), *extra]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
-        results = json.loads((run_dir / "eval_results.json").read_text())
+        results = load_results(run_dir / "eval_results.json")  # an older run's top1 keys read as acc1
         rows.append((name, results))
     header = "| objectives | " + " | ".join(c for c, _ in COLUMNS) + " |"
     print("\n" + header + "\n|" + "---|" * (len(COLUMNS) + 1))

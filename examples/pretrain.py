@@ -773,7 +773,7 @@ def finish(args, accelerator: Accelerator, run: Run, validation) -> dict:
         if message is None:
             logger.info("no samples skipped")
         for key in sorted(results):
-            if key.endswith("top1") or key.endswith("recall@1"):
+            if key.endswith("acc1") or key.endswith("recall@1"):
                 logger.info("%s = %.4f", key, results[key])
         _write_card(output_dir, args)
         if args.push_to_hub:

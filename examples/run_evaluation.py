@@ -60,7 +60,7 @@ class EvaluationArguments:
         "zero_shot: prompt template set, 'openai' (CLIP's 80 ImageNet prompts) or 'default' (short generic); "
         "default: the task's own templates, else 'default'")
     label_column: str | None = option("class-index column (default: 'label', or 'shape' for shapes)")
-    group_column: str | None = option("zero_shot: also report top1 per value of this column")
+    group_column: str | None = option("zero_shot: also report acc1 per value of this column")
     image_column: str | None = option("default 'image' (retrieval: detected by lightclip.data)")
     caption_column: str | None = option("retrieval: caption column(s), default detected by lightclip.data")
     num_samples: int | None = option("shapes only: number of rendered images per split")

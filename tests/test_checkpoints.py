@@ -86,13 +86,13 @@ def test_zero_shot_accuracy(name):
     assert model.dtype == torch.float32
     processor = LightClipProcessor.from_pretrained(folder)
     results = evaluate_shapes(model, processor, num_samples=NUM_SAMPLES, batch_size=100)
-    print(f"{name}: shape top1 {results['shapes/shape/top1']:.4f}, colour top1 {results['shapes/colour/top1']:.4f}, "
+    print(f"{name}: shape acc1 {results['shapes/shape/acc1']:.4f}, colour acc1 {results['shapes/colour/acc1']:.4f}, "
           f"image->text recall@1 {results['shapes/retrieval/text_retrieval_recall@1']:.4f}")
     assert results["shapes/num_images"] == NUM_SAMPLES
-    assert results["shapes/colour/top1"] >= min_colour > 4 * CHANCE
+    assert results["shapes/colour/acc1"] >= min_colour > 4 * CHANCE
     assert results["shapes/retrieval/text_retrieval_recall@1"] >= min_recall > 20 / NUM_SAMPLES
     if min_shape is not None:
-        assert results["shapes/shape/top1"] >= min_shape > 4 * CHANCE
+        assert results["shapes/shape/acc1"] >= min_shape > 4 * CHANCE
 
 
 OFFLINE_SCRIPT = textwrap.dedent(

@@ -20,6 +20,7 @@ from lightclip.evaluation import (
     evaluate_retrieval,
     evaluate_zero_shot,
     linear_probe,
+    load_results,
     retrieval_metrics,
     save_results,
     zero_shot_accuracy,
@@ -40,27 +41,41 @@ def random_rotation(dim: int, seed: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_zero_shot_accuracy_top1_miss_top5_hit():
+def test_zero_shot_accuracy_acc1_miss_acc5_hit():
     classifier = torch.eye(6)  # class c is the basis vector e_c
     descending = torch.tensor([6.0, 5.0, 4.0, 3.0, 2.0, 1.0])  # ranks class 0 first, class 5 last
     image_embeds = torch.stack([torch.eye(6)[0], descending, descending])
     labels = torch.tensor([0, 2, 5])
-    # image 0: class 0 ranked 1st -> top1 and top5 hit; image 1: class 2 ranked 3rd -> top5 hit only;
-    # image 2: class 5 ranked 6th -> miss both.
+    # image 0: class 0 ranked 1st -> acc1 and acc5 hit; image 1: class 2 ranked 3rd -> acc5 hit only;
+    # image 2: class 5 ranked 6th -> miss both. One image per class: mean per-class recall = acc1.
     rotation = random_rotation(6)
     result = zero_shot_accuracy(image_embeds @ rotation, classifier @ rotation, labels)
-    assert result == pytest.approx({"top1": 1 / 3, "top5": 2 / 3})
+    assert result == pytest.approx({"acc1": 1 / 3, "acc5": 2 / 3, "mean_per_class_recall": 1 / 3})
 
 
-def test_zero_shot_accuracy_accepts_numpy_and_drops_top5_below_five_classes():
+def test_zero_shot_accuracy_accepts_numpy_and_drops_acc5_below_five_classes():
     result = zero_shot_accuracy(np.eye(3), np.eye(3), np.array([0, 1, 0]))
-    assert result == pytest.approx({"top1": 2 / 3})
+    # class 0: 1 of 2 images right, class 1: 1 of 1 (class 2 has no image and does not count)
+    assert result == pytest.approx({"acc1": 2 / 3, "mean_per_class_recall": (1 / 2 + 1) / 2})
+
+
+def test_zero_shot_acc1_acc5_match_brute_force_ranking():
+    gen = torch.Generator().manual_seed(0)
+    image_embeds, classifier = torch.randn(50, 8, generator=gen), torch.randn(12, 8, generator=gen)
+    labels = torch.randint(0, 12, (50,), generator=gen).tolist()
+    scores = nn.functional.normalize(image_embeds, dim=-1) @ nn.functional.normalize(classifier, dim=-1).T
+    ranked = [row.argsort(descending=True).tolist() for row in scores]  # no ties among random floats
+    expected = {f"acc{k}": np.mean([label in row[:k] for row, label in zip(ranked, labels)]) for k in (1, 5)}
+    expected["mean_per_class_recall"] = np.mean([
+        np.mean([row[0] == label for row, label in zip(ranked, labels) if label == c]) for c in set(labels)
+    ])
+    assert zero_shot_accuracy(image_embeds, classifier, labels) == pytest.approx(expected)
 
 
 def test_zero_shot_accuracy_ties_count_against_the_true_class():
     # an image equally similar to all classes is never credited
     result = zero_shot_accuracy(torch.ones(2, 4), torch.eye(4), torch.tensor([0, 3]), topk=(1, 3, 4))
-    assert result == {"top1": 0.0, "top3": 0.0, "top4": 1.0}
+    assert result == {"acc1": 0.0, "acc3": 0.0, "acc4": 1.0, "mean_per_class_recall": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,7 +132,8 @@ def test_retrieval_metrics_skips_images_without_captions_in_image_to_text():
 
 def test_nan_embeddings_score_zero_not_one():
     nan = torch.full((3, 4), float("nan"))
-    assert zero_shot_accuracy(nan, torch.eye(4), torch.tensor([0, 1, 2]), topk=(1,)) == {"top1": 0.0}
+    assert zero_shot_accuracy(nan, torch.eye(4), torch.tensor([0, 1, 2]), topk=(1,)) == {
+        "acc1": 0.0, "mean_per_class_recall": 0.0}
     result = retrieval_metrics(nan, nan, torch.tensor([0, 1, 2]), ks=(1,))
     assert result == {"image_retrieval_recall@1": 0.0, "text_retrieval_recall@1": 0.0}
 
@@ -270,8 +286,8 @@ def test_linear_probe_separable_problem_is_solved():
     (train_x, train_y), (test_x, test_y) = sample(150), sample(90)
     weight_decays = (1e-4, 1e-2, 1.0)
     result = linear_probe(train_x, train_y, test_x, test_y, weight_decays=weight_decays)
-    assert result["top1"] == 1.0
-    assert result["weight_decay"] in weight_decays and result["val_top1"] == 1.0
+    assert result["acc1"] == 1.0
+    assert result["weight_decay"] in weight_decays and result["val_acc1"] == 1.0
 
 
 def test_linear_probe_random_labels_are_near_chance():
@@ -280,15 +296,15 @@ def test_linear_probe_random_labels_are_near_chance():
     train_y = torch.randint(0, 4, (400,), generator=gen)
     test_y = torch.randint(0, 4, (2000,), generator=gen)
     result = linear_probe(train_x.numpy(), train_y.numpy(), test_x, test_y, seed=3)
-    assert 0.19 < result["top1"] < 0.31
-    assert result["val_top1"] < 0.45
+    assert 0.19 < result["acc1"] < 0.31
+    assert result["val_acc1"] < 0.45
 
 
 def test_linear_probe_single_weight_decay_skips_selection():
     x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
     y = torch.tensor([0, 0, 1, 1])
     result = linear_probe(x, y, x, y, weight_decays=(1e-3,))
-    assert result["top1"] == 1.0 and result["weight_decay"] == 1e-3 and math.isnan(result["val_top1"])
+    assert result["acc1"] == 1.0 and result["weight_decay"] == 1e-3 and math.isnan(result["val_acc1"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,8 +322,8 @@ def test_evaluate_zero_shot_with_groups_restores_training_mode(fake):
         batch_size=5, group_column="seen", progress=False,
     )
     assert result == {
-        "top1": 1.0, "top1_seen": 1.0, "top1_unseen": 1.0, "num_images": 12, "num_images_seen": 6,
-        "num_images_unseen": 6,
+        "acc1": 1.0, "mean_per_class_recall": 1.0, "acc1_seen": 1.0, "acc1_unseen": 1.0, "num_images": 12,
+        "num_images_seen": 6, "num_images_unseen": 6,
     }
     assert model.training and not model.image_projection.training
     assert model.modes_seen and not any(model.modes_seen)
@@ -331,7 +347,7 @@ def test_evaluate_linear_probe_on_colours(fake):
     model, processor = fake
     dataset = colour_dataset(per_colour=6)
     result = evaluate_linear_probe(model, processor, dataset, dataset, "label", batch_size=7, progress=False)
-    assert result["top1"] == 1.0 and result["num_train"] == result["num_test"] == 18
+    assert result["acc1"] == 1.0 and result["num_train"] == result["num_test"] == 18
 
 
 def test_save_results_sorted_rounded_json(tmp_path):
@@ -340,6 +356,28 @@ def test_save_results_sorted_rounded_json(tmp_path):
     text = path.read_text()
     assert json.loads(text) == {"a": 0.5, "b": 0.333333, "c": None, "n": 7}
     assert text.index('"a"') < text.index('"b"') < text.index('"c"')
+
+
+def test_load_results_reads_old_top_k_keys_as_acc(tmp_path):
+    """A results file written with the former `top<k>` names loads exactly as the same file under the current names."""
+    old = {
+        "shapes/shape/top1": 0.968, "shapes/shape/top5": 1.0, "shapes/shape/top1_seen": 0.991489,
+        "shapes/shape/top1_unseen": 0.94717, "shapes/retrieval/text_retrieval_recall@1": 0.368,
+        "shapes/num_images": 500, "step": 500, "skipped": {"unreadable image": 1},
+        "metrics": {"top1": 0.5, "val_top1": 0.25, "weight_decay": 0.001},
+    }
+    new = {
+        "shapes/shape/acc1": 0.968, "shapes/shape/acc5": 1.0, "shapes/shape/acc1_seen": 0.991489,
+        "shapes/shape/acc1_unseen": 0.94717, "shapes/retrieval/text_retrieval_recall@1": 0.368,
+        "shapes/num_images": 500, "step": 500, "skipped": {"unreadable image": 1},
+        "metrics": {"acc1": 0.5, "val_acc1": 0.25, "weight_decay": 0.001},
+    }
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    save_results(new, tmp_path / "new.json")
+    assert load_results(tmp_path / "old.json") == load_results(tmp_path / "new.json") == new
+    # a file holding both spellings keeps the current one
+    (tmp_path / "both.json").write_text(json.dumps({"eval/top1": 0.1, "eval/acc1": 0.2}))
+    assert load_results(tmp_path / "both.json") == {"eval/acc1": 0.2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,14 +398,15 @@ def test_runners_with_tiny_lightclip_model():
     model, processor = _tiny_lightclip()
     dataset = colour_dataset(per_colour=2)
     zero_shot = evaluate_zero_shot(model, processor, dataset, list(COLOURS), ["a {} photo."], "label", progress=False)
-    assert set(zero_shot) == {"top1", "num_images"} and 0.0 <= zero_shot["top1"] <= 1.0
+    assert set(zero_shot) == {"acc1", "mean_per_class_recall", "num_images"} and 0.0 <= zero_shot["acc1"] <= 1.0
     retrieval = evaluate_retrieval(model, processor, dataset, progress=False)
     assert all(0.0 <= retrieval[f"{d}_retrieval_recall@{k}"] <= 1.0 for d in ("image", "text") for k in (1, 5, 10))
     assert retrieval["text_retrieval_recall@10"] == 1.0  # 6 images: every image is in the top 10
 
 
 SHAPES_KEYS = {
-    *(f"shapes/{task}/{m}" for task in ("shape", "colour") for m in ("top1", "top1_seen", "top1_unseen")),
+    *(f"shapes/{task}/{m}" for task in ("shape", "colour")
+      for m in ("acc1", "acc1_seen", "acc1_unseen", "mean_per_class_recall")),
     *(f"shapes/retrieval/{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)),
     "shapes/num_images", "shapes/num_images_seen", "shapes/num_images_unseen", "shapes/retrieval/num_texts",
 }
@@ -380,7 +419,7 @@ def test_evaluate_shapes_keys():
     model, processor = _tiny_lightclip()
     result = evaluate_shapes(model, processor, num_samples=40, batch_size=16)
     assert SHAPES_KEYS <= set(result)
-    assert set(result) - SHAPES_KEYS <= {"shapes/shape/top5", "shapes/colour/top5"}
+    assert set(result) - SHAPES_KEYS <= {"shapes/shape/acc5", "shapes/colour/acc5"}
     assert result["shapes/num_images"] == 40
     assert result["shapes/num_images_seen"] + result["shapes/num_images_unseen"] == 40
     assert all(0.0 <= v <= 1.0 for k, v in result.items() if "num_" not in k)
@@ -430,7 +469,7 @@ def test_cli_zero_shot_and_retrieval_on_imagefolder(cli_model, tmp_path):
         rows.append({"file_name": f"{i}.png", "text": row["captions"][0]})
     (tmp_path / "captions" / "test" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     zero_shot = cli.main(["--model", model, "--task", "zero_shot", "--data", str(tmp_path / "classes")])
-    assert zero_shot["metrics"]["num_images"] == 6 and "top5" not in zero_shot["metrics"]
+    assert zero_shot["metrics"]["num_images"] == 6 and "acc5" not in zero_shot["metrics"]
     retrieval = cli.main(["--model", model, "--task", "retrieval", "--data", str(tmp_path / "captions")])
     assert retrieval["metrics"]["num_texts"] == 6  # read from the "text" column of metadata.jsonl
 
@@ -463,7 +502,7 @@ def test_cli_linear_probe_on_shapes(cli_model):
     pytest.importorskip("lightclip.shapes")
     cli, model = cli_model
     results = cli.main(["--model", model, "--task", "linear_probe", "--num_samples", "40", "--label_column", "colour"])
-    assert set(results["metrics"]) >= {"top1", "weight_decay", "val_top1", "num_train", "num_test"}
+    assert set(results["metrics"]) >= {"acc1", "weight_decay", "val_acc1", "num_train", "num_test"}
 
 
 def test_cli_retrieval_on_shapes_reads_undecoded_images(cli_model):

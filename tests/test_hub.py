@@ -25,7 +25,7 @@ from conftest import load_script, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_lightclipTestSecret0123456789abcdef"
-EVAL = {"shapes/shape/top1": 0.4321, "shapes/shape/top1_unseen": 0.3456, "shapes/colour/top1": 0.8765,
+EVAL = {"shapes/shape/acc1": 0.4321, "shapes/shape/acc1_unseen": 0.3456, "shapes/colour/acc1": 0.8765,
         "shapes/retrieval/text_retrieval_recall@1": 0.1111, "shapes/num_images": 500, "step": 600, "skipped": {}}
 TRAIN = {"model": "lightclip-xxs", "train_data": "shapes", "max_train_steps": 600, "per_device_train_batch_size": 64,
          "gradient_accumulation_steps": 1, "seed": 7, "learning_rate": 0.002, "weight_decay": 0.1}
@@ -90,9 +90,9 @@ def test_card_metadata(run_folder):
     assert "lightclip" in data["tags"]
     assert data["datasets"] == ["lightclip-shapes"]
     metrics = {m["name"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
-    assert metrics["zero-shot shape top-1 accuracy"] == EVAL["shapes/shape/top1"]
-    assert metrics["zero-shot colour top-1 accuracy"] == EVAL["shapes/colour/top1"]
-    assert metrics["zero-shot shape top-1 accuracy, held-out compositions"] == EVAL["shapes/shape/top1_unseen"]
+    assert metrics["zero-shot shape top-1 accuracy"] == EVAL["shapes/shape/acc1"]
+    assert metrics["zero-shot colour top-1 accuracy"] == EVAL["shapes/colour/acc1"]
+    assert metrics["zero-shot shape top-1 accuracy, held-out compositions"] == EVAL["shapes/shape/acc1_unseen"]
     assert len(data["model-index"][0]["results"]) == 1  # one task and dataset holding the three metrics
 
 
@@ -111,6 +111,15 @@ def test_card_body(run_folder):
     assert "not a general-purpose CLIP" in text
     assert "trust_remote_code=True" in text and "LightClipModel.from_pretrained" in text
     assert "`model.safetensors`" in text and "optimizer.bin" not in text and "train_log.jsonl" not in text
+
+
+def test_card_from_old_top1_keys_is_unchanged(run_folder, folder):
+    """An `eval_results.json` with the former `top1` names makes the same card, metadata included."""
+    old = {key.replace("/acc1", "/top1"): value for key, value in EVAL.items()}
+    assert old != EVAL
+    (folder / "eval_results.json").write_text(json.dumps(old))
+    write_model_card(folder, command=COMMAND)
+    assert (folder / "README.md").read_text() == (run_folder / "README.md").read_text()
 
 
 def test_card_names_skipped_samples(folder):

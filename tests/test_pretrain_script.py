@@ -46,7 +46,7 @@ def test_all_local_objectives_train_save_and_load_in_pipeline(tmp_path):
     # softened-label weight rises with progress
     assert steps[0]["soft_alpha"] < steps[-1]["soft_alpha"] <= 0.5
     results = json.loads((out / "eval_results.json").read_text())
-    assert 0.0 <= results["shapes/shape/top1"] <= 1.0
+    assert 0.0 <= results["shapes/shape/acc1"] <= 1.0
 
     import lightclip  # noqa: F401
     from PIL import Image

@@ -1,5 +1,6 @@
 """Gradient accumulation with cached features, optimizer groups, schedule and atomic checkpoints."""
 
+import json
 import math
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 from lightclip import LightClipConfig, LightClipForPreTraining
 from lightclip.pretraining import merge_features
 from lightclip.trainer_utils import (
-    cosine_with_warmup, list_checkpoints, lock_image_tower, lock_text_tower, param_groups, resolve_checkpoint,
+    cosine_with_warmup, list_checkpoints, lock_image_tower, lock_text_tower, param_groups, plot_log,
+    resolve_checkpoint,
 )
 
 
@@ -162,3 +164,19 @@ def test_lock_text_tower_freezes_all_but_the_last_layers(unlocked, freeze_layer_
     assert (text.final_layer_norm.weight.grad is not None) == (unlocked > 0 or not freeze_layer_norm)
     with pytest.raises(ValueError, match="unlocked_layers"):
         lock_text_tower(model, unlocked_layers=len(groups) + 1)
+
+
+def test_plot_log_reads_old_accuracy_keys_as_acc1(tmp_path, monkeypatch):
+    """A log that a resumed run continued holds `eval/.../top1` before and `eval/.../acc1` after: one curve."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    records = [{"step": 1, "loss": 2.0}, {"step": 1, "eval/shapes/shape/top1": 0.2, "eval/shapes/shape/top5": 0.6},
+               {"step": 2, "loss": 1.0}, {"step": 2, "eval/shapes/shape/acc1": 0.4, "eval/shapes/shape/acc5": 0.9}]
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_log(log, tmp_path / "curves.png")
+    (curve,) = figures[0].axes[1].get_lines()
+    assert curve.get_label() == "shapes/shape/acc1"
+    assert list(curve.get_xdata()) == [1, 2] and list(curve.get_ydata()) == [0.2, 0.4]

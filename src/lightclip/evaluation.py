@@ -4,12 +4,17 @@ The protocol (docs/evaluation.md) uses the metric names of CLIP_benchmark:
 
 - **Zero-shot classification.** Each class is represented by the mean of the L2-normalised text embeddings of its
   prompts (one per template), renormalised (prompt ensembling, as in CLIP); `templates="openai"` is CLIP's ensemble
-  of 80 ImageNet prompts. Top-1 and top-5 accuracy.
+  of 80 ImageNet prompts. `acc1`, `acc5` (top-1 / top-5 accuracy) and `mean_per_class_recall` (top-1 recall averaged
+  over the classes).
 - **Retrieval.** `image_retrieval_recall@k` is text -> image: a caption scores a hit when its own image is among its
   k most similar images. `text_retrieval_recall@k` is image -> text: an image scores a hit when *any* of its
   captions is among its k most similar captions.
 - **Linear probe.** Multinomial logistic regression (L-BFGS, in torch) on frozen image features; the L2 penalty is
   chosen on a validation split carved from the training set, then the probe is refitted on the whole training set.
+  `acc1`.
+
+Result files that spell these names `top<k>` (`top1`, `top1_unseen`, `val_top1`) load under the current names
+(`load_results`).
 
 Ties are resolved pessimistically everywhere: a target counts as ranked within the top k only when fewer than k
 competitors score *greater than or equal to* it. A degenerate model that gives every candidate the same score
@@ -37,6 +42,7 @@ import functools
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +69,7 @@ __all__ = [
     "linear_probe",
     "load_metric",
     "load_results",
+    "rename_legacy_keys",
     "resolve_templates",
     "retrieval_from_image_embeds",
     "retrieval_metrics",
@@ -160,17 +167,19 @@ def load_metric(name: str):
 def zero_shot_accuracy(
     image_embeds: Any, classifier: Any, labels: Any, topk: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
-    """Top-k accuracy of zero-shot classification by cosine similarity (the `zero_shot_accuracy` metric module).
+    """Zero-shot classification scores by cosine similarity (the `zero_shot_accuracy` metric module), named as
+    CLIP_benchmark names them.
 
     Args:
         image_embeds: `(N, D)` image embeddings (normalised here; the ranking does not depend on it).
         classifier: `(C, D)` class embeddings, e.g. from `zero_shot_classifier`.
         labels: `(N,)` integer class indices.
-        topk: the k values to report. A k is reported only when `C >= k`, so `top5` is absent for fewer than 5
+        topk: the k values to report. A k is reported only when `C >= k`, so `acc5` is absent for fewer than 5
             classes.
 
     Returns:
-        `{"top1": ..., "top5": ...}` as fractions in [0, 1]. Ties count against the true class (see module doc).
+        `{"acc1": ..., "acc5": ..., "mean_per_class_recall": ...}` as fractions in [0, 1]: top-k accuracy, and the
+        top-1 recall of each class present in `labels`, averaged. Ties count against the true class (see module doc).
     """
     image_embeds = F.normalize(_as_tensor(image_embeds, torch.float32), dim=-1)
     classifier = F.normalize(_as_tensor(classifier, torch.float32), dim=-1)
@@ -250,7 +259,7 @@ class _Standardizer:
         return (features - self.mean) / self.std
 
 
-def _probe_top1(fit_x, fit_y, eval_x, eval_y, num_classes: int, weight_decay: float, max_iter: int) -> float:
+def _probe_acc1(fit_x, fit_y, eval_x, eval_y, num_classes: int, weight_decay: float, max_iter: int) -> float:
     scale = _Standardizer(fit_x)
     weight, bias = _fit_logistic_regression(scale(fit_x), fit_y, num_classes, weight_decay, max_iter)
     predictions = (scale(eval_x) @ weight + bias).argmax(1)
@@ -277,7 +286,7 @@ def linear_probe(
     set. With a single weight decay, or a training set too small to split, no selection is run.
 
     Returns:
-        `{"top1": test accuracy, "weight_decay": chosen value, "val_top1": its validation accuracy (NaN when no
+        `{"acc1": test accuracy, "weight_decay": chosen value, "val_acc1": its validation accuracy (NaN when no
         selection ran)}`.
     """
     train_x = _as_tensor(train_features, torch.float64)
@@ -301,16 +310,16 @@ def linear_probe(
             order = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(seed))
             val_idx, fit_idx = order[:num_val], order[num_val:]
             for decay in sorted(weight_decays):
-                top1 = _probe_top1(
+                acc1 = _probe_acc1(
                     train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx], num_classes, decay,
                     max_iter,
                 )
-                if math.isnan(best_val) or top1 >= best_val:
-                    best_decay, best_val = float(decay), top1
-        top1 = _probe_top1(train_x, train_y, test_x, test_y, num_classes, best_decay, max_iter)
+                if math.isnan(best_val) or acc1 >= best_val:
+                    best_decay, best_val = float(decay), acc1
+        acc1 = _probe_acc1(train_x, train_y, test_x, test_y, num_classes, best_decay, max_iter)
     finally:
         torch.set_num_threads(threads)
-    return {"top1": top1, "weight_decay": best_decay, "val_top1": best_val}
+    return {"acc1": acc1, "weight_decay": best_decay, "val_acc1": best_val}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -462,15 +471,15 @@ def _group_name(value) -> str:
 def grouped_zero_shot(
     image_embeds: torch.Tensor, classifier: torch.Tensor, labels: Sequence[int], groups: Sequence | None
 ) -> dict[str, float]:
-    """`zero_shot_accuracy`, plus `top1_<group>` and `num_images_<group>` per value of `groups` (if given)."""
+    """`zero_shot_accuracy`, plus `acc1_<group>` and `num_images_<group>` per value of `groups` (if given)."""
     results = zero_shot_accuracy(image_embeds, classifier, labels)
     if groups is not None:
         labels = torch.as_tensor(labels)
         for value in sorted(set(groups), key=str):
             mask = torch.tensor([g == value for g in groups])
-            results[f"top1_{_group_name(value)}"] = zero_shot_accuracy(
+            results[f"acc1_{_group_name(value)}"] = zero_shot_accuracy(
                 image_embeds[mask], classifier, labels[mask], topk=(1,)
-            )["top1"]
+            )["acc1"]
             results[f"num_images_{_group_name(value)}"] = int(mask.sum())
     results["num_images"] = len(labels)
     return results
@@ -480,10 +489,10 @@ def evaluate_zero_shot(
     model, processor, dataset, classnames: Sequence[str], templates: str | Sequence[str], label_column: str, *,
     image_column: str = "image", batch_size: int = 64, group_column: str | None = None, progress: bool = True,
 ) -> dict[str, float]:
-    """Zero-shot top-1 / top-5 on `dataset`, whose `label_column` holds class indices into `classnames`; `templates`
-    is a list or a `TEMPLATE_SETS` name (`"openai"` for ImageNet-style prompts).
+    """Zero-shot `acc1`, `acc5` and `mean_per_class_recall` on `dataset`, whose `label_column` holds class indices
+    into `classnames`; `templates` is a list or a `TEMPLATE_SETS` name (`"openai"` for ImageNet-style prompts).
 
-    With `group_column`, also reports `top1_<group>` and `num_images_<group>` per value of that column (booleans read
+    With `group_column`, also reports `acc1_<group>` and `num_images_<group>` per value of that column (booleans read
     as "seen"/"unseen").
     """
     dataset = as_map_dataset(dataset)
@@ -581,7 +590,27 @@ def save_results(results: dict, path: str | os.PathLike, digits: int = 6) -> Non
         f.write(format_results(results, digits) + "\n")
 
 
+# An accuracy key as files written before the CLIP_benchmark names spelled it: `top1`, `top5`, `top1_unseen` (grouped
+# zero-shot) and `val_top1` (linear probe), possibly after a prefix such as `eval/shapes/shape/`.
+_LEGACY_ACCURACY_KEY = re.compile(r"(?P<prefix>^|/)(?P<val>val_)?top(?P<k>\d+)(?P<group>_[^/]*)?$")
+
+
+def rename_legacy_keys(results: dict) -> dict:
+    """`results` under the current metric names, nested dicts included: `top<k>` becomes `acc<k>`
+    (`shapes/shape/top1_unseen` -> `shapes/shape/acc1_unseen`, `val_top1` -> `val_acc1`), so an old results file or
+    training log reads like a new one. Where both spellings are present the current key is kept."""
+    renamed = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            value = rename_legacy_keys(value)
+        current = _LEGACY_ACCURACY_KEY.sub(r"\g<prefix>\g<val>acc\g<k>\g<group>", key)
+        if current == key or current not in results:
+            renamed[current] = value
+    return renamed
+
+
 def load_results(path: str | os.PathLike) -> dict:
-    """Read a file written by `save_results`."""
+    """Read a file written by `save_results`, with the accuracy keys of older files under their current names."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        results = json.load(f)
+    return rename_legacy_keys(results) if isinstance(results, dict) else results

@@ -61,6 +61,14 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _read_eval_results(folder: Path) -> dict | None:
+    """The folder's `eval_results.json` under the current metric names, so an older file makes the same card."""
+    from .evaluation import load_results
+
+    path = folder / "eval_results.json"
+    return load_results(path) if path.is_file() else None
+
+
 def human_size(num_bytes: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if num_bytes < 1000 or unit == "GB":
@@ -195,7 +203,7 @@ def model_card_data(folder: str | os.PathLike, model_name: str | None = None):
 
     folder = Path(folder)
     model_name = model_name or folder.resolve().name
-    eval_results = _read_json(folder / "eval_results.json") or {}
+    eval_results = _read_eval_results(folder) or {}
     train = _read_json(folder / "train_config.json")
     datasets = None
     if trained_on_shapes(train, eval_results):
@@ -250,7 +258,7 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
     if config is None:
         raise FileNotFoundError(f"{folder} has no config.json: save the model with save_pretrained first")
     train = _read_json(folder / "train_config.json")
-    eval_results = _read_json(folder / "eval_results.json")
+    eval_results = _read_eval_results(folder)
     weights = weight_summary(folder)
     vision, text = config["vision_config"], config["text_config"]
     model_name = model_name or folder.resolve().name

@@ -472,9 +472,10 @@ def evaluate_shapes(
 ) -> dict[str, float]:
     """The built-in benchmark on the synthetic shapes test split (`lightclip.shapes`).
 
-    Images are encoded once and shared by the zero-shot tasks ("shape", "colour") and retrieval. Keys:
-    `shapes/<task>/top1`, `shapes/<task>/top5` (when the task has >= 5 classes), `shapes/<task>/top1_seen`,
-    `shapes/<task>/top1_unseen` (compositions seen / held out in training), and
+    Images are encoded once and shared by the zero-shot tasks ("shape", "colour", each with its own templates) and
+    retrieval. Keys: `shapes/<task>/acc1`, `shapes/<task>/acc5` (when the task has >= 5 classes),
+    `shapes/<task>/mean_per_class_recall`, `shapes/<task>/acc1_seen`, `shapes/<task>/acc1_unseen` (compositions
+    seen / held out in training), and
     `shapes/retrieval/{image,text}_retrieval_recall@{1,5,10}`, plus `shapes/num_images`, `shapes/num_images_seen`,
     `shapes/num_images_unseen` and `shapes/retrieval/num_texts`.
 
@@ -518,13 +519,13 @@ def is_shapes_source(name) -> bool:
 
 # the benchmark's metrics shown in a model card, in order
 CARD_METRICS = (
-    ("shapes/shape/top1", "zero-shot shape top-1"),
-    ("shapes/shape/top5", "zero-shot shape top-5"),
-    ("shapes/shape/top1_seen", "zero-shot shape top-1, seen compositions"),
-    ("shapes/shape/top1_unseen", "zero-shot shape top-1, held-out compositions"),
-    ("shapes/colour/top1", "zero-shot colour top-1"),
-    ("shapes/colour/top5", "zero-shot colour top-5"),
-    ("shapes/colour/top1_unseen", "zero-shot colour top-1, held-out compositions"),
+    ("shapes/shape/acc1", "zero-shot shape top-1"),
+    ("shapes/shape/acc5", "zero-shot shape top-5"),
+    ("shapes/shape/acc1_seen", "zero-shot shape top-1, seen compositions"),
+    ("shapes/shape/acc1_unseen", "zero-shot shape top-1, held-out compositions"),
+    ("shapes/colour/acc1", "zero-shot colour top-1"),
+    ("shapes/colour/acc5", "zero-shot colour top-5"),
+    ("shapes/colour/acc1_unseen", "zero-shot colour top-1, held-out compositions"),
     ("shapes/retrieval/image_retrieval_recall@1", "text-to-image retrieval recall@1"),
     ("shapes/retrieval/image_retrieval_recall@5", "text-to-image retrieval recall@5"),
     ("shapes/retrieval/text_retrieval_recall@1", "image-to-text retrieval recall@1"),
@@ -533,9 +534,9 @@ CARD_METRICS = (
 # the metrics that go into the model-index (zero-shot classification only; retrieval has no Hub task id)
 # (the Hub groups metrics by task and dataset, so all share one task name)
 MODEL_INDEX_METRICS = (
-    ("shapes/shape/top1", "zero-shot shape top-1 accuracy"),
-    ("shapes/shape/top1_unseen", "zero-shot shape top-1 accuracy, held-out compositions"),
-    ("shapes/colour/top1", "zero-shot colour top-1 accuracy"),
+    ("shapes/shape/acc1", "zero-shot shape top-1 accuracy"),
+    ("shapes/shape/acc1_unseen", "zero-shot shape top-1 accuracy, held-out compositions"),
+    ("shapes/colour/acc1", "zero-shot colour top-1 accuracy"),
 )
 MODEL_INDEX_TASK = "Zero-shot image classification (lightclip-shapes: shape and colour)"
 MODEL_INDEX_DATASET_NAME = "lightclip-shapes (synthetic)"

@@ -233,13 +233,16 @@ def truncate_log(path: str | os.PathLike, step: int) -> None:
 
 
 def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
-    """Loss curves (every `*_loss` key) and eval metrics (`eval/*` top-1 and recall@1) over steps, as one PNG."""
+    """Loss curves (every `*_loss` key) and eval metrics (`eval/*` acc1 and recall@1) over steps, as one PNG; a log
+    that a resumed run continues may hold older key names, which are read as the current ones."""
     import matplotlib
+
+    from .evaluation import rename_legacy_keys
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = JsonlLog(log_path).read()
+    records = [rename_legacy_keys(record) for record in JsonlLog(log_path).read()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -248,7 +251,7 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
         pts = [(r["step"], r[key]) for r in train if key in r]
         axes[0].plot(*zip(*pts), label=key, linewidth=1.2 if key == "loss" else 0.8)
     axes[0].set(xlabel="step", ylabel="loss", title="training losses", yscale="log")
-    metric_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and ("top1" in k or "recall@1" in k)})
+    metric_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and ("acc1" in k or "recall@1" in k)})
     for key in metric_keys:
         pts = [(r["step"], r[key]) for r in evals if key in r]
         axes[1].plot(*zip(*pts), marker="o", label=key.removeprefix("eval/"))
