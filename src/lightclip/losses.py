@@ -412,7 +412,8 @@ def sinkhorn_pair_scores(
     image_tokens (B_img, N, D), text_tokens (B_txt, M, D) L2-normalised; text_mask (B_txt, M) bool.
 
     Gradients: by default the plan is a constant of the backward pass (dS/dA = Pi / sum Pi, as the Hungarian method
-    gathers A at its matched entries, and as the envelope theorem gives for the OT value): the backward pass rebuilds
+    gathers A at its matched entries). That is a surrogate: it is the gradient of the entropy-regularised value
+    <Pi, A> + eps H(Pi), not of S (`benchmarks/sinkhorn_gradient.py` compares the two). The backward pass rebuilds
     the plan from saved per-pair potentials and never re-runs or stores the iterations. `unroll=True`
     backpropagates through every iteration instead (exact for the unrolled loop, several times slower; each chunk is
     checkpointed). Memory: chunks of `chunk_size` images, so only one chunk's (c, B_txt, N, M) tensors live at a
