@@ -19,6 +19,7 @@ result through it).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -124,7 +125,8 @@ def _example_text(config, tokenizer=None) -> dict[str, torch.Tensor]:
 
 def export_towers(model, output_dir: str | os.PathLike, opset: int = DEFAULT_OPSET, tokenizer=None,
                   check: bool = True, int8: bool = False) -> dict[str, Path]:
-    """Write `image_encoder.onnx` and `text_encoder.onnx` for an in-memory `LightClipModel` (float32, eval mode).
+    """Write `image_encoder.onnx` and `text_encoder.onnx` for an in-memory `LightClipModel` (exported from a float32,
+    eval-mode, fused copy; `model` itself is left as it is).
 
     `tokenizer` only supplies a realistic traced example; any padded batch gives the same graph. With `int8=True`,
     also `image_encoder.int8.onnx` and `text_encoder.int8.onnx`: onnxruntime's dynamic quantisation (int8 weights,
@@ -134,7 +136,9 @@ def export_towers(model, output_dir: str | os.PathLike, opset: int = DEFAULT_OPS
         raise ValueError("opset must be >= 17 (LayerNormalization is an ONNX op from 17 on)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model = model.float().eval()
+    # a fused copy (`LightClipModel.fuse`): no BatchNorm or Pad nodes in a CNN graph, and the caller's model stays
+    # trainable and savable
+    model = copy.deepcopy(model).float().eval().fuse()
     size = model.config.vision_config.image_size
     pixels = torch.randn(2, model.config.vision_config.num_channels, size, size,
                          generator=torch.Generator().manual_seed(0))

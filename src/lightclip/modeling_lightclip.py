@@ -406,12 +406,70 @@ class Conv2dSame(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride[0] > 1:
-            pads = []
-            for size, kernel, stride in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):  # W, then H
-                total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
-                pads += [total // 2, total - total // 2]
-            x = F.pad(x, pads)
+            x = F.pad(x, self.same_padding(x.shape[-2:]))
         return super().forward(x)
+
+    def same_padding(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """The zero padding (left, right, top, bottom, as `F.pad` takes it) of an input of spatial `size` (H, W)."""
+        return (*tf_same_padding(size[1], self.kernel_size[1], self.stride[1]),
+                *tf_same_padding(size[0], self.kernel_size[0], self.stride[0]))
+
+
+def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow "SAME" zero padding of one spatial dimension, (before, after): `ceil(size / stride)` outputs, the odd
+    pixel after."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_into_conv(conv: nn.Conv2d, pads: tuple[int, int, int, int]) -> nn.Conv2d:
+    """One plain `nn.Conv2d` equal to zero padding `pads` (left, right, top, bottom) followed by `conv`.
+
+    Per dimension the new conv pads both sides by the larger amount and its kernel gains zero taps on the smaller side,
+    so a stride-2 "SAME" pad of (0, 1) becomes padding 1 and a 4x4 kernel whose first row and column are zero. In
+    eager PyTorch the pad copies the whole feature map: pad and 3x3 depthwise conv took about 5x the time of the
+    widened conv alone (channels_last, 96 x 112 x 112 maps, batch 16, one thread), whose extra taps cost little."""
+    if conv.dilation != (1, 1) or isinstance(conv.padding, str) and conv.padding != "valid":
+        raise ValueError(f"pad_into_conv needs an undilated convolution with numeric padding, got {conv}")
+    own = (0, 0) if isinstance(conv.padding, str) else conv.padding
+    left, right, top, bottom = pads[0] + own[1], pads[1] + own[1], pads[2] + own[0], pads[3] + own[0]
+    pad_h, pad_w = max(top, bottom), max(left, right)
+    weight = F.pad(conv.weight, (pad_w - left, pad_w - right, pad_h - top, pad_h - bottom))
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, tuple(weight.shape[-2:]), conv.stride, (pad_h, pad_w),
+                       groups=conv.groups, bias=conv.bias is not None, device=weight.device, dtype=weight.dtype)
+    folded.weight.copy_(weight)
+    if conv.bias is not None:
+        folded.bias.copy_(conv.bias)
+    return folded.train(conv.training)
+
+
+# activations that may overwrite their input once the BatchNorm before them is folded away: they then own the
+# convolution's fresh output, and an in-place activation saves allocating (and page-faulting) one more feature map
+_INPLACE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish)
+
+
+def fuse_conv_bn(module: nn.Module) -> int:
+    """Fold every `nn.BatchNorm2d` that directly follows an `nn.Conv2d` among the children of a module into that
+    convolution (eval-mode statistics, `torch.nn.utils.fusion.fuse_conv_bn_eval`) and replace it by `nn.Identity`;
+    the activation right after such a pair runs in place from then on. Returns the number of pairs folded.
+
+    Pairs are found by registration order, which is call order (conv, norm, activation) in each block of the four CNN
+    towers; `tests/test_fuse.py` checks every tower's outputs against the unfused model."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for index, ((conv_name, conv), (norm_name, norm)) in enumerate(zip(children, children[1:])):
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) \
+                    and norm.num_features == conv.out_channels:
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
+                setattr(parent, norm_name, nn.Identity())
+                following = children[index + 2][1] if index + 2 < len(children) else None
+                if isinstance(following, _INPLACE_ACTIVATIONS):
+                    following.inplace = True
+                folded += 1
+    return folded
 
 
 def _conv_bn_act(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
@@ -512,7 +570,16 @@ class LightClipConvVisionTower(nn.Module):
     (MobileNetV2 or EfficientNet, no torchvision).
 
     The last feature map, flattened, gives the tokens; their mean is the pooled output.
+
+    The convolutions run in `memory_format`, `torch.channels_last` by default, in training as in inference: on one CPU
+    thread it speeds up eager inference of every CNN preset (`benchmarks/RESULTS.md`) and made a training step about
+    1.35x faster (MobileNetV2 at 224 px, EfficientNet-Lite0 at 64 px, BatchNorm in train mode), and it is the layout of
+    tensor-core convolutions on GPUs. Set the attribute to `torch.contiguous_format` to opt out. `fuse()` prepares the
+    tower for inference only.
     """
+
+    memory_format: torch.memory_format = torch.channels_last
+    is_fused: bool = False
 
     def __init__(self, config: LightClipVisionConfig):
         super().__init__()
@@ -530,12 +597,16 @@ class LightClipConvVisionTower(nn.Module):
 
             self.backbone = EfficientNetModel(config.backbone_config())
             self.backbone.pooler = None  # we pool ourselves; keeps the checkpoint free of an unused layer
+        self.apply_memory_format()  # before any optimiser or DDP wrapper sees the parameters
 
     def forward_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False
                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         _check_pixel_values(pixel_values, self.config)
-        if self.channels_last:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        if self.training and self.is_fused:
+            raise RuntimeError("this image tower was fused for inference (fuse() folded its BatchNorm layers away) and "
+                               "cannot run in training mode; call .eval(), or load the unfused checkpoint to train")
+        self.apply_memory_format()
+        pixel_values = pixel_values.contiguous(memory_format=self.memory_format)
         if self.config.backbone == "efficientnet":
             embeddings = self.backbone.embeddings(pixel_values)
             out = self.backbone.encoder(embeddings, output_hidden_states=output_hidden_states, return_dict=True)
@@ -547,13 +618,86 @@ class LightClipConvVisionTower(nn.Module):
         stages = tuple(h.flatten(2).transpose(1, 2) for h in out.hidden_states) if output_hidden_states else None
         return tokens, stages
 
-    @property
-    def channels_last(self) -> bool:
-        """Whether the tower was moved to `torch.channels_last` (`model.to(memory_format=torch.channels_last)`, faster
-        on CPU); the inputs then follow."""
-        first = next(m for m in self.modules() if isinstance(m, nn.Conv2d))
-        return first.weight.dim() == 4 and first.weight.is_contiguous(memory_format=torch.channels_last) \
-            and not first.weight.is_contiguous()
+    def apply_memory_format(self) -> None:
+        """Lay the convolution weights out in `memory_format`, unless they already are. Loading a checkpoint gives
+        contiguous tensors, so `from_pretrained` and every forward call this (a stride check when nothing changes)."""
+        first = next(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d))
+        if not first.weight.is_contiguous(memory_format=self.memory_format):
+            self.backbone.to(memory_format=self.memory_format)
+
+    @torch.no_grad()
+    def fuse(self) -> "LightClipConvVisionTower":
+        """Reparameterise the tower for inference, in place: TensorFlow "SAME" zero padding moves into the
+        convolutions (`pad_into_conv`), every BatchNorm folds into the convolution before it (`fuse_conv_bn`), and the
+        activations after them run in place. The outputs stay equal to float rounding; eager inference gets faster
+        (`benchmarks/RESULTS.md`). A fused tower can no longer train."""
+        if self.training:
+            raise RuntimeError("fuse() folds BatchNorm's running statistics into the convolutions: call .eval() first")
+        if not self.is_fused:
+            self._fold_same_padding()
+            fuse_conv_bn(self.backbone)
+            self.is_fused = True
+            self.apply_memory_format()
+        return self
+
+    def _fold_same_padding(self) -> None:
+        """Move each explicit zero padding before a strided convolution into that convolution. Where the padding
+        depends on the input size (MobileNetV2's `tf_padding`, `Conv2dSame`), the sizes come from one forward of a
+        blank picture at `image_size`, the only size the tower accepts."""
+        backbone = self.backbone
+        if self.config.backbone == "efficientnet":
+            from transformers.models.efficientnet.modeling_efficientnet import (
+                EfficientNetDepthwiseLayer,
+                EfficientNetEmbeddings,
+            )
+
+            for module in backbone.modules():
+                if isinstance(module, EfficientNetEmbeddings):
+                    module.convolution = pad_into_conv(module.convolution, module.padding.padding)
+                    module.padding = nn.Identity()
+                elif isinstance(module, EfficientNetDepthwiseLayer) and module.stride == 2:  # only then it pads
+                    module.depthwise_conv = pad_into_conv(module.depthwise_conv, module.depthwise_conv_pad.padding)
+                    module.depthwise_conv_pad = nn.Identity()
+            return
+        if self.config.backbone == "efficientnet-lite":
+            targets = {name: m for name, m in backbone.named_modules() if isinstance(m, Conv2dSame) and m.stride[0] > 1}
+        elif self.config.backbone == "mobilenetv2" and backbone.config.tf_padding:
+            from transformers.models.mobilenet_v2.modeling_mobilenet_v2 import MobileNetV2ConvLayer
+
+            targets = {name: m for name, m in backbone.named_modules() if isinstance(m, MobileNetV2ConvLayer)}
+            if any(m.convolution.dilation != (1, 1) or m.config is not backbone.config for m in targets.values()):
+                return  # a dilated MobileNetV2 (output_stride < 32) keeps its padding
+        else:
+            return
+        sizes = self._input_sizes(list(targets.values()))
+        for name, module in targets.items():
+            if isinstance(module, Conv2dSame):
+                backbone.set_submodule(name, pad_into_conv(module, module.same_padding(sizes[module])))
+            else:
+                conv = module.convolution
+                pads = (*tf_same_padding(sizes[module][1], conv.kernel_size[1], conv.stride[1]),
+                        *tf_same_padding(sizes[module][0], conv.kernel_size[0], conv.stride[0]))
+                module.convolution = pad_into_conv(conv, pads)
+        if self.config.backbone == "mobilenetv2":
+            backbone.config.tf_padding = False  # the padding is in every convolution now
+
+    def _input_sizes(self, modules: list[nn.Module]) -> dict[nn.Module, tuple[int, int]]:
+        """The spatial size (H, W) of each module's input in a forward of a blank batch-1 picture."""
+        sizes = {}
+
+        def record(module: nn.Module, args: tuple) -> None:
+            sizes[module] = tuple(args[0].shape[-2:])
+
+        hooks = [m.register_forward_pre_hook(record) for m in modules]
+        weight = next(self.backbone.parameters())
+        size = self.config.image_size
+        try:
+            self.forward_features(torch.zeros(1, self.config.num_channels, size, size, dtype=weight.dtype,
+                                              device=weight.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return sizes
 
     def forward_head(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return last_hidden_state.mean(dim=1), last_hidden_state
@@ -611,7 +755,7 @@ class LightClipPreTrainedModel(PreTrainedModel):
         from safetensors import SafetensorError
 
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except SafetensorError as error:
             raise OSError(
                 f"{pretrained_model_name_or_path}: its safetensors weights cannot be read ({error}); the file is "
@@ -621,6 +765,18 @@ class LightClipPreTrainedModel(PreTrainedModel):
             if "safetensors" not in str(error):
                 raise
             raise OSError(_pickle_refusal_message(pretrained_model_name_or_path)) from error
+        for module in (loaded[0] if isinstance(loaded, tuple) else loaded).modules():
+            if isinstance(module, LightClipConvVisionTower):
+                module.apply_memory_format()  # loaded tensors are contiguous
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, refusing a model whose image tower was fused for inference: its weights
+        no longer have the checkpoint's layout (no BatchNorm), and a checkpoint always stays unfused."""
+        if any(isinstance(m, LightClipConvVisionTower) and m.is_fused for m in self.modules()):
+            raise ValueError("this model was fused for inference (fuse() folded its BatchNorm layers into the "
+                             "convolutions); save the model before fusing it, or load it again to save it")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -698,9 +854,29 @@ class LightClipModel(LightClipPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, fuse: bool = False, **kwargs):
+        """`LightClipPreTrainedModel.from_pretrained`; with `fuse=True` the loaded model (in eval mode) comes back
+        fused for inference (`fuse()`). The zero-shot pipeline passes it on: `pipeline(...,
+        model_kwargs={"fuse": True})`."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if fuse:
+            (loaded[0] if isinstance(loaded, tuple) else loaded).fuse()
+        return loaded
+
+    def fuse(self) -> "LightClipModel":
+        """Reparameterise a CNN image tower for inference, in place, and return the model: BatchNorm folded into the
+        convolutions, zero padding into the convolutions' own, activations in place
+        (`LightClipConvVisionTower.fuse`). Embeddings stay equal to float rounding and eager `encode_image` gets
+        faster; `export_towers` exports a fused copy. Needs eval mode. A fused model refuses a training-mode forward
+        and `save_pretrained()`: the checkpoint stays unfused, reload it for those. A ViT tower has nothing to fold."""
+        if isinstance(self.vision_model, LightClipConvVisionTower):
+            self.vision_model.fuse()
+        return self
+
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, with the zero-shot Auto class added to `auto_map` (one class can hold
-        only one auto class through `register_for_auto_class`)."""
+        """`LightClipPreTrainedModel.save_pretrained`, with the zero-shot Auto class added to `auto_map` (one class can
+        hold only one auto class through `register_for_auto_class`)."""
         out = super().save_pretrained(save_directory, *args, **kwargs)
         auto_map = getattr(self.config, "auto_map", None)
         if auto_map and "AutoModel" in auto_map:
