@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import platform
 import shlex
@@ -174,6 +175,47 @@ def make_batch(config, batch_size: int, device: torch.device, seed: int = 0) -> 
         "attention_mask": torch.ones_like(ids).to(device),
         "pixel_values": torch.randn(batch_size, vision.num_channels, size, size, generator=g).to(device),
     }
+
+
+def onnx_runtime(model, device: torch.device, int8: bool = False):
+    """`lightclip.export.OnnxClip` on the `export_towers` graphs of `model` (written to a temporary folder), with as
+    many intra-op threads as torch uses; `int8`: the dynamically quantised graphs. None (skipped) off the CPU or
+    without onnxruntime."""
+    if device.type != "cpu":
+        return None
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    import tempfile
+
+    from lightclip.export import OnnxClip, export_towers
+
+    folder = tempfile.mkdtemp(prefix="lightclip-onnx-")
+    export_towers(model, folder, check=False, int8=int8)
+    return OnnxClip(folder, threads=torch.get_num_threads(), int8=int8)
+
+
+# the ways `image_encoders` runs `encode_image`
+EAGER_NCHW, EAGER, EAGER_FUSED, ONNX_FP32 = "eager NCHW", "eager (default)", "eager fused", "ONNX Runtime fp32"
+
+
+def image_encoders(model, device: torch.device, nchw: bool = False) -> dict[str, Callable[[torch.Tensor], object]]:
+    """`encode_image` of one eval-mode `LightClipModel` in each way it can run, on the same weights: eager as built
+    (`channels_last` for a CNN tower); for a CNN also eager fused (`LightClipModel.fuse`, channels_last) and, with
+    `nchw`, eager in the contiguous NCHW layout (`memory_format = torch.contiguous_format`); and ONNX Runtime fp32 on
+    the `export_towers` graph (see `onnx_runtime`). Each callable takes pixel values."""
+    encoders = {EAGER: model.encode_image}
+    if model.config.vision_config.backbone != "vit":
+        if nchw:
+            contiguous = copy.deepcopy(model)
+            contiguous.vision_model.memory_format = torch.contiguous_format
+            encoders = {EAGER_NCHW: contiguous.encode_image, **encoders}
+        encoders[EAGER_FUSED] = copy.deepcopy(model).fuse().encode_image
+    clip = onnx_runtime(model, device)
+    if clip is not None:
+        encoders[ONNX_FP32] = lambda pixel_values: clip.encode_image(pixel_values.numpy())
+    return encoders
 
 
 def hf_clip_model(config):

@@ -2,10 +2,13 @@
 
 Both models run in eval mode under `torch.no_grad()` in one process, timed round-robin (see `_common.py`). Each
 backend is a function `config, device, args -> Encoders` returning the two embedding callables, so another runtime
-(ONNX Runtime, torch.compile) is one more entry in `BACKENDS`.
+(ONNX Runtime, torch.compile) is one more entry in `BACKENDS`. A CNN preset has no `CLIPModel` counterpart: its
+image tower runs eager in NCHW, eager as built (channels_last), eager fused (`LightClipModel.fuse`) and in ONNX
+Runtime on the exported graph of the same weights (`_common.image_encoders`), side by side.
 
-    python benchmarks/inference.py            # xxs at 32 and 64 px, xs at 64 and 224 px (about 2 minutes on 2 cores)
+    python benchmarks/inference.py            # xxs at 32 and 64 px, xs at 64 and 224 px, the CNN presets at 224 px
     python benchmarks/inference.py --quick    # xxs 64 px and xs 64 px only, 3 rounds
+    python benchmarks/inference.py --threads 1 --settings lightclip-mobilenetv2:224   # one CNN preset, batch 16
     python benchmarks/inference.py --device cuda --bf16 --batch-size 256
 """
 
@@ -68,20 +71,11 @@ def onnxruntime_backend(config, device, args, int8: bool = False) -> Encoders | 
     """The same `encode_*` computation exported to ONNX (`lightclip.export.export_towers`) and run by ONNX Runtime's
     CPU provider with as many intra-op threads as torch uses; `int8`: the dynamically quantised graphs. CPU only;
     None (skipped) elsewhere or without onnxruntime."""
-    if device.type != "cpu":
-        return None
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return None
-    import tempfile
-
     from lightclip import LightClipModel
-    from lightclip.export import OnnxClip, export_towers
 
-    folder = tempfile.mkdtemp(prefix="lightclip-onnx-")
-    export_towers(LightClipModel(config).eval(), folder, check=False, int8=int8)
-    clip = OnnxClip(folder, threads=torch.get_num_threads(), int8=int8)
+    clip = _common.onnx_runtime(LightClipModel(config).eval(), device, int8=int8)
+    if clip is None:
+        return None
     return Encoders(
         image=lambda b: clip.encode_image(b["pixel_values"].numpy()),
         text=lambda b: clip.encode_text(b["input_ids"].numpy(), b["attention_mask"].numpy()),
@@ -97,8 +91,10 @@ BACKENDS: dict[str, Callable] = {
 }
 REFERENCE = "CLIPModel"
 
-# (preset, image size); the quick run keeps the first two
-DEFAULT_SETTINGS = [("lightclip-xxs", 64), ("lightclip-xs", 64), ("lightclip-xxs", 32), ("lightclip-xs", 224)]
+# (preset, image size); the quick run keeps the first two; CNN presets run at their native size
+DEFAULT_SETTINGS = [("lightclip-xxs", 64), ("lightclip-xs", 64), ("lightclip-xxs", 32), ("lightclip-xs", 224),
+                    ("lightclip-mobilenetv2", 224), ("lightclip-efficientnet-b0", 224),
+                    ("lightclip-efficientnet-lite0", 224)]
 
 
 def measure(preset: str, image_size: int, args, device) -> list[dict]:
@@ -118,6 +114,36 @@ def measure(preset: str, image_size: int, args, device) -> list[dict]:
                              batch=batch_size, items_per_s=batch_size / times.median(name),
                              speedup=1 / times.ratio(name, REFERENCE)))
     return rows
+
+
+def measure_cnn(preset: str, image_size: int, args, device) -> list[dict]:
+    """Images/s of a CNN preset's `encode_image` in each way of `_common.image_encoders` (NCHW included), with each
+    one's speed relative to eager NCHW and its time relative to ONNX Runtime fp32, paired in the same rounds."""
+    from lightclip import LightClipModel
+
+    config = _common.lightclip_config(preset, image_size)
+    batch_size = args.batch_size or 16
+    pixels = _common.make_batch(config, batch_size, device, seed=args.seed)["pixel_values"]
+    torch.manual_seed(args.seed)
+    encoders = _common.image_encoders(LightClipModel(config).eval().to(device), device, nchw=True)
+    fns = {name: (lambda f=f: f(pixels)) for name, f in encoders.items()}
+    with torch.no_grad(), _common.autocast(args, device):
+        times = _common.time_interleaved(fns, device, args.warmup, args.repeats)
+    nan = float("nan")
+    return [dict(preset=preset, image_size=image_size, batch=batch_size, backend=name,
+                 items_per_s=batch_size / times.median(name),
+                 vs_nchw=times.ratio(_common.EAGER_NCHW, name),
+                 vs_onnx=times.ratio(name, _common.ONNX_FP32) if _common.ONNX_FP32 in times else nan)
+            for name in times]
+
+
+def cnn_table(rows: list[dict]) -> str:
+    out = ["| preset | image px | batch | backend | images/s | speed vs eager NCHW | time vs ONNX Runtime fp32 |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['preset']} | {r['image_size']} | {r['batch']} | {r['backend']} | {r['items_per_s']:,.1f} | "
+                   f"{r['vs_nchw']:.2f}x | {r['vs_onnx']:.2f}x |")
+    return "\n".join(out)
 
 
 def table(rows: list[dict]) -> str:
@@ -142,28 +168,41 @@ def onnx_summary(rows: list[dict], eager: str = "lightclip encode_*") -> str:
 
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0], "Runs xxs and xs at 64 px only.")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 64 (32 at 224 px)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: 64 (32 at 224 px) for ViT presets, 16 for CNN presets")
     p.add_argument("--settings", nargs="*", default=None, metavar="PRESET:PX",
-                   help="e.g. lightclip-xs:224 (default: xxs:64 xs:64 xxs:32 xs:224)")
+                   help="e.g. lightclip-xs:224 lightclip-mobilenetv2:224 (default: xxs:64 xs:64 xxs:32 xs:224, then "
+                        "mobilenetv2, efficientnet-b0 and efficientnet-lite0 at 224)")
     args = p.parse_args()
     device = _common.setup(args, default_repeats=5, quick_repeats=3)
     if args.settings:
         settings = [(s.split(":")[0], int(s.split(":")[1])) for s in args.settings]
     else:
         settings = DEFAULT_SETTINGS[:2] if args.quick else DEFAULT_SETTINGS
-    rows = []
+    rows, cnn_rows = [], []
     for preset, size in settings:
-        rows += measure(preset, size, args, device)
+        if _common.lightclip_config(preset).vision_config.backbone == "vit":
+            rows += measure(preset, size, args, device)
+        else:
+            cnn_rows += measure_cnn(preset, size, args, device)
         print(f"done {preset} @ {size}px", file=sys.stderr, flush=True)
     print(_common.machine(args))
-    print()
-    print(table(rows))
-    print()
-    print("items/s: median round; speed vs CLIPModel: median over rounds of the paired time ratio (same round).")
-    summary = onnx_summary(rows)
-    if summary:
+    if rows:
         print()
-        print(summary)
+        print(table(rows))
+        print()
+        print("items/s: median round; speed vs CLIPModel: median over rounds of the paired time ratio (same round).")
+        summary = onnx_summary(rows)
+        if summary:
+            print()
+            print(summary)
+    if cnn_rows:
+        print()
+        print(cnn_table(cnn_rows))
+        print()
+        print("CNN image towers, encode_image: eager (default) runs channels_last, eager fused adds "
+              "LightClipModel.fuse(); ONNX Runtime runs the export_towers graph. Ratios: median over rounds of the "
+              "paired time ratio (same round).")
 
 
 if __name__ == "__main__":

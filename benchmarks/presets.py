@@ -1,7 +1,9 @@
 """The README preset table: parameters of `LightClipModel` (total, image tower, text tower) and CPU images/s.
 
-Inference images/s: `encode_image`, eval, no_grad, batch 32 at the preset's native image size. Training images/s
-(`--train`): one "clip" step (forward, backward, AdamW) with batch 32 and full-length text.
+Inference images/s: `encode_image`, eval, no_grad, batch 32 at the preset's native image size, eager as built
+(channels_last for a CNN tower), eager fused (`LightClipModel.fuse`, CNN towers) and ONNX Runtime fp32 on the
+`export_towers` graph, timed side by side (`_common.image_encoders`). Training images/s (`--train`): one "clip" step
+(forward, backward, AdamW) with batch 32 and full-length text.
 
     python benchmarks/presets.py            # inference only (about 1-2 minutes on 2 cores)
     python benchmarks/presets.py --train    # adds training images/s (a few minutes more)
@@ -33,17 +35,16 @@ def preset_row(name: str, args, device) -> dict:
         text=_common.num_params(model.text_model) + _common.num_params(model.text_projection),
     )
     batch = _common.make_batch(config, args.batch_size, device, seed=args.seed)
-    fns = {"infer": lambda: model.encode_image(batch["pixel_values"])}
-    if args.train:
-        trainer = LightClipForPreTraining(config).train().to(device)
-        fns["train"] = make_step(trainer, lambda: trainer(**batch).loss, args, device)
+    infer = {name: (lambda f=f: f(batch["pixel_values"])) for name, f in _common.image_encoders(model, device).items()}
     with _common.autocast(args, device):
         with torch.no_grad():
-            row["infer"] = args.batch_size / _common.time_interleaved(
-                {"infer": fns["infer"]}, device, args.warmup, args.repeats).median("infer")
+            times = _common.time_interleaved(infer, device, args.warmup, args.repeats)
+        row["infer"] = {name: args.batch_size / times.median(name) for name in times}
         if args.train:
+            trainer = LightClipForPreTraining(config).train().to(device)
+            step = make_step(trainer, lambda: trainer(**batch).loss, args, device)
             row["train"] = args.batch_size / _common.time_interleaved(
-                {"train": fns["train"]}, device, args.warmup, max(1, args.repeats // 2)).median("train")
+                {"train": step}, device, args.warmup, max(1, args.repeats // 2)).median("train")
     return row
 
 
@@ -59,8 +60,10 @@ def main() -> None:
     rows = [preset_row(name, args, device) for name in args.presets or list_presets()]
     print(_common.machine(args))
     print()
-    head = f"| preset | image tower | px | params (total) | image tower | text tower | CPU infer images/s (batch {args.batch_size}) |"
-    sep = "|---|---|---|---|---|---|---|"
+    ways = (_common.EAGER, _common.EAGER_FUSED, _common.ONNX_FP32)
+    head = ("| preset | image tower | px | params (total) | image tower | text tower | "
+            + " | ".join(f"CPU infer images/s (batch {args.batch_size}), {way}" for way in ways) + " |")
+    sep = "|---|---|---|---|---|---|---|---|---|"
     if args.train:
         head += f" CPU train images/s (batch {args.batch_size}) |"
         sep += "---|"
@@ -68,12 +71,14 @@ def main() -> None:
     print(sep)
     for r in rows:
         line = (f"| {r['preset']} | {r['backbone']} | {r['image_size']} | {r['total'] / 1e6:.2f} M | "
-                f"{r['image'] / 1e6:.2f} M | {r['text'] / 1e6:.2f} M | {r['infer']:,.0f} |")
+                f"{r['image'] / 1e6:.2f} M | {r['text'] / 1e6:.2f} M | "
+                + " | ".join(f"{r['infer'][way]:,.0f}" if way in r["infer"] else "-" for way in ways) + " |")
         if args.train:
             line += f" {r['train']:,.1f} |"
         print(line)
     print()
-    print("Image/text tower counts include their projection; the total adds the logit scale.")
+    print("Image/text tower counts include their projection; the total adds the logit scale. eager (default): "
+          "channels_last for a CNN tower; eager fused: LightClipModel.fuse() (a ViT has nothing to fuse).")
 
 
 if __name__ == "__main__":
