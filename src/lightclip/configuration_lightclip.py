@@ -347,7 +347,7 @@ class LightClipPretrainingConfig(PreTrainedConfig):
     sinkhorn_iterations: int = 10
     sinkhorn_unroll: bool = False  # backprop through the iterations (exact, slower) instead of a fixed plan
     hungarian_capacity: int = 2
-    hungarian_num_negatives: int = 4
+    hungarian_num_negatives: int | None = None  # None: match every pair (one score scale per row)
     # masked language modelling through the fusion module
     mlm_weight: float | int = 1.0
     mlm_probability: float | int = 0.15

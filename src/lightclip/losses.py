@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -455,7 +456,8 @@ def filip_pair_scores(image_tokens: Tensor, text_tokens: Tensor, text_mask: Tens
 def _capacity_matching(sim: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """Each word to one patch, each patch to at most `capacity` words, maximising the summed similarity.
 
-    sim (N, M) for the valid words only; returns (patch indices, word indices) of the matched entries.
+    sim (N, M) for the valid words only; returns (patch indices, word indices) of the matched entries. With more words
+    than N * capacity, the extra words stay unmatched (`hungarian_pair_scores` warns).
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -465,54 +467,100 @@ def _capacity_matching(sim: np.ndarray, capacity: int) -> tuple[np.ndarray, np.n
     return columns % n, words
 
 
+def _warn_if_over_capacity(text_mask: Tensor, num_patches: int, capacity: int) -> None:
+    """Words beyond the patches' capacity cannot be matched; say so rather than drop them silently.
+
+    The message depends only on N and the capacity, so Python's default filter shows it once per run.
+    """
+    limit = num_patches * capacity
+    if text_mask.numel() and int(text_mask.sum(-1).max()) > limit:
+        warnings.warn(
+            f"Hungarian matching: a caption has more valid words than patches x capacity ({num_patches} x {capacity} "
+            f"= {limit}); its extra words are left unmatched and its score averages the matched words only. "
+            "Raise hungarian_capacity to match every word.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _hungarian_chunk(
+    image_chunk: Tensor, text_tokens: Tensor, text_mask: Tensor, capacity: int, selected: Tensor
+) -> Tensor:
+    """Capacity-matched scores of the `selected` (c, B_txt) pairs of one image chunk, 0 elsewhere.
+
+    The assignments are solved on a detached copy; the scores gather the live similarities at the matched entries in
+    one indexing op, so the backward pass costs one scatter per chunk rather than one graph node per pair.
+    """
+    sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)  # (c, B_txt, N, M), live
+    sim_np, mask_np = sim.detach().cpu().numpy(), text_mask.cpu().numpy()
+    pair_i, pair_j, patch, word, weight = [], [], [], [], []
+    for i, j in zip(*np.nonzero(selected.cpu().numpy())):
+        words = np.flatnonzero(mask_np[j])
+        if len(words) == 0:
+            continue
+        patches, picked = _capacity_matching(sim_np[i, j][:, words], capacity)
+        pair_i.append(np.full(len(picked), i))
+        pair_j.append(np.full(len(picked), j))
+        patch.append(patches)
+        word.append(words[picked])
+        weight.append(np.full(len(picked), 1.0 / len(picked)))
+    scores = sim.new_zeros(sim.shape[:2])
+    if not pair_i:
+        return scores
+    i, j, p, w = (torch.as_tensor(np.concatenate(a), device=sim.device) for a in (pair_i, pair_j, patch, word))
+    values = sim[i, j, p, w] * torch.as_tensor(np.concatenate(weight), dtype=sim.dtype, device=sim.device)
+    return scores.index_put((i, j), values, accumulate=True)
+
+
+def _hard_pairs(scores: Tensor, num_negatives: int, labels: Tensor | None, dim: int) -> Tensor:
+    """(B_img, B_txt) bool: each query's positive and its `num_negatives` hardest negatives by `scores`."""
+    query_scores = scores.detach() if dim == 1 else scores.detach().T  # (queries, keys)
+    num_queries, num_keys = query_scores.shape
+    if labels is None:
+        labels = torch.arange(num_queries, device=scores.device)
+    hard = query_scores.scatter(1, labels[:, None], float("-inf"))
+    k = min(num_negatives, num_keys - 1)
+    keys = torch.cat([labels[:, None], hard.topk(k, dim=1).indices], dim=1)  # (queries, 1 + k)
+    selected = torch.zeros_like(query_scores, dtype=torch.bool).scatter(1, keys, True)
+    return selected if dim == 1 else selected.T
+
+
 @_full_precision
 def hungarian_pair_scores(
     image_tokens: Tensor,
     text_tokens: Tensor,
     text_mask: Tensor,
     capacity: int = 2,
-    num_negatives: int = 4,
+    num_negatives: int | None = None,
     labels: Tensor | None = None,
     dim: int = 1,
     chunk_size: int = 32,
 ) -> Tensor:
-    """Hungarian-with-capacity scores on the positives and hardest negatives, FILIP scores elsewhere; (B_img, B_txt).
+    """Hungarian-with-capacity score of every image with every text, (B_img, B_txt).
 
     The assignment is solved with scipy on detached similarities; the score gathers the live similarities at the
-    matched entries (mean over matched words), so gradients flow. It is CPU-bound, so only the positive pair of each
-    query and its `num_negatives` hardest in-batch negatives (by FILIP score) are matched.
+    matched entries (mean over matched words), so gradients flow. Words beyond N * capacity stay unmatched (warned).
 
-    Queries run along `dim`: `dim=1` means each image row is a query over the text columns, `dim=0` each text column
-    a query over the image rows. `labels` gives each query's positive index along the other axis (default arange).
-    Selecting per query keeps a local block of rows or columns exactly equal to the same block of the global matrix.
+    `num_negatives=None` (default) matches every pair, so all scores of a row share one scale. An integer k matches
+    only each query's positive and its k hardest in-batch negatives (by FILIP score) and keeps FILIP scores elsewhere:
+    cheaper, but two scales meet in one softmax (matched pairs score above their FILIP value; docs/method.md has the
+    measured gap). Queries run along `dim`: `dim=1` means each image row is a query over the text columns, `dim=0`
+    each text column a query over the image rows; `labels` gives each query's positive index along the other axis
+    (default arange). Selecting per query keeps a local block of rows or columns equal to the same global block.
     """
     (image_tokens, text_tokens), text_mask = _upcast(image_tokens, text_tokens), text_mask.bool()
-    scores = filip_pair_scores(image_tokens, text_tokens, text_mask, chunk_size)
-    query_scores = scores if dim == 1 else scores.T  # (queries, keys)
-    num_queries, num_keys = query_scores.shape
-    if labels is None:
-        labels = torch.arange(num_queries, device=scores.device)
-    hard = query_scores.detach().scatter(1, labels[:, None], float("-inf"))
-    k = min(num_negatives, num_keys - 1)
-    keys = torch.cat([labels[:, None], hard.topk(k, dim=1).indices], dim=1)  # (queries, 1 + k)
-    queries = torch.arange(num_queries, device=scores.device)[:, None].expand_as(keys)
-    pairs = torch.stack([queries.reshape(-1), keys.reshape(-1)], dim=1)
-    if dim == 0:
-        pairs = pairs.flip(1)  # to (image, text)
-    img_idx, txt_idx = pairs[:, 0], pairs[:, 1]
-
-    matched = []
-    for i, j in pairs.tolist():
-        words = text_mask[j].nonzero().squeeze(-1)
-        if len(words) == 0:
-            matched.append(scores.new_zeros(()))
-            continue
-        sim = image_tokens[i] @ text_tokens[j, words].T  # (N, M_j), live
-        patches, picked = _capacity_matching(sim.detach().cpu().numpy(), capacity)
-        p = torch.as_tensor(patches, device=sim.device)
-        w = torch.as_tensor(picked, device=sim.device)
-        matched.append(sim[p, w].mean())
-    return scores.index_put((img_idx, txt_idx), torch.stack(matched))
+    _warn_if_over_capacity(text_mask, image_tokens.shape[1], capacity)
+    shape = (image_tokens.shape[0], text_tokens.shape[0])
+    if num_negatives is None:
+        filip, selected = None, torch.ones(shape, dtype=torch.bool, device=image_tokens.device)
+    else:
+        filip = filip_pair_scores(image_tokens, text_tokens, text_mask, chunk_size)
+        selected = _hard_pairs(filip, num_negatives, labels, dim)
+    parts = _chunks(shape[0], chunk_size)
+    matched = torch.cat(
+        [_hungarian_chunk(image_tokens[p], text_tokens, text_mask, capacity, selected[p]) for p in parts]
+    )
+    return matched if filip is None else torch.where(selected, matched, filip)
 
 
 class TokenMatchingLoss(nn.Module):
@@ -520,7 +568,8 @@ class TokenMatchingLoss(nn.Module):
 
     The pair score S_tok(i, j) = sum Pi A / sum Pi aligns the patches of image i with the valid words of text j under a
     matching Pi: entropic OT (`"sinkhorn"`, our reading, default), Hungarian matching with patch capacity
-    (`"hungarian"`), or FILIP's independent max (`"filip"`, baseline). The loss is a symmetric InfoNCE over the global
+    (`"hungarian"`; every pair by default, or the positives and `num_negatives` hardest negatives with FILIP scores
+    elsewhere), or FILIP's independent max (`"filip"`, baseline). The loss is a symmetric InfoNCE over the global
     batch on S_tok, scaled by its own learnable temperature `logit_scale` (exponentiated, owned by the caller).
     """
 
@@ -530,7 +579,7 @@ class TokenMatchingLoss(nn.Module):
         epsilon: float = 0.05,
         iterations: int = 10,
         capacity: int = 2,
-        num_negatives: int = 4,
+        num_negatives: int | None = None,
         chunk_size: int = 32,
         unroll: bool = False,
     ) -> None:
@@ -568,7 +617,8 @@ class TokenMatchingLoss(nn.Module):
         """image_tokens (B, N, D) and text_tokens (B, M, D) L2-normalised; text_mask (B, M) bool, True = valid word."""
         labels = _global_labels(image_tokens.shape[0], image_tokens.device)
         _, world_size = world_info()
-        if world_size == 1 and self.method != "hungarian":
+        per_query = self.method == "hungarian" and self.num_negatives is not None  # pairs chosen per row / column
+        if world_size == 1 and not per_query:
             scores = self.pair_scores(image_tokens, text_tokens, text_mask)
             return {"token_loss": _symmetric_ce(logit_scale * scores, logit_scale * scores.T, labels)}
         # local image rows against all texts, and all images against the local text columns
