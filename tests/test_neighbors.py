@@ -406,33 +406,51 @@ def _reference_nce(queries, targets, scale):
     return torch.stack(losses).mean()
 
 
+class _TrainableLinearTeacher(Teacher):
+    """A teacher whose parameters require gradients, so that any path from a loss into it would leave a gradient."""
+
+    def __init__(self, modality: str, dim: int) -> None:
+        super().__init__(f"linear-{modality}", modality, dim)
+        self.tower = torch.nn.Linear(4, dim)
+
+    def _encode(self, batch: list, indices: torch.Tensor | None) -> torch.Tensor:
+        return self.tower(torch.stack(batch))
+
+
 def test_nn_and_xnn_losses_match_reference_and_never_reach_teachers(hand_bank):
     losses = pytest.importorskip("lightclip.losses")
-    teacher = ColorHogDescriptorTeacher()
     torch.manual_seed(0)
-    tiny_tower = torch.nn.Linear(4, 4)  # a teacher with parameters, to check gradients never reach it
-    for p in tiny_tower.parameters():
-        p.requires_grad_(False)
+    teachers = [_TrainableLinearTeacher("image", 6), _TrainableLinearTeacher("text", 8)]
+    inputs = torch.randn(6, 4)  # one input per bank row, seen by both teachers
+    bank = FeatureBank(*(t.encode(inputs).half() for t in teachers), hand_bank.image_nn, hand_bank.text_nn)
+    active = ActiveTeacherNeighbors(bank, *teachers)
+    teacher_params = [p for t in teachers for p in t.parameters()]
+    before = [p.detach().clone() for p in teacher_params]
     student_image = torch.randn(5, 10, requires_grad=True)
     student_text = torch.randn(5, 10, requires_grad=True)
     heads = torch.nn.ModuleDict({n: torch.nn.Linear(10, d) for n, d in
                                  (("image_nn", 6), ("text_nn", 8), ("image_xnn", 8), ("text_xnn", 6))})
+    optimizer = torch.optim.SGD([student_image, student_text, *heads.parameters(), *teacher_params], lr=0.5)
     scale = torch.tensor(math.log(1 / 0.07)).exp()
+    idx = torch.arange(5)
     for mode in ("x2", "x1"):
-        targets = hand_bank.lookup(torch.tensor([0, 1, 2, 3, 4]), xnn_mode=mode)
-        q = {n: F.normalize(h(student_image if n.startswith("image") else student_text), dim=-1)
-             for n, h in heads.items()}
-        nn_loss = losses.NeighborContrastiveLoss("nn")(q["image_nn"], q["text_nn"], targets["image_nn"],
-                                                        targets["text_nn"], scale)["nn_loss"]
-        xnn_loss = losses.NeighborContrastiveLoss("xnn")(q["image_xnn"], q["text_xnn"], targets["image_xnn"],
-                                                          targets["text_xnn"], scale)["xnn_loss"]
-        for loss, names in ((nn_loss, ("image_nn", "text_nn")), (xnn_loss, ("image_xnn", "text_xnn"))):
-            ref = 0.5 * sum(_reference_nce(q[n], targets[n], scale) for n in names)
-            torch.testing.assert_close(loss, ref)
-        (nn_loss + xnn_loss + tiny_tower(torch.randn(1, 4)).sum() * 0).backward()
-    assert student_image.grad is not None and all(h.weight.grad is not None for h in heads.values())
-    assert all(p.grad is None for p in tiny_tower.parameters()) and not list(teacher.parameters())
-    assert not hand_bank.image_features.requires_grad and not hand_bank.text_features.requires_grad
+        for targets in (bank.lookup(idx, xnn_mode=mode), active.lookup(idx, inputs[:5], inputs[:5], xnn_mode=mode)):
+            optimizer.zero_grad()
+            q = {n: F.normalize(h(student_image if n.startswith("image") else student_text), dim=-1)
+                 for n, h in heads.items()}
+            nn_loss = losses.NeighborContrastiveLoss("nn")(q["image_nn"], q["text_nn"], targets["image_nn"],
+                                                            targets["text_nn"], scale)["nn_loss"]
+            xnn_loss = losses.NeighborContrastiveLoss("xnn")(q["image_xnn"], q["text_xnn"], targets["image_xnn"],
+                                                              targets["text_xnn"], scale)["xnn_loss"]
+            for loss, names in ((nn_loss, ("image_nn", "text_nn")), (xnn_loss, ("image_xnn", "text_xnn"))):
+                ref = 0.5 * sum(_reference_nce(q[n], targets[n], scale) for n in names)
+                torch.testing.assert_close(loss, ref)
+            (nn_loss + xnn_loss).backward()
+            assert student_image.grad is not None and all(h.weight.grad is not None for h in heads.values())
+            assert all(p.requires_grad and p.grad is None for p in teacher_params)
+            optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(teacher_params, before))
+    assert not bank.image_features.requires_grad and not bank.text_features.requires_grad
 
 
 def test_teacher_parameters_get_no_gradient(tmp_path):
