@@ -195,6 +195,18 @@ def _masked_word_logits(model, ids: torch.Tensor, pixels: torch.Tensor, position
                   attention_mask=mask)
 
 
+@pytest.mark.parametrize("source", ["last", "multiscale"])
+@pytest.mark.parametrize("detach", [False, True])
+def test_mlm_loss_alone_trains_the_image_tower_unless_detached(text_batch, source, detach):
+    """The contrastive loss also reaches the image tower, so only the MLM loss is backpropagated here."""
+    model = build(objectives="mlm", fusion_image_source=source, fusion_detach_image=detach).train()
+    model(**inputs(text_batch)).losses["mlm_loss"].backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("lightclip.vision_model.")]
+    reached = sum(0.0 if g is None else float(g.abs().sum()) for g in grads)
+    assert (reached == 0.0) if detach else (reached > 0.0)
+    assert model.objectives["mlm"].fusion.image_proj[0].weight.grad.abs().sum() > 0  # the fusion trains either way
+
+
 @pytest.mark.parametrize("word_attention", [True, False])
 def test_mlm_reads_the_words_on_both_sides(word_attention):
     """ALBEF-style MLM: a masked word's logits depend on the words to its right (the text tower is causal, so only
