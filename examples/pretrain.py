@@ -718,6 +718,8 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
                           "images_per_sec": round(seen / max(elapsed, 1e-9), 1)}
                 record.update(unwrapped.log_values(), nonfinite_steps=run.nonfinite_steps,
                               skipped_samples=skips.num_skipped)  # this process's count so far
+                if args.active_teacher:  # proof that the neighbours were searched online, this process's count
+                    record["active_teacher_rows"] = run.bank.rows_searched
                 log.write(record)
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=record["images_per_sec"])

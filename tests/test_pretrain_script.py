@@ -122,6 +122,8 @@ def test_clip_ping_builds_a_bank_and_trains_with_active_teachers(tmp_path):
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 2 and all(r["nn_loss"] > 0 and r["xnn_loss"] > 0 for r in steps)
+    batch = json.loads((out / "train_config.json").read_text())["per_device_train_batch_size"]
+    assert [r["active_teacher_rows"] for r in steps] == [batch, 2 * batch]  # every row searched by the online teachers
 
 
 def test_one_cpu_process_uses_every_core_although_launchers_set_one_thread(tmp_path):

@@ -694,6 +694,7 @@ class ActiveTeacherNeighbors:
         self.text_keys = bank.text_features.float() if fits else bank.text_features
         self.image_groups = duplicate_groups(bank.image_features)
         self.text_groups = duplicate_groups(bank.text_features)
+        self.rows_searched = 0  # batch rows whose neighbours came from the online teachers, for the train log
 
     def search(self, queries: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor, indices: torch.Tensor,
                top_k: int, generator) -> torch.Tensor:
@@ -715,6 +716,7 @@ class ActiveTeacherNeighbors:
         q_t = self.text_teacher.encode(texts, indices=indices).cpu()
         n_i = self.search(q_i, self.image_keys, self.image_groups, indices, top_k, generator)
         n_t = self.search(q_t, self.text_keys, self.text_groups, indices, top_k, generator)
+        self.rows_searched += len(indices)
         return self.bank.lookup(indices, xnn_mode=xnn_mode, device=device, neighbors=(n_i, n_t))
 
     def state_dict(self) -> dict:
