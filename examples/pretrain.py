@@ -591,8 +591,6 @@ def prepare_training(args, accelerator: Accelerator, train_dataset, bank, valida
     model = build_model(args, config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if config.vision_config.backbone != "vit":  # convolutions run faster in channels_last (timm's --channels-last)
-        model.lightclip.vision_model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.lightclip.parameters())
     n_train = sum(p.numel() for p in model.parameters()) - n_params
     logger.info("model: %s, %.2f M inference parameters (+%.2f M training-only), objectives %s",
