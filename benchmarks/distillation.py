@@ -19,10 +19,10 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+from train_step import make_step  # noqa: E402
 
 
 def default_teacher(folder: str, image_size: int) -> str:
@@ -63,17 +63,8 @@ def main() -> None:
         config = LightClipConfig.from_preset(args.student, objectives=objectives,
                                              distill_teacher_dim=store.image_dim)
         model = LightClipForPreTraining(config).train().to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-
-        def step() -> None:
-            kwargs = {} if targets is None else {"teacher_targets": targets()}
-            optimizer.zero_grad(set_to_none=True)
-            with _common.autocast(args, device):
-                loss = model(**inputs, **kwargs).loss
-            loss.backward()
-            optimizer.step()
-
-        return step
+        return make_step(model, lambda: model(**inputs, **({} if targets is None else
+                                                           {"teacher_targets": targets()})).loss, args, device)
 
     def online() -> dict:
         image, text, scale = teacher.embed(batch)
