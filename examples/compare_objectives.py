@@ -4,7 +4,8 @@ then print the README results table (zero-shot top-1 on seen / unseen compositio
     python examples/compare_objectives.py --max_train_steps 600 --output_dir runs/compare
 
 Every run is `accelerate launch examples/pretrain.py ...`; the CLIP-PING runs share one feature bank built with the
-default teachers (MiniLM text encoder, colour-HOG image descriptor). Extra arguments go to every run.
+default teachers (MiniLM text encoder; EfficientNet-Lite0 ImageNet-1k image encoder, or the non-learned colour-HOG
+descriptor without `lightclip[teachers]`). Extra arguments go to every run.
 """
 
 import argparse
