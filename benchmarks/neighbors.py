@@ -1,27 +1,42 @@
 #!/usr/bin/env python
-"""Benchmark of CLIP-PING neighbour mining (lightclip.neighbors) on random features.
+"""Benchmark of CLIP-PING neighbour mining (lightclip.neighbors) on random features, and of a feature-bank build.
 
     python benchmarks/neighbors.py                                  # exact top-1, N = 100k, 384-d
     python benchmarks/neighbors.py --n 1000000 --exact_queries 20000 --faiss   # 1M: exact timed on a query subset
     python benchmarks/neighbors.py --n 100000 --no-exact --active   # A-CLIP-PING cost per step vs bank lookup
+    python benchmarks/neighbors.py --no-exact --bank_build          # build_feature_bank on 1000 shapes pictures
+    python benchmarks/neighbors.py --no-exact --bank_build --bank_images 4000 --bank_image_teachers efficientnet-lite0
 
 Reports, as one JSON line per measurement:
 - exact: wall time, achieved FLOP/s (2·Nq·N·D) as a fraction of the fp32 matmul FLOP/s of one block product
   (block_size × D @ D × block_size) measured in the same run, and memory (peak RSS during mining, and its increase
   over the RSS before mining, sampled every 5 ms from /proc/self/status);
 - faiss: IVF build + search time for all N queries, top-1 recall against the exact search on sampled queries;
-- active: per-step cost of `FeatureBank.lookup` vs `ActiveTeacherNeighbors` search (teacher forward timed apart).
+- active: per-step cost of `FeatureBank.lookup` vs `ActiveTeacherNeighbors` search, and apart from it the forward
+  of each teacher on one batch of rendered lightclip-shapes pictures (64 px) and their captions, after one warm-up
+  call: `descriptor:color-hog`, `efficientnet-lite0` (EfficientNet-Lite0 on ImageNet-1k, 224 px) and all-MiniLM-L6-v2;
+  a teacher whose package is not installed gets a `<name>_forward: "skipped: ..."` note instead of a time;
+- bank-build: `build_feature_bank` on the lightclip-shapes train split (`--bank_images` pictures), one record per image
+  teacher (`--bank_image_teachers`) with the default MiniLM text teacher (loaded once, shared by the records),
+  written into a temporary folder: seconds per 1,000 images for the whole build (fingerprint, decoding, both
+  teachers, mining, writing; the image teacher starts cold), and for `teacher.encode` alone on the same pictures /
+  captions in batches of the builder's default batch size (timed after the build, i.e. warm), plus peak RSS of the
+  process (teacher weights included; process-wide, so a later record also holds what earlier ones left resident:
+  pass one image teacher per run for a clean figure).
 
-Features are a mixture of 1000 Gaussian clusters on the sphere (an unstructured uniform cloud has no meaningful
-nearest neighbour in 384-d and makes IVF recall meaningless), L2-normalised and stored fp16 as in a bank.
+Features (exact, faiss, active) are a mixture of 1000 Gaussian clusters on the sphere (an unstructured uniform cloud
+has no meaningful nearest neighbour in 384-d and makes IVF recall meaningless), L2-normalised and stored fp16 as in a
+bank.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
+import tempfile
 import threading
 import time
 
@@ -95,6 +110,39 @@ def machine() -> dict:
 
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
+
+
+def shapes_train_split(n: int):
+    """The lightclip-shapes train split of n rows (64 px renders), its decoded pictures and the caption a bank encodes
+    for each row (the first: caption_index=0)."""
+    from lightclip.shapes import make_shapes_dataset
+
+    dataset = make_shapes_dataset("train", num_samples=n)
+    return dataset, list(dataset["image"]), [captions[0] for captions in dataset["captions"]]
+
+
+def load_teacher_or_note(spec: str | None, modality: str):
+    """(teacher, seconds to load it, None), or (None, None, "skipped: <why>") when its package is not installed."""
+    from lightclip.teachers import load_teacher
+
+    t = time.perf_counter()
+    try:
+        teacher = load_teacher(spec, modality)
+    except ImportError as e:
+        return None, None, f"skipped: {e}"
+    return teacher, time.perf_counter() - t, None
+
+
+def encode_seconds(teacher, items, batch_size: int | None = None) -> float:
+    """Wall time of `teacher.encode` over `items`, in batches of `batch_size` (one batch when None)."""
+    batch_size = batch_size or len(items)
+    total = 0.0
+    for s in range(0, len(items), batch_size):
+        batch = items[s:s + batch_size]
+        t = time.perf_counter()
+        teacher.encode(batch)
+        total += time.perf_counter() - t
+    return total
 
 
 def bench_exact(feats, args):
@@ -178,24 +226,56 @@ def bench_active(feats, args):
     med = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
     record = {"what": "active-vs-lookup", "n": n, "batch": args.batch, "lookup_ms": round(med["lookup"] * 1e3, 2),
               "active_search_ms": round(med["active"] * 1e3, 1)}
-    try:  # teacher forward of the default teachers on one batch (not included above)
-        from PIL import Image
-
-        from lightclip.teachers import load_teacher
-
-        images = [Image.new("RGB", (64, 64), (i % 256, 0, 0)) for i in range(args.batch)]
-        descriptor = load_teacher("descriptor:color-hog", "image")
-        t = time.perf_counter()
-        descriptor.encode(images)
-        record["descriptor_forward_ms"] = round((time.perf_counter() - t) * 1e3, 1)
-        minilm = load_teacher(None, "text")
-        texts = [f"a small red circle number {i} to the left of a blue square" for i in range(args.batch)]
-        t = time.perf_counter()
-        minilm.encode(texts)
-        record["minilm_forward_ms"] = round((time.perf_counter() - t) * 1e3, 1)
-    except ImportError as e:
-        record["teacher_forward"] = f"skipped: {e}"
+    # teacher forward on one batch (not included above), after one warm-up call: the steady per-step cost
+    _, images, texts = shapes_train_split(args.batch)
+    for key, spec, modality, batch in (("descriptor", "descriptor:color-hog", "image", images),
+                                       ("efficientnet_lite0", "efficientnet-lite0", "image", images),
+                                       ("minilm", None, "text", texts)):
+        teacher, _, note = load_teacher_or_note(spec, modality)
+        if teacher is None:
+            record[f"{key}_forward"] = note
+            continue
+        encode_seconds(teacher, batch[:2])
+        record[f"{key}_forward_ms"] = round(encode_seconds(teacher, batch) * 1e3, 1)
     emit(record)
+
+
+def bench_bank_build(args):
+    from lightclip.neighbors import build_feature_bank
+
+    batch_size = inspect.signature(build_feature_bank).parameters["batch_size"].default
+    dataset, images, captions = shapes_train_split(args.bank_images)
+    n = len(dataset)
+    base = {"what": "bank-build", "images": n, "image_px": images[0].size[0] if n else None, "batch_size": batch_size}
+    text_teacher, text_load, note = load_teacher_or_note(None, "text")
+    if text_teacher is None:
+        emit({**base, "text_teacher": "default", "note": note})
+        return
+
+    def per_1k(seconds):
+        return round(seconds * 1000 / max(n, 1), 2)
+
+    for spec in args.bank_image_teachers:
+        record = {**base, "image_teacher": spec, "text_teacher": text_teacher.name}
+        with PeakMemory() as mem:
+            image_teacher, image_load, note = load_teacher_or_note(spec, "image")
+            if image_teacher is None:
+                emit({**record, "note": note})
+                continue
+            with tempfile.TemporaryDirectory() as out_dir:
+                t = time.perf_counter()
+                build_feature_bank(dataset, image_teacher, text_teacher, out_dir, show_progress=False)
+                build = time.perf_counter() - t
+            image_seconds = encode_seconds(image_teacher, images, batch_size)
+            text_seconds = encode_seconds(text_teacher, captions, batch_size)
+        record.update({
+            "image_teacher": image_teacher.name, "build_seconds": round(build, 2),
+            "build_s_per_1k": per_1k(build), "image_encode_s_per_1k": per_1k(image_seconds),
+            "text_encode_s_per_1k": per_1k(text_seconds),
+            "image_teacher_load_seconds": round(image_load, 2), "text_teacher_load_seconds": round(text_load, 2),
+            "peak_rss_gb": round(mem.peak / 2**30, 3), "rss_before_gb": round(mem.before / 2**30, 3)})
+        emit(record)
+        del image_teacher
 
 
 def main():
@@ -215,17 +295,24 @@ def main():
     parser.add_argument("--active", action="store_true", help="A-CLIP-PING cost per step vs bank lookup.")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--bank_build", action="store_true",
+                        help="Time build_feature_bank on the lightclip-shapes train split, per image teacher.")
+    parser.add_argument("--bank_images", type=int, default=1000)
+    parser.add_argument("--bank_image_teachers", nargs="+", default=["descriptor:color-hog", "efficientnet-lite0"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     emit({"what": "machine", **machine()})
-    feats = clustered_features(args.n, args.dim)
+    if args.exact or args.faiss or args.active:
+        feats = clustered_features(args.n, args.dim)
     if args.exact:
         bench_exact(feats, args)
     if args.faiss:
         bench_faiss(feats, args)
     if args.active:
         bench_active(feats, args)
+    if args.bank_build:
+        bench_bank_build(args)
 
 
 if __name__ == "__main__":
