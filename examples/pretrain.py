@@ -67,8 +67,9 @@ class ModelArguments:
         "help": "Freeze the image tower except its last --lock_image_unlocked_groups."})
     lock_image_unlocked_groups: int = field(default=0, metadata={
         "help": "Groups (stem, stages, head) left trainable at the end of a locked image tower."})
-    lock_image_freeze_bn_stats: bool = field(default=False, metadata={
-        "help": "Keep the locked groups' BatchNorm statistics (eval mode) instead of batch statistics."})
+    lock_image_freeze_bn_stats: bool = field(default=True, metadata={
+        "help": "Keep the locked groups' BatchNorm statistics (eval mode), so that a locked tower is saved unchanged; "
+                "--no_lock_image_freeze_bn_stats lets them follow the training batches."})
     lock_text: bool = field(default=False, metadata={
         "help": "Freeze the text tower except its last --lock_text_unlocked_layers."})
     lock_text_unlocked_layers: int = field(default=0, metadata={

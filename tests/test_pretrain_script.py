@@ -158,14 +158,15 @@ def test_two_process_cpu_run_completes(tmp_path):
 
 
 def test_imagenet_start_and_locked_tower(tmp_path):
-    """An efficientnet-lite preset starts from the released ImageNet weights; locked groups leave training unchanged."""
+    """An efficientnet-lite preset starts from the released ImageNet weights; locked groups leave training unchanged,
+    BatchNorm statistics included, without asking for it."""
     from lightclip import LightClipConfig, LightClipModel
     from lightclip.pretrained_towers import load_efficientnet_lite_imagenet
 
     out = tmp_path / "run"
     run_script(["--output_dir", str(out), "--model", "lightclip-efficientnet-lite0", "--image_size", "32",
                 "--objectives", "clip", "--max_train_steps", "2", "--lock_image", "--lock_image_unlocked_groups", "2",
-                "--lock_image_freeze_bn_stats", "--lock_text", "--lock_text_freeze_layer_norm",
+                "--lock_text", "--lock_text_freeze_layer_norm",
                 "--checkpointing_steps", "1"])
     trained = load_file(out / "model.safetensors")
     reference = LightClipModel(LightClipConfig.from_preset("lightclip-efficientnet-lite0", vision_config=dict(image_size=32)))
