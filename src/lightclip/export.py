@@ -8,7 +8,8 @@
 - `preprocessing.json`: image size, resize / crop, rescale, mean / std, tokenizer file, context length, special ids,
   how over-long text is cut (keeping the end-of-text token), and the logit scale;
 - the tokenizer (`tokenizer.json`, `tokenizer_config.json`) and image processor (`preprocessor_config.json`) files;
-- with `int8=True`, dynamically quantised copies of both graphs (`*.int8.onnx`, about 2x faster on CPU).
+- with `int8`, quantised copies of both graphs (`*.int8.onnx`): a CNN image graph statically (calibrated on real
+  preprocessed images), a ViT image graph and the text graph dynamically; `preprocessing.json` records which.
 
 Both graphs compute `LightClipModel.encode_image` / `encode_text` (the last layer runs for the pooled token only).
 torch 2.13's default exporter (`dynamo=True`) needs `onnxscript`, which lightclip does not depend on; the TorchScript
@@ -23,8 +24,11 @@ import copy
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +37,9 @@ TEXT_FILE = "text_encoder.onnx"
 PREPROCESSING_FILE = "preprocessing.json"
 INT8_SUFFIX = ".int8.onnx"
 DEFAULT_OPSET = 17
+INT8_MODES = ("auto", "static", "dynamic")
+# Calibration images for static quantisation: a few hundred settle the activation ranges of the shipped CNN towers.
+CALIBRATION_SIZE = 256
 
 
 class ImageEncoder(nn.Module):
@@ -123,15 +130,63 @@ def _example_text(config, tokenizer=None) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def int8_methods(config, int8: bool | str) -> dict[str, str]:
+    """The quantisation method of each graph ("static" or "dynamic"; empty when `int8` is False).
+
+    `int8=True` or "auto": a CNN image graph static, everything else dynamic. Dynamic quantisation of a CNN's
+    convolutions (activation ranges taken per tensor at run time, through every depthwise stage) bent the shipped
+    EfficientNet-Lite0 embeddings to cosine 0.86, so "dynamic" keeps a CNN's convolutions in float32 and quantises its
+    projection only. "static" is for CNN image towers only: the ViT and the text tower stay dynamic (their matrix
+    products quantise well at run time and need no calibration data)."""
+    if int8 is False or int8 is None:
+        return {}
+    mode = "auto" if int8 is True else int8
+    if mode not in INT8_MODES:
+        raise ValueError(f"int8 must be a bool or one of {INT8_MODES}, not {int8!r}")
+    cnn = config.vision_config.backbone != "vit"
+    if mode == "static" and not cnn:
+        raise ValueError("int8='static' quantises CNN image towers; a ViT is quantised dynamically (int8='auto')")
+    return {"image_encoder": "static" if cnn and mode != "dynamic" else "dynamic", "text_encoder": "dynamic"}
+
+
+def _quantize_dynamic(source: Path, target: Path, cnn_image: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ops = ["MatMul", "Gemm"] if cnn_image else None  # a CNN keeps its convolutions float (see `int8_methods`)
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=ops)
+
+
+def _quantize_static(source: Path, target: Path, pixel_values: np.ndarray, batch_size: int = 32) -> None:
+    """QDQ int8 with per-channel weights; activation ranges from `pixel_values` (MinMax).
+
+    Weights use 7 bits (`reduce_range`): on x86 CPUs without VNNI, onnxruntime multiplies uint8 activations by int8
+    weights through int16 pair sums that saturate. With full-range weights the Lite0 image embeddings of the shipped
+    checkpoint fell to a minimum cosine of 0.65 to float32 on the shapes test split; with 7-bit weights, 0.93."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(pixel_values[i : i + batch_size] for i in range(0, len(pixel_values), batch_size))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"pixel_values": batch}
+
+    quantize_static(
+        str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )
+
+
 def export_towers(model, output_dir: str | os.PathLike, opset: int = DEFAULT_OPSET, tokenizer=None,
-                  check: bool = True, int8: bool = False) -> dict[str, Path]:
+                  check: bool = True, int8: bool | str = False, calibration: Any = None) -> dict[str, Path]:
     """Write `image_encoder.onnx` and `text_encoder.onnx` for an in-memory `LightClipModel` (exported from a float32,
     eval-mode, fused copy; `model` itself is left as it is).
 
-    `tokenizer` only supplies a realistic traced example; any padded batch gives the same graph. With `int8=True`,
-    also `image_encoder.int8.onnx` and `text_encoder.int8.onnx`: onnxruntime's dynamic quantisation (int8 weights,
-    activations quantised per batch at run time), about 2x faster on CPU and no longer bit-close to PyTorch. A CNN
-    image tower keeps its convolutions in float32 (only its projection is quantised)."""
+    `tokenizer` only supplies a realistic traced example; any padded batch gives the same graph. With `int8` (True,
+    "auto", "static" or "dynamic", see `int8_methods`), also `image_encoder.int8.onnx` and `text_encoder.int8.onnx`,
+    no longer bit-close to PyTorch: measure their accuracy (`examples/export_onnx.py --evaluate`). Static quantisation
+    needs `calibration`: preprocessed `pixel_values` `(N, 3, S, S)` of real images like those the model will see."""
     if opset < 17:
         raise ValueError("opset must be >= 17 (LayerNormalization is an ONNX op from 17 on)")
     output_dir = Path(output_dir)
@@ -165,35 +220,76 @@ def export_towers(model, output_dir: str | os.PathLike, opset: int = DEFAULT_OPS
 
         for path in paths.values():
             onnx.checker.check_model(str(path))
-    if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        # Dynamic quantisation of a CNN's convolutions (activations quantised per tensor at run time, through every
-        # depthwise stage) bent the shipped EfficientNet-Lite0 embeddings to cosine 0.86: a CNN tower keeps them float.
-        cnn = model.config.vision_config.backbone != "vit"
-        for name in ("image_encoder", "text_encoder"):
-            target = output_dir / (name + INT8_SUFFIX)
-            ops = ["MatMul", "Gemm"] if cnn and name == "image_encoder" else None
-            quantize_dynamic(str(paths[name]), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=ops)
-            paths[name + "_int8"] = target
+    cnn = model.config.vision_config.backbone != "vit"
+    for name, method in int8_methods(model.config, int8).items():
+        target = output_dir / (name + INT8_SUFFIX)
+        if method == "static":
+            if calibration is None:
+                raise ValueError("static int8 needs calibration pixel_values (or int8='dynamic')")
+            _quantize_static(paths[name], target, np.asarray(calibration, dtype=np.float32))
+        else:
+            _quantize_dynamic(paths[name], target, cnn_image=cnn and name == "image_encoder")
+        paths[name + "_int8"] = target
     return paths
 
 
+def shapes_calibration_images(num_images: int = CALIBRATION_SIZE) -> list:
+    """The first `num_images` pictures of the built-in shapes train split (never the test split), as RGB images."""
+    from .data import load_rgb_image
+    from .shapes import make_shapes_dataset
+
+    return [load_rgb_image(image) for image in make_shapes_dataset("train", num_samples=num_images)["image"]]
+
+
+def quantization_spec(config, methods: dict[str, str], calibration: str | None = None) -> dict[str, dict]:
+    """How each `*.int8.onnx` graph was quantised (the "quantization" entry of preprocessing.json)."""
+    spec = {}
+    for name, method in methods.items():
+        entry = {"file": name + INT8_SUFFIX, "method": method}
+        if method == "static":
+            entry.update(format="QDQ", weights="int8, per output channel, 7-bit range",
+                         activations="uint8, per tensor, MinMax ranges of the calibration images",
+                         calibration=calibration)
+        else:
+            entry.update(weights="int8, per tensor", activations="uint8, range of each batch at run time")
+            if name == "image_encoder" and config.vision_config.backbone != "vit":
+                entry["quantized_ops"] = "MatMul, Gemm (the convolutions stay float32)"
+        spec[name] = entry
+    return spec
+
+
 def export_onnx(model_dir: str | os.PathLike, output_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                check: bool = True, int8: bool = False) -> dict[str, Path]:
-    """Export both towers of a saved lightclip folder to ONNX (see the module docstring). Returns the written paths."""
+                check: bool = True, int8: bool | str = False, calibration_images: Sequence | None = None
+                ) -> dict[str, Path]:
+    """Export both towers of a saved lightclip folder to ONNX (see the module docstring). Returns the written paths.
+
+    Static int8 (`int8` True or "auto" for a CNN image tower, or "static") calibrates on `calibration_images`
+    (PIL images, preprocessed by the folder's processor); by default the first `CALIBRATION_SIZE` pictures of the
+    shapes train split, which suit the shipped checkpoints only: pass images of your own domain for any other model.
+    """
     from . import LightClipModel, LightClipProcessor
 
     if opset < 17:
         raise ValueError("opset must be >= 17 (LayerNormalization is an ONNX op from 17 on)")
     model = LightClipModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = LightClipProcessor.from_pretrained(model_dir)
-    paths = export_towers(model, output_dir, opset=opset, tokenizer=processor.tokenizer, check=check, int8=int8)
+    methods = int8_methods(model.config, int8)
+    pixel_values, calibration = None, None
+    if "static" in methods.values():
+        if calibration_images is None:
+            calibration_images = shapes_calibration_images()
+            calibration = f"the first {len(calibration_images)} pictures of the lightclip-shapes train split"
+        else:
+            calibration = f"{len(calibration_images)} images passed to export_onnx"
+        pixel_values = processor(images=list(calibration_images), return_tensors="np")["pixel_values"]
+    paths = export_towers(model, output_dir, opset=opset, tokenizer=processor.tokenizer, check=check, int8=int8,
+                          calibration=pixel_values)
     output_dir = Path(output_dir)
     spec = preprocessing_spec(model, processor)
     spec["source"] = {"model": str(model_dir), "opset": opset, "torch": torch.__version__}
-    if int8:
+    if methods:
         spec["files"].update(image_encoder_int8=IMAGE_FILE[:-5] + INT8_SUFFIX, text_encoder_int8=TEXT_FILE[:-5] + INT8_SUFFIX)
+        spec["quantization"] = quantization_spec(model.config, methods, calibration)
     paths["preprocessing"] = output_dir / PREPROCESSING_FILE
     paths["preprocessing"].write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     processor.tokenizer.save_pretrained(output_dir)
@@ -231,16 +327,45 @@ class OnnxClip:
         self.preprocessing = json.loads(spec.read_text(encoding="utf-8")) if spec.is_file() else None
 
     def encode_image(self, pixel_values):
-        import numpy as np
-
         return self.image_session.run(None, {"pixel_values": np.asarray(pixel_values, dtype=np.float32)})[0]
 
     def encode_text(self, input_ids, attention_mask):
-        import numpy as np
-
         feed = {"input_ids": np.asarray(input_ids, dtype=np.int64),
                 "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
         return self.text_session.run(None, feed)[0]
 
 
-__all__ = ["OnnxClip", "export_onnx", "export_towers", "preprocessing_spec"]
+class OnnxClipForEvaluation:
+    """An `OnnxClip` behind `LightClipModel`'s `encode_image` / `encode_text` (tensors in and out), so that
+    `lightclip.evaluation` and `lightclip.shapes.evaluate_shapes` score exported graphs with the code and protocol
+    they score the eager model with.
+
+    Example:
+
+    ```python
+    >>> from lightclip.shapes import evaluate_shapes
+    >>> evaluate_shapes(OnnxClipForEvaluation(OnnxClip("exported/", int8=True)), processor)  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, clip: OnnxClip):
+        self.clip = clip
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        if not normalize:
+            raise ValueError("the exported image graph returns L2-normalised embeddings only")
+        return torch.from_numpy(self.clip.encode_image(pixel_values.cpu().numpy()))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    normalize: bool = True) -> torch.Tensor:
+        if not normalize:
+            raise ValueError("the exported text graph returns L2-normalised embeddings only")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return torch.from_numpy(self.clip.encode_text(input_ids.cpu().numpy(), attention_mask.cpu().numpy()))
+
+
+__all__ = [
+    "OnnxClip", "OnnxClipForEvaluation", "export_onnx", "export_towers", "int8_methods", "preprocessing_spec",
+    "quantization_spec", "shapes_calibration_images",
+]
