@@ -192,7 +192,7 @@ def onnx_runtime(model, device: torch.device, int8: bool = False):
     from lightclip.export import OnnxClip, export_towers
 
     folder = tempfile.mkdtemp(prefix="lightclip-onnx-")
-    export_towers(model, folder, check=False, int8=int8)
+    export_towers(model, folder, check=False, int8="dynamic" if int8 else False)
     return OnnxClip(folder, threads=torch.get_num_threads(), int8=int8)
 
 
