@@ -4,13 +4,16 @@
     python examples/export_onnx.py --model checkpoints/lightclip-xxs-lite0-shapes --output exported/lightclip-xxs-lite0-shapes
     python examples/export_onnx.py --model checkpoints/lightclip-xxs-lite0-shapes --output exported/xxs --int8 \
         --evaluate --threads 1
+    python examples/export_onnx.py --model runs/my-model --output exported/my-model --int8 --calibration_data my_images/
 
 Writes image_encoder.onnx, text_encoder.onnx, preprocessing.json and the tokenizer / image processor files; with
 --verify (default on) it also runs both graphs in onnxruntime on random inputs and prints the largest absolute
-difference from eager PyTorch. --int8 adds quantised graphs (static for a CNN image tower, calibrated on shapes train
-pictures; dynamic otherwise; `--int8 dynamic` or `--int8 static` to choose). --evaluate scores eager PyTorch, the
-float32 graphs and the int8 graphs on the shapes test split with the protocol of `lightclip.shapes.evaluate_shapes`
-and times the float32 and int8 image graphs side by side. See docs/deployment.md.
+difference from eager PyTorch. --int8 adds quantised graphs (static for a CNN image tower, calibrated on the first
+--num_calibration_images images of --calibration_data, by default of the training data named in the model's
+train_config.json, else of the shapes train split with a warning; dynamic otherwise; `--int8 dynamic` or
+`--int8 static` to choose). --evaluate scores eager PyTorch, the float32 graphs and the int8 graphs on the shapes test
+split with the protocol of `lightclip.shapes.evaluate_shapes` and times the float32 and int8 image graphs side by side.
+See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -30,13 +33,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--int8", nargs="?", const="auto", default=None, choices=["auto", "static", "dynamic"],
                         help="also write int8 graphs (*.int8.onnx); alone: static for a CNN image tower, dynamic "
                              "otherwise")
+    parser.add_argument("--calibration_data", default=None,
+                        help="static int8: calibration images, any source --train_data takes (an image folder, a "
+                             ".csv/.jsonl file, tar shards, a hub dataset name, 'shapes'; captions not needed). "
+                             "Default: the training data named in the model's train_config.json when it loads "
+                             "offline, else the shapes train split (with a warning)")
+    parser.add_argument("--num_calibration_images", type=int, default=None,
+                        help="static int8: the first this many images calibrate (default 256: "
+                             "lightclip.export.CALIBRATION_SIZE)")
     parser.add_argument("--evaluate", action="store_true",
                         help="zero-shot and retrieval on the shapes test split: eager PyTorch vs the ONNX graphs")
     parser.add_argument("--num_samples", type=int, default=None,
                         help="--evaluate: test pictures (default: the whole split, 500)")
     parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: all)")
     parser.add_argument("--repeats", type=int, default=20, help="--evaluate: timed rounds of the image graphs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.calibration_data is not None and not args.int8:
+        parser.error("--calibration_data calibrates int8 graphs: add --int8")
+    if args.num_calibration_images is not None and args.num_calibration_images < 1:
+        parser.error("--num_calibration_images must be at least 1")
+    return args
 
 
 # (column, evaluate_shapes key): the numbers --evaluate prints
@@ -123,11 +139,13 @@ def main(argv=None) -> dict:
     import torch
 
     import lightclip  # noqa: F401  (registers the model type)
-    from lightclip.export import export_onnx
+    from lightclip.export import CALIBRATION_SIZE, export_onnx
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = export_onnx(args.model, args.output, opset=args.opset, int8=args.int8 or False)
+    paths = export_onnx(args.model, args.output, opset=args.opset, int8=args.int8 or False,
+                        calibration_data=args.calibration_data,
+                        num_calibration_images=args.num_calibration_images or CALIBRATION_SIZE)
     for name, path in paths.items():
         print(f"{name:15s} {path} ({path.stat().st_size / 1e6:.2f} MB)")
     result = {name: str(path) for name, path in paths.items()}
@@ -135,6 +153,10 @@ def main(argv=None) -> dict:
         with open(paths["preprocessing"], encoding="utf-8") as f:
             result["quantization"] = json.load(f)["quantization"]
         print("int8: " + ", ".join(f"{name} {q['method']}" for name, q in result["quantization"].items()))
+        calibration = result["quantization"]["image_encoder"].get("calibration")
+        if calibration:
+            print(f"int8 image graph calibrated on {calibration['num_images']} images of {calibration['data']} "
+                  f"(split {calibration['split']}; {calibration['chosen_by']})")
     if not args.no_verify:
         diffs = verify(args.model, args.output)
         print(f"onnxruntime vs PyTorch: image max abs diff {diffs['image_max_abs_diff']:.2e}, "

@@ -18,7 +18,9 @@ from PIL import Image  # noqa: E402
 import lightclip  # noqa: E402,F401
 from conftest import load_script
 from lightclip import LightClipConfig, LightClipModel, LightClipProcessor  # noqa: E402
-from lightclip.export import OnnxClip, OnnxClipForEvaluation, export_onnx, export_towers, int8_methods  # noqa: E402
+from lightclip.export import (  # noqa: E402
+    OnnxClip, OnnxClipForEvaluation, calibration_images_for, export_onnx, export_towers, int8_methods,
+)
 from lightclip.shapes import evaluate_shapes, make_shapes_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +243,9 @@ def test_static_int8_quantises_convolutions(static_int8_lite0, tmp_path):
     assert paths["image_encoder_int8"].stat().st_size < 0.35 * paths["image_encoder"].stat().st_size
     quantization = json.loads((out_dir / "preprocessing.json").read_text())["quantization"]
     assert quantization["image_encoder"]["method"] == "static" and quantization["image_encoder"]["format"] == "QDQ"
-    assert "train split" in quantization["image_encoder"]["calibration"]
+    # the checkpoint's train_config.json names shapes: its first 256 train pictures calibrate, without a warning
+    assert quantization["image_encoder"]["calibration"] == {"data": "shapes", "split": "train", "num_images": 256,
+                                                            "chosen_by": "train_config.json"}
     assert quantization["text_encoder"]["method"] == "dynamic"
 
 
@@ -277,6 +281,74 @@ def test_int8_methods_per_tower(tmp_path):
         int8_methods(cnn, "int4")
     with pytest.raises(ValueError, match="calibration"):
         export_towers(LightClipModel(cnn).eval(), tmp_path, check=False, int8=True)
+
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
+
+
+def image_folder(folder: Path) -> list[Image.Image]:
+    """A folder of plain pictures (no metadata, no captions), one flat colour each: what a user calibrates with."""
+    folder.mkdir(parents=True)
+    images = [Image.new("RGB", (40, 40), colour) for colour in COLOURS]
+    for i, image in enumerate(images):
+        image.save(folder / f"{i}.png")
+    return images
+
+
+def test_export_cli_calibration_data(tmp_path, monkeypatch, caplog):
+    """--calibration_data DIR --num_calibration_images 3: exactly 3 of the folder's 5 pictures, preprocessed by the
+    model's processor, calibrate the static image graph (not the shapes pictures its train_config.json names), and
+    preprocessing.json records them."""
+    import lightclip.export as export
+
+    model_dir = tmp_path / "cnn"
+    LightClipModel(LightClipConfig.from_preset("lightclip-xxs-cnn")).eval().save_pretrained(model_dir)
+    processor = LightClipProcessor.from_preset("lightclip-xxs-cnn")
+    processor.save_pretrained(model_dir)
+    (model_dir / "train_config.json").write_text(json.dumps({"train_data": "shapes", "train_split": "train"}))
+    pictures = image_folder(tmp_path / "pictures")
+    seen = []
+    real_quantize_static = export._quantize_static
+    monkeypatch.setattr(export, "_quantize_static",
+                        lambda source, target, pixels: seen.append(pixels) or real_quantize_static(source, target,
+                                                                                                     pixels))
+    script = load_script("examples/export_onnx.py")
+    result = script.main(["--model", str(model_dir), "--output", str(tmp_path / "out"), "--int8", "--no_verify",
+                          "--calibration_data", str(tmp_path / "pictures"), "--num_calibration_images", "3"])
+    assert result["quantization"]["image_encoder"]["calibration"] == {
+        "data": str(tmp_path / "pictures"), "split": "train", "num_images": 3, "chosen_by": "calibration_data"}
+    (pixels,) = seen
+    assert pixels.shape[0] == 3
+    candidates = processor(images=pictures, return_tensors="np")["pixel_values"]
+    matches = [[i for i, candidate in enumerate(candidates) if np.array_equal(row, candidate)] for row in pixels]
+    assert all(len(match) == 1 for match in matches) and len({m[0] for m in matches}) == 3
+    assert Path(result["image_encoder_int8"]).is_file()
+    assert not [r for r in caplog.records if r.levelno >= 30 and r.name == "lightclip.export"]
+
+
+@pytest.mark.parametrize("train_data", [None, "missing-folder/", "nobody/a-dataset-not-in-the-cache", "pictures"])
+def test_calibration_defaults_to_the_training_data_else_warns(tmp_path, caplog, train_data):
+    """Without calibration data: the training data of train_config.json when it loads offline (no warning), else the
+    shapes train pictures with a WARNING that says so and names --calibration_data."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    if train_data is not None:
+        source = str(tmp_path / train_data) if train_data == "pictures" else train_data
+        (model_dir / "train_config.json").write_text(json.dumps({"train_data": source, "train_split": "train"}))
+    image_folder(tmp_path / "pictures")
+    with caplog.at_level("WARNING", logger="lightclip.export"):
+        images, record = calibration_images_for(model_dir, num_images=2)
+    warnings_logged = [r.getMessage() for r in caplog.records if r.levelno >= 30 and r.name == "lightclip.export"]
+    assert len(images) == record["num_images"] == 2
+    if train_data == "pictures":
+        assert record["data"] == str(tmp_path / "pictures") and record["chosen_by"] == "train_config.json"
+        assert not warnings_logged
+    else:
+        assert record["data"] == "shapes" and record["chosen_by"].startswith("fallback")
+        (message,) = warnings_logged
+        assert "activation ranges come from the lightclip-shapes train pictures" in message
+        assert "--calibration_data" in message
+        assert ("does not load offline" in message) == (train_data is not None)
 
 
 def test_deployment_doc_example_runs(exported, tmp_path):

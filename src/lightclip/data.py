@@ -173,13 +173,15 @@ def load_image_text_dataset(
     shapes_size: int | None = None,
     shapes_image_size: int = 64,
     seed: int = 0,
+    require_captions: bool = True,
 ):
     """Loads an image-text source and standardises it to the columns "image", "captions", "index".
 
     Returns a `datasets.Dataset`, or a `datasets.IterableDataset` for tar shards and when `streaming=True`.
     "image" is undecoded (`datasets.Image(decode=False)`); decode with `load_rgb_image`. Other columns of the source
     are kept (for shapes: "shape", "colour", "composition_seen", ...) except the image and caption columns.
-    `seed` is the shapes generator seed.
+    `seed` is the shapes generator seed. `require_captions=False` accepts a source without a caption column (images
+    only, e.g. calibration pictures): its "captions" are then empty lists.
     """
     import datasets
 
@@ -212,7 +214,7 @@ def load_image_text_dataset(
     if max_samples is not None:
         dataset = dataset.take(max_samples) if streaming else dataset.select(range(min(max_samples, len(dataset))))
     return standardize_image_text_dataset(dataset, image_column=image_column, caption_column=caption_column,
-                                          base_dir=base_dir, num_proc=num_proc)
+                                          base_dir=base_dir, num_proc=num_proc, require_captions=require_captions)
 
 
 def _column_names(dataset) -> list[str]:
@@ -222,8 +224,10 @@ def _column_names(dataset) -> list[str]:
 
 
 def resolve_columns(column_names: list[str], image_column: str | None = None,
-                    caption_column: str | list[str] | None = None) -> tuple[str, list[str]]:
-    """(image column, caption columns), auto-detected among the usual names when not given."""
+                    caption_column: str | list[str] | None = None, require_captions: bool = True
+                    ) -> tuple[str, list[str]]:
+    """(image column, caption columns), auto-detected among the usual names when not given; no caption columns when
+    none is found and `require_captions` is False."""
     if image_column is None:
         image_column = next((c for c in IMAGE_COLUMN_CANDIDATES if c in column_names), None)
         if image_column is None:
@@ -239,8 +243,10 @@ def resolve_columns(column_names: list[str], image_column: str | None = None,
             captions = found[:1]
         elif numbered:
             captions = numbered
-        else:
+        elif require_captions:
             raise ValueError(f"No caption column among {column_names}; pass --caption_column.")
+        else:
+            captions = []
     else:
         captions = caption_column.split(",") if isinstance(caption_column, str) else list(caption_column)
         captions = [c.strip() for c in captions]
@@ -268,21 +274,22 @@ def _as_caption_list(value: Any) -> list[str]:
 
 def standardize_image_text_dataset(dataset, *, image_column: str | None = None,
                                    caption_column: str | list[str] | None = None, base_dir: str | None = None,
-                                   num_proc: int | None = None):
+                                   num_proc: int | None = None, require_captions: bool = True):
     """Renames/merges columns to "image" (undecoded), "captions" (list[str]) and "index" (row position)."""
     import datasets
 
     names = _column_names(dataset)
-    image_column, caption_columns = resolve_columns(names, image_column, caption_column)
+    image_column, caption_columns = resolve_columns(names, image_column, caption_column, require_captions)
 
     def merge(*args):
         *columns, indices = args
-        captions = [[c for col in row for c in _as_caption_list(col)] for row in zip(*columns)]
+        captions = [[c for col in row[:len(caption_columns)] for c in _as_caption_list(col)] for row in zip(*columns)]
         return {"captions": captions, "index": list(indices)}
 
     drop = [c for c in caption_columns if c != "captions"] + [c for c in ("index",) if c in names]
     map_kwargs = {} if isinstance(dataset, datasets.IterableDataset) else {"num_proc": num_proc, "desc": "captions"}
-    dataset = dataset.map(merge, input_columns=caption_columns, with_indices=True, batched=True,
+    # without caption columns `merge` reads the image column (unused): `datasets` drops all columns for input_columns=[]
+    dataset = dataset.map(merge, input_columns=caption_columns or [image_column], with_indices=True, batched=True,
                           remove_columns=drop, **map_kwargs)
     if image_column != "image":
         if "image" in names:

@@ -9,7 +9,8 @@
   how over-long text is cut (keeping the end-of-text token), and the logit scale;
 - the tokenizer (`tokenizer.json`, `tokenizer_config.json`) and image processor (`preprocessor_config.json`) files;
 - with `int8`, quantised copies of both graphs (`*.int8.onnx`): a CNN image graph statically (calibrated on real
-  preprocessed images), a ViT image graph and the text graph dynamically; `preprocessing.json` records which.
+  preprocessed images, see `calibration_images_for`), a ViT image graph and the text graph dynamically;
+  `preprocessing.json` records which, and the calibration images.
 
 Both graphs compute `LightClipModel.encode_image` / `encode_text` (the last layer runs for the pooled token only).
 torch 2.13's default exporter (`dynamo=True`) needs `onnxscript`, which lightclip does not depend on; the TorchScript
@@ -20,8 +21,10 @@ result through it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -40,6 +43,9 @@ DEFAULT_OPSET = 17
 INT8_MODES = ("auto", "static", "dynamic")
 # Calibration images for static quantisation: a few hundred settle the activation ranges of the shipped CNN towers.
 CALIBRATION_SIZE = 256
+TRAIN_CONFIG_FILE = "train_config.json"  # the training arguments, written by examples/pretrain.py
+
+logger = logging.getLogger(__name__)
 
 
 class ImageEncoder(nn.Module):
@@ -233,15 +239,106 @@ def export_towers(model, output_dir: str | os.PathLike, opset: int = DEFAULT_OPS
     return paths
 
 
-def shapes_calibration_images(num_images: int = CALIBRATION_SIZE) -> list:
-    """The first `num_images` pictures of the built-in shapes train split (never the test split), as RGB images."""
-    from .data import load_rgb_image
-    from .shapes import make_shapes_dataset
+def load_calibration_images(source: str, num_images: int = CALIBRATION_SIZE, *, split: str = "train",
+                            config_name: str | None = None, image_column: str | None = None,
+                            shapes_image_size: int = 64) -> list:
+    """The first `num_images` images of a data source, as RGB images; unreadable ones are skipped (and logged).
 
-    return [load_rgb_image(image) for image in make_shapes_dataset("train", num_samples=num_images)["image"]]
+    `source` is anything `--train_data` takes (`lightclip.data.load_image_text_dataset`: "shapes", an image folder, a
+    .csv / .jsonl file, tar shards, a hub dataset name); captions are not needed. For "shapes", the pictures of a
+    `num_images`-picture train split."""
+    from .data import UnreadableImageError, load_image_text_dataset, load_rgb_image
+
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, not {num_images}")
+    dataset = load_image_text_dataset(source, split, config_name=config_name, image_column=image_column,
+                                      max_samples=num_images, shapes_size=num_images,
+                                      shapes_image_size=shapes_image_size, require_captions=False)
+    images, unreadable = [], 0
+    for row in dataset:
+        try:
+            images.append(load_rgb_image(row["image"]))
+        except UnreadableImageError:
+            unreadable += 1
+    if unreadable:
+        logger.warning("calibration: %d unreadable images of %s skipped", unreadable, source)
+    if not images:
+        raise ValueError(f"no readable calibration images in {source!r} (split {split!r})")
+    return images
 
 
-def quantization_spec(config, methods: dict[str, str], calibration: str | None = None) -> dict[str, dict]:
+def training_data(model_dir: str | os.PathLike) -> dict | None:
+    """The training data source of a saved model, from the `train_config.json` of its folder (or of its hub repository
+    in the local cache) as `load_calibration_images` keywords, or None."""
+    path = Path(model_dir) / TRAIN_CONFIG_FILE
+    if not path.is_file():
+        if os.path.isdir(model_dir):
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(str(model_dir), TRAIN_CONFIG_FILE)
+        except ValueError:  # not a repository id
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    args = json.loads(path.read_text(encoding="utf-8"))
+    if not args.get("train_data"):
+        return None
+    return {"source": args["train_data"], "split": args.get("train_split") or "train",
+            "config_name": args.get("dataset_config_name"), "image_column": args.get("image_column"),
+            "shapes_image_size": args.get("shapes_image_size") or 64}
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """`datasets` and `huggingface_hub` in offline mode (their `HF_HUB_OFFLINE`, read once at import): a hub dataset
+    loads from the local cache or fails; nothing is downloaded."""
+    from unittest import mock
+
+    import datasets
+    import huggingface_hub
+
+    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True), \
+            mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
+        yield
+
+
+def calibration_images_for(model_dir: str | os.PathLike, calibration_data: str | None = None,
+                           num_images: int = CALIBRATION_SIZE) -> tuple[list, dict]:
+    """(images, record) to calibrate the static int8 image graph of the model saved in `model_dir`.
+
+    The images come from `calibration_data` (any `--train_data` source) when given; else from the training data named
+    in the folder's `train_config.json` (written by examples/pretrain.py) when it loads offline; else, with a WARNING,
+    from the shapes train split, which suits the shipped checkpoints only. `record` (the "calibration" of the image
+    graph's "quantization" entry in preprocessing.json) names the data, split, number of images and why."""
+    if calibration_data is not None:
+        return _calibration(num_images, "calibration_data", source=calibration_data)
+    training = training_data(model_dir)
+    if training is None:
+        problem = f"{model_dir} has no {TRAIN_CONFIG_FILE} naming its training data"
+    else:
+        try:
+            with _hub_offline():
+                return _calibration(num_images, TRAIN_CONFIG_FILE, **training)
+        except Exception as error:  # missing files, a hub dataset not in the cache, no readable image, ...
+            problem = f"its training data {training['source']!r} ({TRAIN_CONFIG_FILE}) does not load offline: {error}"
+    logger.warning(
+        "static int8: the image graph's activation ranges come from the lightclip-shapes train pictures, because %s. "
+        "They suit the shipped shapes checkpoints only: for a model trained on other data, pass a few hundred images "
+        "of its domain with examples/export_onnx.py --calibration_data DATA (anything --train_data takes; "
+        "export_onnx(calibration_data=...) from Python).", problem)
+    return _calibration(num_images, f"fallback: {problem}", source="shapes")
+
+
+def _calibration(num_images: int, chosen_by: str, **spec) -> tuple[list, dict]:
+    images = load_calibration_images(num_images=num_images, **spec)
+    return images, {"data": spec["source"], "split": spec.get("split", "train"), "num_images": len(images),
+                    "chosen_by": chosen_by}
+
+
+def quantization_spec(config, methods: dict[str, str], calibration: dict | None = None) -> dict[str, dict]:
     """How each `*.int8.onnx` graph was quantised (the "quantization" entry of preprocessing.json)."""
     spec = {}
     for name, method in methods.items():
@@ -259,13 +356,14 @@ def quantization_spec(config, methods: dict[str, str], calibration: str | None =
 
 
 def export_onnx(model_dir: str | os.PathLike, output_dir: str | os.PathLike, opset: int = DEFAULT_OPSET,
-                check: bool = True, int8: bool | str = False, calibration_images: Sequence | None = None
+                check: bool = True, int8: bool | str = False, calibration_images: Sequence | None = None,
+                calibration_data: str | None = None, num_calibration_images: int = CALIBRATION_SIZE
                 ) -> dict[str, Path]:
     """Export both towers of a saved lightclip folder to ONNX (see the module docstring). Returns the written paths.
 
-    Static int8 (`int8` True or "auto" for a CNN image tower, or "static") calibrates on `calibration_images`
-    (PIL images, preprocessed by the folder's processor); by default the first `CALIBRATION_SIZE` pictures of the
-    shapes train split, which suit the shipped checkpoints only: pass images of your own domain for any other model.
+    Static int8 (`int8` True or "auto" for a CNN image tower, or "static") calibrates on `calibration_images` (PIL
+    images), else on the first `num_calibration_images` images of `calibration_data` (anything `--train_data`
+    takes), else of the model's training data (`calibration_images_for`), all preprocessed by the folder's processor.
     """
     from . import LightClipModel, LightClipProcessor
 
@@ -275,12 +373,14 @@ def export_onnx(model_dir: str | os.PathLike, output_dir: str | os.PathLike, ops
     processor = LightClipProcessor.from_pretrained(model_dir)
     methods = int8_methods(model.config, int8)
     pixel_values, calibration = None, None
+    if calibration_data is not None and "static" not in methods.values():
+        logger.warning("calibration_data %r unused: no graph is quantised statically (int8=%r)", calibration_data, int8)
     if "static" in methods.values():
         if calibration_images is None:
-            calibration_images = shapes_calibration_images()
-            calibration = f"the first {len(calibration_images)} pictures of the lightclip-shapes train split"
+            calibration_images, calibration = calibration_images_for(model_dir, calibration_data,
+                                                                     num_calibration_images)
         else:
-            calibration = f"{len(calibration_images)} images passed to export_onnx"
+            calibration = {"data": "calibration_images passed to export_onnx", "num_images": len(calibration_images)}
         pixel_values = processor(images=list(calibration_images), return_tensors="np")["pixel_values"]
     paths = export_towers(model, output_dir, opset=opset, tokenizer=processor.tokenizer, check=check, int8=int8,
                           calibration=pixel_values)
@@ -366,6 +466,6 @@ class OnnxClipForEvaluation:
 
 
 __all__ = [
-    "OnnxClip", "OnnxClipForEvaluation", "export_onnx", "export_towers", "int8_methods", "preprocessing_spec",
-    "quantization_spec", "shapes_calibration_images",
+    "OnnxClip", "OnnxClipForEvaluation", "calibration_images_for", "export_onnx", "export_towers", "int8_methods",
+    "load_calibration_images", "preprocessing_spec", "quantization_spec", "training_data",
 ]
