@@ -38,7 +38,7 @@ import lightclip
 from lightclip import LightClipConfig, LightClipForPreTraining, LightClipPretrainingConfig, LightClipProcessor
 from lightclip.configuration_lightclip import PRETRAINING_FIELDS
 from lightclip.data import (
-    DataArguments, ImageTextCollator, SkipCounter, keep_readable_images, load_datasets_from_args,
+    DataArguments, ImageTextCollator, SkipCounter, decode_images_once, keep_readable_images, load_datasets_from_args,
 )
 from lightclip.evaluation import evaluate_retrieval, save_results
 from lightclip.shapes import evaluate_shapes, is_shapes_source
@@ -544,17 +544,24 @@ class Run:
     resume_state: dict | None = None  # the checkpoint's trainer_state.json when resuming
 
 
-def setup(args) -> Accelerator:
-    """Step 1: the accelerator, logging, seeds, CPU threads and the output folder (with `train_config.json`)."""
+def build_accelerator(args, cpu: bool = False) -> Accelerator:
+    """The run's `Accelerator`: a seedable sampler (the data order follows `--seed` and resumes exactly) and
+    non-blocking host-to-device copies, which overlap the pinned batches of `build_train_loader` with compute on a
+    GPU. `cpu` keeps everything on the CPU."""
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
     # `accelerate launch --multi_gpu` on a machine without GPUs starts ranks that Accelerate treats as independent
     # unless told to use the CPU: then they form a gloo process group (MULTI_CPU)
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=multi_cpu, mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir, kwargs_handlers=[ddp],
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    return Accelerator(
+        cpu=cpu or multi_cpu, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir,
+        kwargs_handlers=[ddp], dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
+
+
+def setup(args) -> Accelerator:
+    """Step 1: the accelerator, logging, seeds, CPU threads and the output folder (with `train_config.json`)."""
+    accelerator = build_accelerator(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
     if not accelerator.is_main_process:
@@ -587,6 +594,25 @@ def load_data(args, accelerator):
     return train_dataset, validation, bank, validation_skips
 
 
+def build_train_loader(args, train_dataset, processor: LightClipProcessor, config: LightClipConfig, skips: SkipCounter,
+                       pin_memory: bool = False) -> tuple[ImageTextCollator, torch.utils.data.DataLoader]:
+    """The training collator and data loader, before `accelerator.prepare`: decode, augment and tokenise in the
+    collator, with the images of map-style data decoded once and kept in memory when they fit in
+    `--max_decoded_images_mb`. `pin_memory` (for a GPU) lets the host-to-device copies run asynchronously."""
+    collator = ImageTextCollator(processor, train=True, image_size=config.vision_config.image_size,
+                                 max_length=config.text_config.max_position_embeddings, seed=args.seed,
+                                 skip_counter=skips, return_skip_counts=args.dataloader_num_workers > 0,
+                                 return_raw=args.active_teacher or bool(args.distill_model))
+    iterable = not hasattr(train_dataset, "__len__")
+    if not iterable:
+        train_dataset = decode_images_once(train_dataset, args.max_decoded_images_mb * 2**20)
+    loader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.per_device_train_batch_size, shuffle=not iterable, drop_last=True,
+        collate_fn=collator, num_workers=args.dataloader_num_workers, pin_memory=pin_memory,
+    )
+    return collator, loader
+
+
 def prepare_training(args, accelerator: Accelerator, train_dataset, bank, validation_skips: SkipCounter) -> Run:
     """Step 3: model, data loader, optimiser and schedule, prepared by Accelerate; resumed from a checkpoint."""
     config, processor = build_config_and_processor(args, bank)
@@ -600,15 +626,9 @@ def prepare_training(args, accelerator: Accelerator, train_dataset, bank, valida
                 args.model, n_params / 1e6, n_train / 1e6, config.pretraining_config.objectives)
 
     skips = SkipCounter().merge(validation_skips)
-    collator = ImageTextCollator(processor, train=True, image_size=config.vision_config.image_size,
-                                 max_length=config.text_config.max_position_embeddings, seed=args.seed,
-                                 skip_counter=skips, return_skip_counts=args.dataloader_num_workers > 0,
-                                 return_raw=args.active_teacher or bool(args.distill_model))
+    collator, loader = build_train_loader(args, train_dataset, processor, config, skips,
+                                          pin_memory=accelerator.device.type == "cuda")
     iterable = not hasattr(train_dataset, "__len__")
-    loader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.per_device_train_batch_size, shuffle=not iterable, drop_last=True,
-        collate_fn=collator, num_workers=args.dataloader_num_workers,
-    )
     groups = param_groups(model, args.weight_decay, args.learning_rate, args.image_tower_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   eps=args.adam_epsilon)

@@ -13,8 +13,8 @@ from transformers import HfArgumentParser
 
 from lightclip import data
 from lightclip.data import (
-    DataArguments, ImageTextCollator, RandomResizedCrop, ResizeCenterCrop, SkipCounter, UnreadableImageError,
-    load_image_text_dataset, load_rgb_image,
+    DataArguments, DecodedImageTextDataset, ImageTextCollator, RandomResizedCrop, ResizeCenterCrop, SkipCounter,
+    UnreadableImageError, decode_images_once, load_image_text_dataset, load_rgb_image,
 )
 
 WORDS = "a an the red green blue photo of picture cat dog circle square big small on left right very long".split()
@@ -38,12 +38,12 @@ class FakeProcessor:
         self.image_size = image_size
         self.seen_images = []
 
-    def __call__(self, images, text, padding=True, truncation=True, max_length=None, return_tensors="pt"):
+    def __call__(self, images, text=None, padding=True, truncation=True, max_length=None, return_tensors="pt"):
         self.seen_images = list(images)
         arrays = [np.asarray(im.convert("RGB").resize((self.image_size,) * 2), dtype=np.float32) / 127.5 - 1
                   for im in images]
-        out = dict(self.tokenizer(text, padding=padding, truncation=truncation, max_length=max_length,
-                                  return_tensors=return_tensors))
+        out = {} if text is None else dict(self.tokenizer(text, padding=padding, truncation=truncation,
+                                                          max_length=max_length, return_tensors=return_tensors))
         out["pixel_values"] = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         return out
 
@@ -211,6 +211,33 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
     assert "missing image: 2" in message and "Skipped 5" in caplog.text
 
 
+def test_images_decoded_once_give_the_same_batches_and_skips(tmp_path):
+    names = [_png(tmp_path / f"im{i}.png", colour=(40 * i, 30, 200 - 40 * i), size=(24 + i, 20)) for i in range(4)]
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    lines = [f"{names[0]},a red cat", "corrupt.png,a blue dog", f"{names[1]},a green cat", "missing.png,a cat",
+             f"{names[2]},a small dog", f"{names[3]},a big dog"]
+    (tmp_path / "pairs.csv").write_text("file_name,text\n" + "\n".join(lines) + "\n")
+    dataset = load_image_text_dataset(str(tmp_path / "pairs.csv"))
+    decoded = decode_images_once(dataset, max_bytes=2**20, probe=2)
+    assert isinstance(decoded, DecodedImageTextDataset) and len(decoded) == len(dataset)
+    batches, counters = [], []
+    for rows in (dataset, decoded):
+        counter = SkipCounter()
+        collator = ImageTextCollator(FakeProcessor(), train=True, image_size=16, seed=3, skip_counter=counter)
+        collator.set_epoch(2)
+        batches.append(collator([rows[i] for i in range(len(rows))]))
+        counters.append(counter.state_dict())
+    assert batches[0].keys() == batches[1].keys() and batches[0]["index"].tolist() == [0, 2, 4, 5]
+    assert all(torch.equal(batches[0][key], batches[1][key]) for key in batches[0])
+    assert counters[0] == counters[1] and counters[1]["counts"] == {"unreadable image": 1, "missing image": 1}
+    # 6,120 bytes of pixels: estimated as 8,640 from the first row, as 4,320 from the first two (one unreadable)
+    assert decode_images_once(dataset, max_bytes=5000, probe=1) is dataset
+    assert decode_images_once(dataset, max_bytes=5000, probe=2) is dataset
+    assert decode_images_once(dataset, max_bytes=0) is dataset
+    streamed = dataset.to_iterable_dataset()
+    assert decode_images_once(streamed, max_bytes=2**20) is streamed
+
+
 def test_skip_counter_merge_and_state():
     a, b = SkipCounter(max_examples=2), SkipCounter(max_examples=2)
     a.add("missing image", 1)
@@ -292,6 +319,22 @@ def test_with_lightclip_processor():
     assert batch["pixel_values"].shape == (5, 3, 32, 32)
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == 5
     assert batch["index"].tolist() == list(range(5))
+
+
+def test_captions_tokenised_once_equal_the_processor_output():
+    from lightclip import LightClipProcessor
+
+    processor = LightClipProcessor.from_preset("lightclip-xxs")
+    captions = ["a red circle", "a small blue star on the left of a big green square", "word " * 40, "x"]
+    examples = [{"image": Image.new("RGB", (40, 32), (60 * i, 20, 30)), "captions": [c], "index": i}
+                for i, c in enumerate(captions)]
+    collator = ImageTextCollator(processor, train=True, image_size=32, max_length=16, seed=1, return_raw=True)
+    batch = collator(examples)
+    reference = processor(images=batch["images"], text=batch["texts"], padding=True, truncation=True, max_length=16,
+                          return_tensors="pt")
+    assert batch["input_ids"].shape == (4, 16)
+    assert all(torch.equal(batch[key], reference[key]) for key in ("pixel_values", "input_ids", "attention_mask"))
+    assert collator.skip_counter.summary() == {"truncated caption": 1}
 
 
 # --------------------------------------------------------------------------------------------------- images

@@ -185,6 +185,20 @@ def test_centre_crop_takes_the_middle(processor):
     np.testing.assert_allclose(pixels(processor, stripes), normalise(stripes[:, 32:64]), atol=1e-5)
 
 
+def test_images_at_the_target_size_skip_the_resize_with_the_same_pixels(processor):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    ours = processor.image_processor
+    reference = CLIPImageProcessorPil(size=ours.size, crop_size=ours.crop_size, image_mean=ours.image_mean,
+                                      image_std=ours.image_std, resample=ours.resample)
+    images = [Image.fromarray(random_rgb(32, 32, seed=1)), random_rgb(32, 45, seed=2), random_rgb(50, 32, seed=3),
+              Image.fromarray(random_rgb(20, 24, seed=4)), np.random.default_rng(5).random((32, 32, 3))]
+    for image in images:
+        options = {"do_rescale": False} if isinstance(image, np.ndarray) and image.dtype != np.uint8 else {}
+        ours_pixels = ours(image, return_tensors="pt", **options)["pixel_values"]
+        assert torch.equal(ours_pixels, reference(image, return_tensors="pt", **options)["pixel_values"])
+
+
 def test_batch_of_mixed_images(processor):
     images = [Image.new("RGBA", (20, 100)), Image.new("L", (64, 64)), random_rgb(33, 47),
               Image.fromarray(np.zeros((10, 10), dtype=np.uint16))]

@@ -68,6 +68,9 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream hub and local datasets (tar shards always are)."})
     preprocessing_num_workers: int | None = None
     dataloader_num_workers: int = 0
+    max_decoded_images_mb: int = field(default=1024, metadata={
+        "help": "Training: decode the images of map-style data once and keep them in memory (8-bit RGB, per process) "
+                "when they fit in this many MB, instead of decoding every image at every step; 0 turns this off."})
     shapes_train_size: int | None = field(default=None, metadata={"help": "Default 4000."})
     shapes_test_size: int | None = field(default=None, metadata={"help": "Default 500."})
     shapes_image_size: int = 64
@@ -496,6 +499,55 @@ def load_rgb_image(image: Any) -> Image.Image:
         raise UnreadableImageError(f"cannot convert image mode {image.mode} to RGB: {error}") from error
 
 
+def decode_images_once(dataset, max_bytes: int, probe: int = 64):
+    """`DecodedImageTextDataset(dataset)` when the decoded images of the map-style `dataset` fit in `max_bytes`, else
+    `dataset` itself: a training epoch then reads no file and decodes no image. The size is estimated from the first
+    `probe` rows, so a large dataset costs only those decodes before it is left as it is."""
+    if max_bytes <= 0 or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return dataset
+    total = len(dataset)
+    first = [_decoded_row(dataset[i]) for i in range(min(probe, total))]
+    rows, used = [row for row, _ in first], sum(size for _, size in first)
+    if used / len(first) * total > max_bytes:
+        logger.info("training images decoded at every step: about %.0f MB decoded, over the %.0f MB limit",
+                    used / len(first) * total / 2**20, max_bytes / 2**20)
+        return dataset
+    for i in range(len(first), total):
+        row, size = _decoded_row(dataset[i])
+        rows.append(row)
+        used += size
+        if used > max_bytes:
+            logger.info("training images decoded at every step: over %.0f MB decoded", max_bytes / 2**20)
+            return dataset
+    logger.info("%d training images decoded once and kept in memory (%.1f MB)", total, used / 2**20)
+    return DecodedImageTextDataset(rows)
+
+
+def _decoded_row(row: dict) -> tuple[dict, int]:
+    """(row with its image decoded, bytes of the pixels); an unreadable image stays as it was, for the collator to
+    skip and count."""
+    try:
+        image = load_rgb_image(row.get("image"))
+    except UnreadableImageError:
+        return row, 0
+    return {**row, "image": image}, image.width * image.height * len(image.getbands())
+
+
+class DecodedImageTextDataset:
+    """Map-style rows whose "image" is an 8-bit RGB PIL image, decoded once (`decode_images_once`): the collator's
+    `load_rgb_image` gives back the same pixels, so the batches equal those of the undecoded dataset. DataLoader
+    workers forked from the process share them."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
 # --------------------------------------------------------------------------------------------------- transforms
 
 
@@ -639,7 +691,9 @@ class ImageTextCollator:
     `return_raw=True` also returns the augmented PIL images and the chosen captions under "images" / "texts".
 
     Args:
-        processor: `processor(images=, text=, padding=True, truncation=True, max_length=, return_tensors="pt")`.
+        processor: `processor(images=, return_tensors="pt")` and, for the captions, its `tokenizer`; without a
+            `tokenizer` attribute, `processor(images=, text=, padding=True, truncation=True, max_length=,
+            return_tensors="pt")`.
         train: random resized crop (training) or resize + centre crop (evaluation).
         image_size: output side of the crop, before the processor.
         caption_sampling: "random" (default for training) or "first" (default for evaluation).
@@ -691,42 +745,66 @@ class ImageTextCollator:
             caption = captions[0]
         return image, caption.strip(), index
 
-    def _check_captions(self, texts: list[str], indices: list[int], counter: SkipCounter) -> list[bool]:
-        """Which captions to keep: one made only of unknown tokens (emoji, scripts the vocabulary lacks) would train
-        on no word at all, so it is skipped; an over-long one is kept (truncated) and counted."""
+    def _tokenize(self, texts: list[str], indices: list[int], counter: SkipCounter) -> list[list[int] | None] | None:
+        """Each caption's token ids, untruncated, or None for one to skip: a caption made only of unknown tokens
+        (emoji, scripts the vocabulary lacks) would train on no word at all; an over-long one is kept and counted as
+        truncated. None for all when the processor has no tokenizer (every caption is kept)."""
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is None:
-            return [True] * len(texts)
-        limit = self.max_length or getattr(tokenizer, "model_max_length", None)
-        limit = limit if limit and limit <= 1_000_000 else None
+            return None
+        limit = self._max_length(tokenizer)
         unknown = tokenizer.unk_token_id
         structural = set(tokenizer.all_special_ids) - {unknown}
-        keep = []
+        kept = []
         for ids, index in zip(tokenizer(texts, truncation=False)["input_ids"], indices):
             words = [i for i in ids if i not in structural]
             if unknown is not None and words and all(i == unknown for i in words):
                 counter.add("caption of unknown tokens only", index)
-                keep.append(False)
+                kept.append(None)
                 continue
             if limit and len(ids) > limit:
                 counter.add("truncated caption", index)
-            keep.append(True)
-        return keep
+            kept.append(ids)
+        return kept
+
+    def _max_length(self, tokenizer) -> int | None:
+        limit = self.max_length or getattr(tokenizer, "model_max_length", None)
+        return limit if limit and limit <= 1_000_000 else None
+
+    def _encode(self, images: list, texts: list[str], token_ids: list[list[int]] | None) -> dict:
+        """pixel_values, input_ids and attention_mask. The ids from `_tokenize` are padded as they are (an over-long
+        caption is tokenised again, truncated), so a caption is tokenised once; without ids, the processor does
+        both."""
+        if token_ids is None:
+            encoded = self.processor(images=images, text=texts, padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+            return {key: encoded[key] for key in ("pixel_values", "input_ids", "attention_mask")}
+        tokenizer = self.processor.tokenizer
+        limit = self._max_length(tokenizer)
+        long = [i for i, ids in enumerate(token_ids) if limit and len(ids) > limit]
+        if long:
+            truncated = tokenizer([texts[i] for i in long], truncation=True, max_length=limit)["input_ids"]
+            token_ids = list(token_ids)
+            for i, ids in zip(long, truncated):
+                token_ids[i] = ids
+        text = tokenizer.pad({"input_ids": token_ids}, padding=True, return_attention_mask=True, return_tensors="pt")
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
         counter = SkipCounter(self.skip_counter.max_examples)
         prepared = [p for i, e in enumerate(examples) if (p := self._prepare(e, i, counter)) is not None]
+        token_ids = None
         if prepared:
-            keep = self._check_captions([p[1] for p in prepared], [p[2] for p in prepared], counter)
-            prepared = [p for p, kept in zip(prepared, keep) if kept]
+            token_ids = self._tokenize([p[1] for p in prepared], [p[2] for p in prepared], counter)
+        if token_ids is not None:
+            prepared = [p for p, ids in zip(prepared, token_ids) if ids is not None]
+            token_ids = [ids for ids in token_ids if ids is not None]
         if prepared:
             images, texts, indices = map(list, zip(*prepared))
-            encoded = self.processor(images=images, text=texts, padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt")
-            batch = {"pixel_values": encoded["pixel_values"], "input_ids": encoded["input_ids"],
-                     "attention_mask": encoded["attention_mask"], "index": torch.tensor(indices, dtype=torch.long)}
+            batch = {**self._encode(images, texts, token_ids), "index": torch.tensor(indices, dtype=torch.long)}
         else:
             batch = {"pixel_values": torch.zeros(0, 3, self.image_size, self.image_size),
                      "input_ids": torch.zeros(0, 0, dtype=torch.long),

@@ -108,6 +108,17 @@ class LightClipImageProcessor(CLIPImageProcessorPil):
             normalisation = dict(image_mean=list(IMAGENET_LITE_MEAN), image_std=list(IMAGENET_LITE_STD))
         return cls(image_size=vision_config.image_size, **normalisation)
 
+    def resize(self, image: np.ndarray, size, resample=None, reducing_gap=None, **kwargs) -> np.ndarray:
+        """`CLIPImageProcessorPil.resize`, returning an 8-bit image that already has the target size as it is: PIL
+        would only copy its pixels, after a round trip through a PIL image that costs as much as the rest of the
+        preprocessing (training crops arrive at the tower's size)."""
+        height, width = image.shape[-2:]
+        if image.dtype == np.uint8 and reducing_gap is None and (
+                (size.shortest_edge and not size.longest_edge and min(height, width) == size.shortest_edge)
+                or (size.height, size.width) == (height, width)):
+            return image
+        return super().resize(image, size, resample=resample, reducing_gap=reducing_gap, **kwargs)
+
     def convert_to_rgb(self, image, input_data_format=None) -> np.ndarray:
         if isinstance(image, Image.Image):
             return np.asarray(to_rgb8(image))
