@@ -102,6 +102,35 @@ def ref_capacity_score(a: torch.Tensor, capacity: int) -> float:
     return best
 
 
+def ref_pooled_cosine(p: torch.Tensor, w: torch.Tensor) -> float:
+    """Cosine of the mean patch and the mean valid word of one pair: the hard-negative ranking."""
+    a, b = sum(p.detach()) / len(p), sum(w.detach()) / len(w)
+    return float(a @ b) / (float(a.norm()) * float(b.norm()))
+
+
+def ref_bounded_token_loss(img, txt, mask, scale, k: int, eps: float, iters: int, unroll: bool) -> torch.Tensor:
+    """Each image row and each text column: a softmax over its positive and its k hardest negatives by pooled cosine,
+    every logit a Sinkhorn score of that pair alone; the two directions averaged."""
+    b = len(img)
+
+    def score(i: int, j: int) -> torch.Tensor:
+        a = img[i] @ txt[j, mask[j]].T
+        value, plan = ref_sinkhorn_score(a, eps, iters)
+        return value if unroll else ((plan / plan.sum()).detach() * a).sum()
+
+    directions = []
+    for pair in (lambda q, key: (q, key), lambda q, key: (key, q)):  # image rows, then text columns
+        rows = []
+        for q in range(b):
+            cosine = {key: ref_pooled_cosine(img[pair(q, key)[0]], txt[pair(q, key)[1], mask[pair(q, key)[1]]])
+                      for key in range(b) if key != q}
+            hardest = sorted(cosine, key=cosine.get, reverse=True)[:k]
+            rows.append(torch.stack([scale * score(*pair(q, key)) for key in [q, *hardest]]))
+        logits = torch.stack(rows)
+        directions.append(ref_ce(logits, F.one_hot(torch.zeros(b, dtype=torch.long), k + 1).to(logits.dtype)))
+    return 0.5 * (directions[0] + directions[1])
+
+
 # ---------------------------------------------------------------------------------------------------- instance level
 
 
@@ -320,9 +349,10 @@ def test_chunking_does_not_change_scores(method):
 
 
 @pytest.mark.parametrize("method", ["sinkhorn", "filip", "hungarian"])
-def test_padding_tokens_change_nothing(method):
+@pytest.mark.parametrize("bounded", [False, True])
+def test_padding_tokens_change_nothing(method, bounded):
     img, txt, mask = tokens(b=4, n=4, m=5, seed=19)
-    loss = TokenMatchingLoss(method, num_negatives=2)
+    loss = TokenMatchingLoss(method, num_negatives=None if bounded else 2, softmax_negatives=2 if bounded else None)
     base = loss(img, txt, mask, torch.tensor(10.0))["token_loss"]
     garbage = torch.where(mask[..., None], txt, unit(4, 5, 8, seed=99))  # padded slots hold other vectors
     extra = torch.cat([garbage, unit(4, 3, 8, seed=98)], dim=1)  # and three more padded slots
@@ -342,6 +372,89 @@ def test_token_loss_is_symmetric_infonce_on_pair_scores():
     torch.testing.assert_close(out["token_loss"], 0.5 * (ref_ce(s, eye) + ref_ce(s.T, eye)))
     grads = torch.autograd.grad(out["token_loss"], (img, txt, scale))
     assert all(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_bounded_token_loss_matches_brute_force_reference(unroll):
+    img, txt, mask = tokens(b=6, n=4, m=5, seed=30)
+    img.requires_grad_()
+    txt.requires_grad_()
+    scale = torch.tensor(4.0, dtype=DTYPE, requires_grad=True)
+    eps, iters, k = 0.1, 12, 2
+    loss = TokenMatchingLoss(epsilon=eps, iterations=iters, chunk_size=4, unroll=unroll, softmax_negatives=k)
+    out = loss(img, txt, mask, scale)["token_loss"]
+    expected = ref_bounded_token_loss(img, txt, mask, scale, k, eps, iters, unroll)
+    torch.testing.assert_close(out, expected)
+    got = torch.autograd.grad(out, (img, txt, scale))
+    want = torch.autograd.grad(expected, (img, txt, scale))
+    torch.testing.assert_close(got, want)
+    assert all(g.abs().sum() > 0 for g in got)
+    # the bound is real: the every-pair loss differs
+    every_pair = TokenMatchingLoss(epsilon=eps, iterations=iters)(img, txt, mask, scale)["token_loss"]
+    assert not torch.allclose(every_pair, out)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "filip", "hungarian"])
+def test_bounded_token_loss_with_every_negative_equals_every_pair(method):
+    img, txt, mask = tokens(b=5, n=4, m=5, seed=31)
+    img.requires_grad_()
+    txt.requires_grad_()
+    scale = torch.tensor(6.0, dtype=DTYPE)
+    full = TokenMatchingLoss(method, chunk_size=2)(img, txt, mask, scale)["token_loss"]
+    full_grads = torch.autograd.grad(full, (img, txt))
+    for k in (4, 9):
+        bounded = TokenMatchingLoss(method, chunk_size=2, softmax_negatives=k)(img, txt, mask, scale)["token_loss"]
+        torch.testing.assert_close(bounded, full)
+        torch.testing.assert_close(torch.autograd.grad(bounded, (img, txt)), full_grads)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "filip", "hungarian"])
+@pytest.mark.parametrize("dim", [1, 0])
+def test_pair_scores_of_keys_are_the_gathered_full_scores(method, dim):
+    """Scoring only the pairs `keys` names gives `full.gather(dim, keys)`, values and gradients (repeated keys too)."""
+    img, txt, mask = tokens(b=5, n=4, m=5, seed=32)
+    img.requires_grad_()
+    txt.requires_grad_()
+    keys = torch.randint(0, 5, (5, 3) if dim == 1 else (3, 5), generator=torch.Generator().manual_seed(0))
+    loss = TokenMatchingLoss(method, epsilon=0.1, chunk_size=2)
+    got = loss.pair_scores(img, txt, mask, dim=dim, keys=keys)
+    want = loss.pair_scores(img, txt, mask).gather(dim, keys)
+    torch.testing.assert_close(got, want)
+    upstream = unit(*keys.shape, seed=33)
+    torch.testing.assert_close(torch.autograd.grad((got * upstream).sum(), (img, txt)),
+                               torch.autograd.grad((want * upstream).sum(), (img, txt)))
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "filip", "hungarian"])
+def test_bounded_token_loss_scores_a_linear_number_of_pairs(method, monkeypatch):
+    """Every chunk scores (c, 1 + k) pairs: 2 B (1 + k) in all, against B^2 for every pair."""
+    blocks = []
+    pair_similarities = losses._pair_similarities
+
+    def counted(*args):
+        sim, mask = pair_similarities(*args)
+        blocks.append(tuple(sim.shape[:2]))
+        return sim, mask
+
+    monkeypatch.setattr(losses, "_pair_similarities", counted)
+    k = 3
+    for b in (8, 16):
+        img, txt, mask = tokens(b=b, n=4, m=5, seed=34)
+        for negatives, pairs in ((k, 2 * b * (1 + k)), (None, b * b)):
+            blocks.clear()
+            with torch.no_grad():
+                TokenMatchingLoss(method, chunk_size=3, softmax_negatives=negatives)(img, txt, mask, torch.tensor(5.0))
+            assert sum(c * keys for c, keys in blocks) == pairs
+            assert {keys for _, keys in blocks} == {1 + k if negatives else b}
+
+
+def test_bounded_token_loss_rejects_zero_negatives_and_overrides_hungarians():
+    with pytest.raises(ValueError, match="softmax_negatives"):
+        TokenMatchingLoss(softmax_negatives=0)
+    img, txt, mask = tokens(b=5, n=3, m=4, seed=35)
+    both = TokenMatchingLoss("hungarian", num_negatives=1, softmax_negatives=2)(img, txt, mask, torch.tensor(5.0))
+    bounded = TokenMatchingLoss("hungarian", softmax_negatives=2)(img, txt, mask, torch.tensor(5.0))
+    torch.testing.assert_close(both, bounded)
 
 
 @pytest.mark.parametrize("method", ["sinkhorn", "filip"])
@@ -366,20 +479,22 @@ img = F.normalize(torch.randn(256, 49, 256, generator=g), dim=-1).requires_grad_
 txt = F.normalize(torch.randn(256, 32, 256, generator=g), dim=-1).requires_grad_()
 mask = torch.rand(256, 32, generator=g) < 0.7
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-out = TokenMatchingLoss(sys.argv[1])(img, txt, mask, torch.tensor(14.0))["token_loss"]
+negatives = None if sys.argv[2] == "None" else int(sys.argv[2])
+out = TokenMatchingLoss(sys.argv[1], softmax_negatives=negatives)(img, txt, mask, torch.tensor(14.0))["token_loss"]
 out.backward()
 assert torch.isfinite(out) and img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
 """
 
 
-@pytest.mark.parametrize("method", ["sinkhorn", "hungarian"])
-def test_token_loss_peak_memory_at_batch_256(method):
+@pytest.mark.parametrize(("method", "negatives"), [("sinkhorn", "None"), ("hungarian", "None"), ("sinkhorn", "15")])
+def test_token_loss_peak_memory_at_batch_256(method, negatives):
     """B=256, N=49, M=32, D=256 forward + backward in float32 grow peak RSS by about 0.25 GiB: chunks keep at most one
-    (32, 256, 49, 32) similarity tensor alive. A fresh process, so an earlier test's peak cannot hide the growth."""
+    (32, 256, 49, 32) similarity tensor alive, or with 15 negatives one (32, 16) block of gathered tokens. A fresh
+    process, so an earlier test's peak cannot hide the growth."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, method], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, method, negatives], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     grown = float(proc.stdout.split()[-1])
     assert grown < 0.75, f"{method}: peak RSS grew by {grown:.2f} GiB"
@@ -495,12 +610,14 @@ def test_world_info_without_process_group():
 
 
 @pytest.mark.parametrize("method", ["sinkhorn", "filip", "hungarian"])
-def test_text_without_valid_words_scores_zero_with_finite_gradients(method):
+@pytest.mark.parametrize("bounded", [False, True])
+def test_text_without_valid_words_scores_zero_with_finite_gradients(method, bounded):
     img, txt, mask = tokens(b=3, seed=27)
     img.requires_grad_()
     txt.requires_grad_()
     mask[1] = False
-    out = TokenMatchingLoss(method, num_negatives=2)(img, txt, mask, torch.tensor(5.0))["token_loss"]
+    loss = TokenMatchingLoss(method, num_negatives=None if bounded else 2, softmax_negatives=1 if bounded else None)
+    out = loss(img, txt, mask, torch.tensor(5.0))["token_loss"]
     grads = torch.autograd.grad(out, (img, txt))
     assert torch.isfinite(out) and all(torch.isfinite(g).all() for g in grads)
     assert (TokenMatchingLoss(method, num_negatives=2).pair_scores(img, txt, mask)[:, 1] == 0).all()

@@ -340,47 +340,106 @@ def sinkhorn_plan(
     return _sinkhorn_weights(sim, text_mask.bool(), epsilon, iterations)
 
 
+def _take(tokens: Tensor, index: Tensor | None) -> Tensor:
+    """`tokens[index]` along dim 0; `index_select` is an order of magnitude faster than advanced indexing on CPU."""
+    return tokens if index is None else tokens.index_select(0, index.flatten()).unflatten(0, index.shape)
+
+
+def _put(tokens: Tensor, index: Tensor | None, grad: Tensor) -> Tensor:
+    """The backward pass of `_take`: the gradient of a gathered block summed back onto the rows it came from."""
+    if index is None:
+        return grad
+    return torch.zeros_like(tokens).index_add_(0, index.flatten(), grad.flatten(0, index.dim() - 1))
+
+
+def _layout(image_block: Tensor, text_block: Tensor) -> tuple[str, str]:
+    """einsum subscripts of the three ways a chunk pairs its tokens (`_gather_pairs`)."""
+    layouts = {(3, 3): ("ind", "jmd"), (3, 4): ("ind", "ijmd"), (4, 3): ("ijnd", "imd")}
+    return layouts[image_block.dim(), text_block.dim()]
+
+
+def _gather_pairs(
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    text_mask: Tensor,
+    image_index: Tensor | None = None,
+    text_index: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Image block, text block and word mask of the pairs one chunk scores.
+
+    No index: each of the c images (c, N, D) with every text (K, M, D). `text_index` (c, K): each image with its own K
+    texts (c, K, M, D). `image_index` (c, K): each of the c texts (c, M, D) with its own K images (c, K, N, D). Only
+    the pairs scored are ever formed, which keeps the per-query form linear in the batch.
+    """
+    image, text = _take(image_tokens, image_index), _take(text_tokens, text_index)
+    mask = _take(text_mask, text_index)
+    if image_index is not None:
+        mask = mask.unsqueeze(1)  # one text per row, shared by its K images
+    return image, text, mask
+
+
+def _pair_similarities(image: Tensor, text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """A (c, K, N, M) and the word mask (c, K, M) of the blocks `_gather_pairs` returns."""
+    image_sub, text_sub = _layout(image, text)
+    sim = torch.einsum(f"{image_sub},{text_sub}->ijnm", image, text)
+    return sim, mask.expand(sim.shape[:2] + mask.shape[-1:])
+
+
 class _SinkhornScore(torch.autograd.Function):
     """S = sum W A over each pair with the plan W = Pi / sum Pi held constant in the backward pass.
 
     Saves only the inputs and the per-pair potentials ((N + M) numbers per pair, not N * M), and rebuilds W from them
-    in the backward pass without re-running the iterations.
+    in the backward pass without re-running the iterations. Blocks of gathered tokens (`_gather_pairs`) are formed
+    inside, in the forward and again in the backward pass, so no gathered copy outlives its chunk.
     """
 
     @staticmethod
-    def forward(ctx, image_chunk: Tensor, text_tokens: Tensor, text_mask: Tensor, epsilon: float, iterations: int):
-        sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)  # (c, B_txt, N, M)
-        mask = text_mask.unsqueeze(0).expand(sim.shape[:2] + text_mask.shape[-1:])
+    def forward(ctx, image_tokens, text_tokens, text_mask, image_index, text_index, epsilon: float, iterations: int):
+        sim, mask = _pair_similarities(*_gather_pairs(image_tokens, text_tokens, text_mask, image_index, text_index))
         # on CPU, iterate over blocks that stay in cache: the iterations are memory-bound
         rows = max(1, _CPU_BLOCK // max(sim[0].numel(), 1)) if sim.device.type == "cpu" else len(sim)
         parts = [_sinkhorn_potentials(sim[p], mask[p], epsilon, iterations) for p in _chunks(len(sim), rows)]
         f, g = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        ctx.save_for_backward(image_chunk, text_tokens, text_mask, f, g)
+        ctx.save_for_backward(image_tokens, text_tokens, text_mask, image_index, text_index, f, g)
         ctx.epsilon = epsilon
         return (_log_plan(sim, mask, epsilon, f, g).exp() * sim).sum((-2, -1))
 
     @staticmethod
     def backward(ctx, grad_scores: Tensor):
-        image_chunk, text_tokens, text_mask, f, g = ctx.saved_tensors
-        with torch.autocast(image_chunk.device.type, enabled=False):
-            return _SinkhornScore._backward(ctx.epsilon, grad_scores, image_chunk, text_tokens, text_mask, f, g)
-
-    @staticmethod
-    def _backward(epsilon, grad_scores, image_chunk, text_tokens, text_mask, f, g):
-        sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)
-        mask = text_mask.unsqueeze(0).expand(sim.shape[:2] + text_mask.shape[-1:])
-        grad_sim = _log_plan(sim, mask, epsilon, f, g).exp() * grad_scores.to(sim.dtype)[..., None, None]
-        grad_image = torch.einsum("ijnm,jmd->ind", grad_sim, text_tokens)
-        grad_text = torch.einsum("ijnm,ind->jmd", grad_sim, image_chunk)
-        return grad_image, grad_text, None, None, None
+        image_tokens, text_tokens, text_mask, image_index, text_index, f, g = ctx.saved_tensors
+        with torch.autocast(image_tokens.device.type, enabled=False):
+            image, text, mask = _gather_pairs(image_tokens, text_tokens, text_mask, image_index, text_index)
+            sim, mask = _pair_similarities(image, text, mask)
+            grad_sim = _log_plan(sim, mask, ctx.epsilon, f, g).exp() * grad_scores.to(sim.dtype)[..., None, None]
+            image_sub, text_sub = _layout(image, text)
+            grad_image = torch.einsum(f"ijnm,{text_sub}->{image_sub}", grad_sim, text)
+            grad_text = torch.einsum(f"ijnm,{image_sub}->{text_sub}", grad_sim, image)
+        return (_put(image_tokens, image_index, grad_image), _put(text_tokens, text_index, grad_text),
+                None, None, None, None, None)
 
 
-def _sinkhorn_chunk_unrolled(
-    image_chunk: Tensor, text_tokens: Tensor, text_mask: Tensor, epsilon: float, iterations: int
-) -> Tensor:
-    sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)  # (c, B_txt, N, M)
-    mask = text_mask.unsqueeze(0).expand(sim.shape[:2] + text_mask.shape[-1:])
+def _sinkhorn_unrolled(epsilon: float, iterations: int, *pairs: Tensor | None) -> Tensor:
+    """Scores differentiated through every iteration; `pairs`: the arguments of `_gather_pairs`."""
+    sim, mask = _pair_similarities(*_gather_pairs(*pairs))
     return (_sinkhorn_weights(sim, mask, epsilon, iterations) * sim).sum((-2, -1))
+
+
+def _sinkhorn_chunk(
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    text_mask: Tensor,
+    image_index: Tensor | None,
+    text_index: Tensor | None,
+    epsilon: float,
+    iterations: int,
+    unroll: bool,
+) -> Tensor:
+    pairs = (image_tokens, text_tokens, text_mask, image_index, text_index)
+    if not unroll:
+        return _SinkhornScore.apply(*pairs, epsilon, iterations)
+    if torch.is_grad_enabled() and (image_tokens.requires_grad or text_tokens.requires_grad):
+        return checkpoint(_sinkhorn_unrolled, epsilon, iterations, *pairs, use_reentrant=False)
+    return _sinkhorn_unrolled(epsilon, iterations, *pairs)
 
 
 # elements per Sinkhorn block on CPU (2 MiB of float32)
@@ -392,9 +451,36 @@ def _chunks(n: int, chunk_size: int) -> list[slice]:
     return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
 
 
-def _empty_texts_to_zero(scores: Tensor, text_mask: Tensor) -> Tensor:
-    """A text without a single valid word carries no token information: it scores 0 with every image."""
-    return torch.where(text_mask.any(-1).unsqueeze(0), scores, torch.zeros_like(scores))
+def _scores_in_chunks(
+    score_chunk: Callable[..., Tensor],
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    text_mask: Tensor,
+    chunk_size: int,
+    keys: Tensor | None = None,
+    dim: int = 1,
+) -> Tensor:
+    """Run `score_chunk(image, text, mask, image_index, text_index)` over chunks of `chunk_size` queries.
+
+    `keys=None`: every image with every text, (B_img, B_txt). Otherwise only the pairs `keys` names, laid out as
+    `scores.gather(dim, keys)`: (B_img, K) text indices per image row (`dim=1`) or (K, B_txt) image indices per text
+    column (`dim=0`). A text without a single valid word carries no token information: it scores 0 with every image.
+    """
+    has_words = text_mask.any(-1)
+    if keys is None:
+        parts = _chunks(len(image_tokens), chunk_size)
+        scores = torch.cat([score_chunk(image_tokens[p], text_tokens, text_mask, None, None) for p in parts])
+        has_words = has_words[None, :]
+    elif dim == 1:
+        parts = _chunks(len(keys), chunk_size)
+        scores = torch.cat([score_chunk(image_tokens[p], text_tokens, text_mask, None, keys[p]) for p in parts])
+        has_words = has_words[keys]
+    else:
+        keys = keys.T  # one row per text query
+        parts = _chunks(len(keys), chunk_size)
+        scores = torch.cat([score_chunk(image_tokens, text_tokens[p], text_mask[p], keys[p], None) for p in parts]).T
+        has_words = has_words[None, :]
+    return torch.where(has_words, scores, torch.zeros_like(scores))
 
 
 @_full_precision
@@ -407,50 +493,59 @@ def sinkhorn_pair_scores(
     chunk_size: int = 32,
     *,
     unroll: bool = False,
+    keys: Tensor | None = None,
+    dim: int = 1,
 ) -> Tensor:
     """Sinkhorn matching score S = sum Pi A / sum Pi of every image with every text, (B_img, B_txt).
 
-    image_tokens (B_img, N, D), text_tokens (B_txt, M, D) L2-normalised; text_mask (B_txt, M) bool.
+    image_tokens (B_img, N, D), text_tokens (B_txt, M, D) L2-normalised; text_mask (B_txt, M) bool. With `keys`, only
+    the pairs it names are scored, laid out as `scores.gather(dim, keys)`: (B_img, K) text indices per image row for
+    `dim=1`, (K, B_txt) image indices per text column for `dim=0` (the per-query form of `TokenMatchingLoss`).
 
     Gradients: by default the plan is a constant of the backward pass (dS/dA = Pi / sum Pi, as the Hungarian method
     gathers A at its matched entries). That is a surrogate: it is the gradient of the entropy-regularised value
     <Pi, A> + eps H(Pi), not of S (`benchmarks/sinkhorn_gradient.py` compares the two). The backward pass rebuilds
     the plan from saved per-pair potentials and never re-runs or stores the iterations. `unroll=True`
     backpropagates through every iteration instead (exact for the unrolled loop, several times slower; each chunk is
-    checkpointed). Memory: chunks of `chunk_size` images, so only one chunk's (c, B_txt, N, M) tensors live at a
-    time, in the forward and in the backward pass.
+    checkpointed). Memory: chunks of `chunk_size` queries, so only one chunk's (c, B_txt or K, N, M) tensors live at
+    a time, in the forward and in the backward pass.
     """
     (image_tokens, text_tokens), text_mask = _upcast(image_tokens, text_tokens), text_mask.bool()
-    rows = []
-    for part in _chunks(image_tokens.shape[0], chunk_size):
-        args = (image_tokens[part], text_tokens, text_mask, epsilon, iterations)
-        if not unroll:
-            rows.append(_SinkhornScore.apply(*args))
-        elif torch.is_grad_enabled() and (image_tokens.requires_grad or text_tokens.requires_grad):
-            rows.append(checkpoint(_sinkhorn_chunk_unrolled, *args, use_reentrant=False))
-        else:
-            rows.append(_sinkhorn_chunk_unrolled(*args))
-    return _empty_texts_to_zero(torch.cat(rows, dim=0), text_mask)
+    score_chunk = functools.partial(_sinkhorn_chunk, epsilon=epsilon, iterations=iterations, unroll=unroll)
+    return _scores_in_chunks(score_chunk, image_tokens, text_tokens, text_mask, chunk_size, keys, dim)
 
 
-def _filip_chunk(image_chunk: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
-    sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)  # (c, B_txt, N, M)
-    mask = text_mask[None, :, None, :]  # (1, B_txt, 1, M)
-    num_words = text_mask.sum(-1).clamp(min=1).to(sim.dtype)  # (B_txt,)
-    word_to_patch = sim.amax(dim=2)  # (c, B_txt, M): best patch for each word
-    text_side = (word_to_patch * text_mask).sum(-1) / num_words
-    patch_to_word = sim.masked_fill(~mask, float("-inf")).amax(dim=3)  # (c, B_txt, N): best valid word per patch
+def _filip_chunk(
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    text_mask: Tensor,
+    image_index: Tensor | None,
+    text_index: Tensor | None,
+) -> Tensor:
+    sim, mask = _pair_similarities(*_gather_pairs(image_tokens, text_tokens, text_mask, image_index, text_index))
+    num_words = mask.sum(-1).clamp(min=1).to(sim.dtype)
+    word_to_patch = sim.amax(dim=2)  # (c, K, M): best patch for each word
+    text_side = (word_to_patch * mask).sum(-1) / num_words
+    patch_to_word = sim.masked_fill(~mask.unsqueeze(2), float("-inf")).amax(dim=3)  # (c, K, N): best valid word
     image_side = patch_to_word.clamp(min=-1.0).mean(-1)  # clamp only touches texts without valid words (-inf)
     return 0.5 * (text_side + image_side)
 
 
 @_full_precision
-def filip_pair_scores(image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor, chunk_size: int = 32) -> Tensor:
+def filip_pair_scores(
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    text_mask: Tensor,
+    chunk_size: int = 32,
+    *,
+    keys: Tensor | None = None,
+    dim: int = 1,
+) -> Tensor:
     """FILIP late-interaction score (B_img, B_txt): mean over valid words of the max over patches, and mean over
-    patches of the max over valid words, averaged. Exact, computed in image chunks of `chunk_size`."""
+    patches of the max over valid words, averaged. Exact, computed in chunks of `chunk_size` queries; `keys` / `dim`
+    as in `sinkhorn_pair_scores`."""
     (image_tokens, text_tokens), text_mask = _upcast(image_tokens, text_tokens), text_mask.bool()
-    rows = [_filip_chunk(image_tokens[part], text_tokens, text_mask) for part in _chunks(len(image_tokens), chunk_size)]
-    return _empty_texts_to_zero(torch.cat(rows, dim=0), text_mask)
+    return _scores_in_chunks(_filip_chunk, image_tokens, text_tokens, text_mask, chunk_size, keys, dim)
 
 
 def _capacity_matching(sim: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -484,18 +579,23 @@ def _warn_if_over_capacity(text_mask: Tensor, num_patches: int, capacity: int) -
 
 
 def _hungarian_chunk(
-    image_chunk: Tensor, text_tokens: Tensor, text_mask: Tensor, capacity: int, selected: Tensor
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    text_mask: Tensor,
+    image_index: Tensor | None,
+    text_index: Tensor | None,
+    capacity: int,
 ) -> Tensor:
-    """Capacity-matched scores of the `selected` (c, B_txt) pairs of one image chunk, 0 elsewhere.
+    """Capacity-matched scores of the (c, K) pairs of one chunk.
 
     The assignments are solved on a detached copy; the scores gather the live similarities at the matched entries in
     one indexing op, so the backward pass costs one scatter per chunk rather than one graph node per pair.
     """
-    sim = torch.einsum("ind,jmd->ijnm", image_chunk, text_tokens)  # (c, B_txt, N, M), live
-    sim_np, mask_np = sim.detach().cpu().numpy(), text_mask.cpu().numpy()
+    sim, mask = _pair_similarities(*_gather_pairs(image_tokens, text_tokens, text_mask, image_index, text_index))
+    sim_np, mask_np = sim.detach().cpu().numpy(), mask.cpu().numpy()
     pair_i, pair_j, patch, word, weight = [], [], [], [], []
-    for i, j in zip(*np.nonzero(selected.cpu().numpy())):
-        words = np.flatnonzero(mask_np[j])
+    for i, j in np.ndindex(*mask_np.shape[:2]):
+        words = np.flatnonzero(mask_np[i, j])
         if len(words) == 0:
             continue
         patches, picked = _capacity_matching(sim_np[i, j][:, words], capacity)
@@ -512,8 +612,12 @@ def _hungarian_chunk(
     return scores.index_put((i, j), values, accumulate=True)
 
 
-def _hard_pairs(scores: Tensor, num_negatives: int, labels: Tensor | None, dim: int) -> Tensor:
-    """(B_img, B_txt) bool: each query's positive and its `num_negatives` hardest negatives by `scores`."""
+def _hard_keys(scores: Tensor, num_negatives: int, labels: Tensor | None, dim: int) -> Tensor:
+    """Each query's positive and its `num_negatives` hardest negatives by `scores` (B_img, B_txt), positive first.
+
+    Laid out for `scores.gather(dim, keys)`: (B_img, 1 + k) text indices when image rows are the queries (`dim=1`),
+    (1 + k, B_txt) image indices when text columns are (`dim=0`). `labels`: each query's positive (default arange).
+    """
     query_scores = scores.detach() if dim == 1 else scores.detach().T  # (queries, keys)
     num_queries, num_keys = query_scores.shape
     if labels is None:
@@ -521,8 +625,23 @@ def _hard_pairs(scores: Tensor, num_negatives: int, labels: Tensor | None, dim: 
     hard = query_scores.scatter(1, labels[:, None], float("-inf"))
     k = min(num_negatives, num_keys - 1)
     keys = torch.cat([labels[:, None], hard.topk(k, dim=1).indices], dim=1)  # (queries, 1 + k)
-    selected = torch.zeros_like(query_scores, dtype=torch.bool).scatter(1, keys, True)
-    return selected if dim == 1 else selected.T
+    return keys if dim == 1 else keys.T
+
+
+@_full_precision
+@torch.no_grad()
+def _pooled_similarity(image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
+    """Cosine of the mean patch token and the mean valid word token of every image-text pair, (B_img, B_txt).
+
+    Chooses the hard negatives of the per-query form: O(B^2 D) and no matching, in the token space whose matched
+    scores fill the softmax, and from the tokens the loss already holds (the global CLIP embeddings would tie the
+    token term to the clip objective and to extra inputs in every caller). Normalised means, so that a short caption
+    (a mean over few words, hence longer) is not everyone's hardest negative. Detached.
+    """
+    (image_tokens, text_tokens), weights = _upcast(image_tokens, text_tokens), text_mask.unsqueeze(-1)
+    image = F.normalize(image_tokens.mean(1), dim=-1)
+    text = F.normalize((text_tokens * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1)
+    return image @ text.T
 
 
 @_full_precision
@@ -535,6 +654,8 @@ def hungarian_pair_scores(
     labels: Tensor | None = None,
     dim: int = 1,
     chunk_size: int = 32,
+    *,
+    keys: Tensor | None = None,
 ) -> Tensor:
     """Hungarian-with-capacity score of every image with every text, (B_img, B_txt).
 
@@ -547,20 +668,19 @@ def hungarian_pair_scores(
     measured gap). Queries run along `dim`: `dim=1` means each image row is a query over the text columns, `dim=0`
     each text column a query over the image rows; `labels` gives each query's positive index along the other axis
     (default arange). Selecting per query keeps a local block of rows or columns equal to the same global block.
+    `keys` scores only the pairs it names, as in `sinkhorn_pair_scores` (then `num_negatives` must be None).
     """
     (image_tokens, text_tokens), text_mask = _upcast(image_tokens, text_tokens), text_mask.bool()
     _warn_if_over_capacity(text_mask, image_tokens.shape[1], capacity)
-    shape = (image_tokens.shape[0], text_tokens.shape[0])
+    score_chunk = functools.partial(_hungarian_chunk, capacity=capacity)
     if num_negatives is None:
-        filip, selected = None, torch.ones(shape, dtype=torch.bool, device=image_tokens.device)
-    else:
-        filip = filip_pair_scores(image_tokens, text_tokens, text_mask, chunk_size)
-        selected = _hard_pairs(filip, num_negatives, labels, dim)
-    parts = _chunks(shape[0], chunk_size)
-    matched = torch.cat(
-        [_hungarian_chunk(image_tokens[p], text_tokens, text_mask, capacity, selected[p]) for p in parts]
-    )
-    return matched if filip is None else torch.where(selected, matched, filip)
+        return _scores_in_chunks(score_chunk, image_tokens, text_tokens, text_mask, chunk_size, keys, dim)
+    if keys is not None:
+        raise ValueError("num_negatives chooses the matched pairs itself: pass keys or num_negatives, not both")
+    filip = filip_pair_scores(image_tokens, text_tokens, text_mask, chunk_size)
+    keys = _hard_keys(filip, num_negatives, labels, dim)
+    matched = _scores_in_chunks(score_chunk, image_tokens, text_tokens, text_mask, chunk_size, keys, dim)
+    return filip.scatter(dim, keys, matched)
 
 
 class TokenMatchingLoss(nn.Module):
@@ -571,6 +691,12 @@ class TokenMatchingLoss(nn.Module):
     (`"hungarian"`; every pair by default, or the positives and `num_negatives` hardest negatives with FILIP scores
     elsewhere), or FILIP's independent max (`"filip"`, baseline). The loss is a symmetric InfoNCE over the global
     batch on S_tok, scaled by its own learnable temperature `logit_scale` (exponentiated, owned by the caller).
+
+    `softmax_negatives=k` (our reading; any method) bounds the cost: each image row and each text column is a softmax
+    over its positive and its k hardest negatives only, chosen by the cosine of mean-pooled tokens (no matching), and
+    only those 1 + k pairs per query are matched: B (1 + k) pairs per direction instead of B^2, linear in the batch.
+    Every logit of a softmax is then a matched score (one scale), unlike Hungarian's `num_negatives`, which it
+    overrides.
     """
 
     def __init__(
@@ -582,10 +708,13 @@ class TokenMatchingLoss(nn.Module):
         num_negatives: int | None = None,
         chunk_size: int = 32,
         unroll: bool = False,
+        softmax_negatives: int | None = None,
     ) -> None:
         super().__init__()
         if method not in ("sinkhorn", "hungarian", "filip"):
             raise ValueError(f"method must be 'sinkhorn', 'hungarian' or 'filip', got {method!r}")
+        if softmax_negatives is not None and softmax_negatives < 1:
+            raise ValueError(f"softmax_negatives must be a positive integer or None, got {softmax_negatives}")
         self.method = method
         self.epsilon = epsilon
         self.iterations = iterations
@@ -593,23 +722,42 @@ class TokenMatchingLoss(nn.Module):
         self.num_negatives = num_negatives
         self.chunk_size = chunk_size
         self.unroll = unroll
+        self.softmax_negatives = softmax_negatives
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, epsilon={self.epsilon}, iterations={self.iterations}"
+        return (f"method={self.method!r}, epsilon={self.epsilon}, iterations={self.iterations}, "
+                f"softmax_negatives={self.softmax_negatives}")
 
     def pair_scores(
-        self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor, labels: Tensor | None = None, dim: int = 1
+        self,
+        image_tokens: Tensor,
+        text_tokens: Tensor,
+        text_mask: Tensor,
+        labels: Tensor | None = None,
+        dim: int = 1,
+        keys: Tensor | None = None,
     ) -> Tensor:
-        """S_tok of every image with every text; `labels` / `dim` only matter for the Hungarian method."""
+        """S_tok of every image with every text, or of the pairs `keys` names, laid out as `scores.gather(dim, keys)`;
+        without keys, `labels` / `dim` choose the Hungarian method's hard negatives."""
         if self.method == "sinkhorn":
-            return sinkhorn_pair_scores(
-                image_tokens, text_tokens, text_mask, self.epsilon, self.iterations, self.chunk_size, unroll=self.unroll
-            )
+            return sinkhorn_pair_scores(image_tokens, text_tokens, text_mask, self.epsilon, self.iterations,
+                                        self.chunk_size, unroll=self.unroll, keys=keys, dim=dim)
         if self.method == "hungarian":
-            return hungarian_pair_scores(
-                image_tokens, text_tokens, text_mask, self.capacity, self.num_negatives, labels, dim, self.chunk_size
-            )
-        return filip_pair_scores(image_tokens, text_tokens, text_mask, self.chunk_size)
+            num_negatives = self.num_negatives if keys is None else None
+            return hungarian_pair_scores(image_tokens, text_tokens, text_mask, self.capacity, num_negatives, labels,
+                                         dim, self.chunk_size, keys=keys)
+        return filip_pair_scores(image_tokens, text_tokens, text_mask, self.chunk_size, keys=keys, dim=dim)
+
+    def hard_keys(
+        self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor, labels: Tensor, dim: int
+    ) -> Tensor:
+        """Each query's positive and its `softmax_negatives` hardest negatives, positive first (see `pair_scores`).
+
+        A query's keys depend only on its own row (`dim=1`) or column (`dim=0`), so a rank's local queries against
+        the gathered batch pick what one process picks on the global batch.
+        """
+        similarity = _pooled_similarity(image_tokens, text_tokens, text_mask)
+        return _hard_keys(similarity, self.softmax_negatives, labels, dim)
 
     def forward(
         self, image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor, logit_scale: Tensor
@@ -617,7 +765,8 @@ class TokenMatchingLoss(nn.Module):
         """image_tokens (B, N, D) and text_tokens (B, M, D) L2-normalised; text_mask (B, M) bool, True = valid word."""
         labels = _global_labels(image_tokens.shape[0], image_tokens.device)
         _, world_size = world_info()
-        per_query = self.method == "hungarian" and self.num_negatives is not None  # pairs chosen per row / column
+        hungarian_hard = self.method == "hungarian" and self.num_negatives is not None
+        per_query = hungarian_hard or self.softmax_negatives is not None  # pairs chosen per row / column
         if world_size == 1 and not per_query:
             scores = self.pair_scores(image_tokens, text_tokens, text_mask)
             return {"token_loss": _symmetric_ce(logit_scale * scores, logit_scale * scores.T, labels)}
@@ -625,8 +774,14 @@ class TokenMatchingLoss(nn.Module):
         all_image = gather_with_grad(image_tokens)
         all_text = gather_with_grad(text_tokens)
         all_mask = gather_no_grad(text_mask)
-        per_image = self.pair_scores(image_tokens, all_text, all_mask, labels, dim=1)  # (B_local, B_global)
-        per_text = self.pair_scores(all_image, text_tokens, text_mask, labels, dim=0)  # (B_global, B_local)
+        image_keys = text_keys = None
+        if self.softmax_negatives is not None:
+            image_keys = self.hard_keys(image_tokens, all_text, all_mask, labels, dim=1)  # (B_local, 1 + k)
+            text_keys = self.hard_keys(all_image, text_tokens, text_mask, labels, dim=0)  # (1 + k, B_local)
+        per_image = self.pair_scores(image_tokens, all_text, all_mask, labels, dim=1, keys=image_keys)
+        per_text = self.pair_scores(all_image, text_tokens, text_mask, labels, dim=0, keys=text_keys)
+        if image_keys is not None:
+            labels = torch.zeros_like(labels)  # the keys put each query's positive first
         return {"token_loss": _symmetric_ce(logit_scale * per_image, logit_scale * per_text.T, labels)}
 
 
