@@ -29,8 +29,9 @@ from lightclip.losses import (
 WORLD_SIZE = 2
 LOCAL_BATCH = 3
 GLOBAL_BATCH = WORLD_SIZE * LOCAL_BATCH
-CASES = ("clip", "soft", "token_sinkhorn", "token_hungarian", "token_hungarian_hard", "token_filip", "nn", "kd",
-         "kd_temperature", "fd_cosine", "fd_mse")
+CASES = ("clip", "soft", "token_sinkhorn", "token_hungarian", "token_hungarian_hard", "token_filip",
+         "token_sinkhorn_bounded", "token_hungarian_bounded", "token_filip_bounded", "nn", "kd", "kd_temperature",
+         "fd_cosine", "fd_mse")
 
 
 def make_inputs() -> dict[str, torch.Tensor]:
@@ -77,8 +78,10 @@ def run_case(name: str, rows: slice) -> tuple[torch.Tensor, dict[str, torch.Tens
     elif name.startswith("token_"):
         img_tok = F.normalize(model.image(data["image_tokens"]), dim=-1)
         txt_tok = F.normalize(model.text(data["text_tokens"]), dim=-1)
-        method, _, hard = name.removeprefix("token_").partition("_")  # "_hard": 2 hardest negatives, FILIP elsewhere
-        matcher = TokenMatchingLoss(method, epsilon=0.1, iterations=8, num_negatives=2 if hard else None, chunk_size=2)
+        # "_hard": 2 hardest negatives matched, FILIP elsewhere; "_bounded": softmaxes over the positive and 2 negatives
+        method, _, variant = name.removeprefix("token_").partition("_")
+        matcher = TokenMatchingLoss(method, epsilon=0.1, iterations=8, num_negatives=2 if variant == "hard" else None,
+                                    chunk_size=2, softmax_negatives=2 if variant == "bounded" else None)
         loss = matcher(img_tok, txt_tok, data["text_mask"], scale)["token_loss"]
     elif name == "nn":
         queries_i = F.normalize(model.head(img), dim=-1)
