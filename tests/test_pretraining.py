@@ -41,6 +41,7 @@ CASES = {
     "all_kd_fd": dict(objectives="all,kd,fd", kd_temperature=0.05, fd_loss="mse"),
     "hungarian": dict(objectives="token", token_matching="hungarian"),
     "filip": dict(objectives="token", token_matching="filip"),
+    "token_bounded": dict(objectives="token", token_num_negatives=1),
     "additive": dict(objectives="mlm", fusion_type="additive"),
     "left_context_mlm": dict(objectives="mlm", fusion_word_attention=False),
     "multiscale": dict(objectives="mlm", fusion_image_source="multiscale"),

@@ -343,6 +343,7 @@ class LightClipPretrainingConfig(PreTrainedConfig):
     token_dim: int = 256
     token_matching: Literal["sinkhorn", "hungarian", "filip"] = "sinkhorn"
     token_chunk_size: int = 32
+    token_num_negatives: int | None = None  # None: softmax over every pair; k: the positive and k hardest negatives
     sinkhorn_epsilon: float | int = 0.05
     sinkhorn_iterations: int = 10
     sinkhorn_unroll: bool = False  # backprop through the iterations (exact, slower) instead of a fixed plan

@@ -172,6 +172,7 @@ class TokenMatchingObjective(Objective):
             method=settings.token_matching, epsilon=settings.sinkhorn_epsilon, iterations=settings.sinkhorn_iterations,
             capacity=settings.hungarian_capacity, num_negatives=settings.hungarian_num_negatives,
             chunk_size=settings.token_chunk_size, unroll=settings.sinkhorn_unroll,
+            softmax_negatives=settings.token_num_negatives,
         )
 
     def forward_features(self, outputs: TowerOutputs) -> Features:
@@ -188,8 +189,10 @@ class TokenMatchingObjective(Objective):
 
     @classmethod
     def card_row(cls, config: Mapping[str, Any]) -> tuple[str, str]:
+        negatives = config.get("token_num_negatives")
+        bound = "" if negatives is None else f", {negatives} hard negative{'s' * (negatives != 1)} per query"
         return ("token: patch-word relaxed bipartite matching",
-                f"{config.get('token_weight')} ({config.get('token_matching')})")
+                f"{config.get('token_weight')} ({config.get('token_matching')}{bound})")
 
 
 def mask_text(config: LightClipConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
