@@ -122,6 +122,8 @@ def test_unknown_key_suggests_the_right_one():
     [
         (dict(fusion_type="sum"), "fusion_type"),
         (dict(token_matching="greedy"), "token_matching"),
+        (dict(token_num_negatives=0), "token_num_negatives"),
+        (dict(token_num_negatives="15"), "token_num_negatives"),
         (dict(neighbor_direction="both"), "neighbor_direction"),
         (dict(vision_config=dict(backbone="resnet")), "backbone"),
         (dict(text_config=dict(hidden_size=65)), "hidden_size"),

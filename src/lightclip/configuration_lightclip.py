@@ -388,6 +388,12 @@ class LightClipPretrainingConfig(PreTrainedConfig):
             value = resolve_objectives(value)
         super().__setattr__(key, value)
 
+    def validate_token_num_negatives(self) -> None:
+        """A bounded token softmax needs a negative: with none its loss is 0 whatever the model does."""
+        if self.token_num_negatives is not None and self.token_num_negatives < 1:
+            raise ValueError(f"token_num_negatives must be at least 1, or None for every pair; got "
+                             f"{self.token_num_negatives}")
+
     @classmethod
     def own_fields(cls) -> tuple[dataclasses.Field, ...]:
         """The training-only settings: its fields, less those `PreTrainedConfig` declares for every config."""
