@@ -161,11 +161,13 @@ def lightclip_config(preset: str, image_size: int | None = None, **overrides):
     return LightClipConfig.from_preset(preset, **overrides)
 
 
-def make_batch(config, batch_size: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random images and full-length texts `[bos, words..., eos]` (attention mask all ones), on `device`."""
+def make_batch(config, batch_size: int, device: torch.device, seed: int = 0, length: int | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Random images and texts `[bos, words..., eos]` of `length` tokens (default: the full context; attention mask
+    all ones), on `device`."""
     g = torch.Generator().manual_seed(seed)
     text, vision = config.text_config, config.vision_config
-    length = text.max_position_embeddings
+    length = length or text.max_position_embeddings
     ids = torch.randint(10, text.vocab_size, (batch_size, length), generator=g)
     ids[:, 0] = text.bos_token_id
     ids[:, -1] = text.eos_token_id
