@@ -3,8 +3,8 @@
 
     python benchmarks/diagnose_text_tower.py --seed 1 --output_dir runs/diagnose-text-tower
 
-Trains the default image tower (`lightclip-xxs-lite0`: EfficientNet-Lite0 at 64 px from its ImageNet weights) with
-text towers of growing width and depth, each with the plain `clip` loss for the default 500 steps at batch 64, one
+Trains the image tower of `lightclip-xxs-lite0` (EfficientNet-Lite0 at 64 px from its ImageNet weights) with
+text towers of growing width and depth, each with the plain `clip` loss for 500 steps at batch 64, one
 `examples/pretrain.py` run per variant (runs that already have `eval_results.json` are reused), then prints per
 variant: zero-shot colour and shape top-1 on seen / held-out combinations, retrieval R@1, the `clip` training
 images/s of the run, and how additive the text embeddings of "a {colour} {shape}" are (R² of the best fit
@@ -37,6 +37,9 @@ VARIANTS: dict[str, tuple[dict, int]] = {
     "width 128, 4 layers": (dict(vocab_size=8192, hidden_size=128, intermediate_size=512, num_hidden_layers=4), 128),
     "width 256, 2 layers": (dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
                                  num_attention_heads=4), 128),
+    "width 256, 2 layers, 256-d (lightclip-lite0-64px)": (
+        dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
+        256),
     "width 256, 6 layers (the real-size presets')": (
         dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4),
         256),
@@ -89,7 +92,7 @@ def main() -> list[dict]:
         config = variant_config(*VARIANTS[name])
         config.save_pretrained(config_dir)
         if not (run_dir / "eval_results.json").exists():
-            train(config_dir, run_dir, args.seed, ["--objectives", "clip"])
+            train(config_dir, run_dir, args.seed, ["--objectives", "clip", "--max_train_steps", "500"])
         results = load_results(run_dir / "eval_results.json")
         row = {"text tower": name, "text params (M)": sum(p.numel() for p in LightClipModel(config).text_model
                                                           .parameters()) / 1e6,
@@ -101,7 +104,8 @@ def main() -> list[dict]:
                "clip images/s": images_per_second(run_dir), "text additive R²": additive_r2(run_dir)}
         if args.timing_steps:
             timing_dir = out / f"lightclip-timing-{i}"
-            train(config_dir, timing_dir, args.seed, ["--max_train_steps", str(args.timing_steps), "--eval_steps", "0"])
+            train(config_dir, timing_dir, args.seed, ["--objectives", "lightclip", "--max_train_steps",
+                                                      str(args.timing_steps), "--eval_steps", "0"])
             row["lightclip images/s"] = images_per_second(timing_dir)
         rows.append(row)
     print("\n| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Pre-train a lightweight CLIP with any mix of the LightCLIP and CLIP-PING objectives, then evaluate it.
 
-    accelerate launch examples/pretrain.py                       # xxs-lite0 preset, shapes data, `lightclip` terms
+    accelerate launch examples/pretrain.py                       # lite0-64px preset, shapes data, `clip` loss
+    accelerate launch examples/pretrain.py --objectives lightclip   # + softened labels, token matching, MLM
     accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py --objectives all --neighbors runs/bank
 
-Run with no arguments it trains `lightclip-xxs-lite0` (EfficientNet-Lite0 at 64 px, started from its ImageNet
-weights, and a small text tower) on the built-in shapes dataset
-with every objective that needs no external teacher (`lightclip`: softened labels, token matching, MLM), evaluates,
-and saves a `LightClipModel` checkpoint with its processor to `--output_dir`. See `docs/training.md`.
+Run with no arguments it fine-tunes `lightclip-lite0-64px` (EfficientNet-Lite0 at 64 px, started from its ImageNet
+weights, and a 2-layer text tower) on the built-in shapes dataset with the CLIP loss, evaluates, and saves a
+`LightClipModel` checkpoint with its processor to `--output_dir`. `--objectives` adds the LightCLIP and CLIP-PING terms
+(`lightclip`, `clip-ping`, `all`, or any list). See `docs/training.md`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ logger = logging.getLogger("lightclip.pretrain")
 class ModelArguments:
     """Which model, from where, and which of its parts train."""
 
-    model: str = field(default="lightclip-xxs-lite0", metadata={
+    model: str = field(default="lightclip-lite0-64px", metadata={
         "help": "A preset name, or a config / checkpoint folder."})
     tokenizer: str | None = field(default=None, metadata={"help": "A tokenizer folder or hub id (default: the package's)."})
     image_size: int | None = field(default=None, metadata={"help": "Override the image tower's input size."})
@@ -76,12 +77,12 @@ class ModelArguments:
         "help": "Groups (embeddings, layers, final norm) left trainable at the end of a locked text tower."})
     lock_text_freeze_layer_norm: bool = field(default=False, metadata={
         "help": "Freeze the LayerNorms of the locked text groups too."})
-    objectives: str = field(default="lightclip", metadata={
+    objectives: str = field(default="clip", metadata={
         "help": "Comma list of clip, soft, token, mlm, nn, xnn, kd, fd, or the groups lightclip, clip-ping, all "
                 "(kd / fd need --distill_model or --distill_embeddings)."})
 
 
-# `--objectives` is a ModelArguments option (default `lightclip`); the teacher widths come from the feature bank, the
+# `--objectives` is a ModelArguments option (default `clip`); the teacher widths come from the feature bank, the
 # distillation teacher's name and width from the teacher or its stored embeddings
 NOT_OBJECTIVE_FIELDS = ("objectives", "teacher_image_dim", "teacher_text_dim", "distill_teacher_dim", "distill_teacher")
 
@@ -154,7 +155,7 @@ class DistillationArguments:
 class PretrainingArguments:
     """Optimisation, schedule, checkpoints, logging and publishing."""
 
-    output_dir: str = "runs/lightclip-xxs-lite0-shapes"
+    output_dir: str = "runs/lightclip-lite0-64px-shapes"
     overwrite_output_dir: bool = False
     per_device_train_batch_size: int = 64
     per_device_eval_batch_size: int = 128

@@ -54,8 +54,8 @@ def heads_params(config: LightClipConfig) -> int:
 
 def test_list_presets():
     assert lightclip.list_presets() == sorted(
-        ["lightclip-xxs", "lightclip-xxs-cnn", "lightclip-xxs-lite0", "lightclip-xs", "lightclip-mobilenetv2", "lightclip-efficientnet-b0",
-         "lightclip-efficientnet-lite0"]
+        ["lightclip-xxs", "lightclip-xxs-cnn", "lightclip-xxs-lite0", "lightclip-lite0-64px", "lightclip-xs",
+         "lightclip-mobilenetv2", "lightclip-efficientnet-b0", "lightclip-efficientnet-lite0"]
     )
 
 

@@ -77,6 +77,19 @@ def test_preset_is_listed_and_the_tower_is_native():
     assert (config.projection_dim, token_dim, config.text_config.hidden_size) == (256, 256, 256)
 
 
+def test_default_training_preset_pairs_the_64px_tower_with_a_wide_text_tower():
+    """`lightclip-lite0-64px`, the training script's default: the Lite0 tower at 64 px, a 2-layer width-256 text tower
+    and 256-d embeddings (a width-64 text tower lets the image tower tie colour to shape)."""
+    config = LightClipConfig.from_preset("lightclip-lite0-64px")
+    vision, text = config.vision_config, config.text_config
+    assert (vision.backbone, vision.image_size, vision.efficientnet_lite_variant()) == ("efficientnet-lite", 64, "lite0")
+    assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (256, 2, 8192)
+    assert (config.projection_dim, config.pretraining_config.token_dim) == (256, 256)
+    model = LightClipModel(config)
+    counts = [sum(p.numel() for p in part.parameters()) for part in (model.vision_model, model.text_model, model)]
+    assert counts == [3_371_008, 3_693_568, 7_457_793]
+
+
 # 100 px halves to odd sizes, where TensorFlow's "SAME" padding is symmetric instead of one extra pixel right and bottom
 @pytest.mark.parametrize("size", [224, 100])
 def test_converted_tower_equals_the_reference(size):

@@ -12,8 +12,8 @@ shapes test split into `eval_results.json`, and writes the model card (`README.m
 
 Choices (see docs/checkpoints.md):
 
-- `lightclip-xxs-lite0-shapes`: the default model and budget (preset `lightclip-xxs-lite0`, EfficientNet-Lite0 at
-  64 px started from its ImageNet weights, 500 steps of batch 64, seed 0) trained with `clip` and feature
+- `lightclip-xxs-lite0-shapes`: preset `lightclip-xxs-lite0` (EfficientNet-Lite0 at 64 px started from its ImageNet
+  weights, with the xxs text tower) at the default budget (500 steps of batch 64, seed 0), trained with `clip` and feature
   distillation (`fd`) from a teacher trained first: preset `lightclip-efficientnet-lite0` at 64 px (the same image
   tower with a 6-layer text tower and 256-d embeddings), `clip`, 1000 steps, whose embeddings
   `examples/precompute_teacher.py` stores once. The teacher is a training aid and is not shipped. Stored in float16
@@ -47,9 +47,9 @@ CHECKPOINTS: dict[str, dict] = {
              "--objectives", "clip", "--max_train_steps", "1000", "--cpu_threads", "1",
              "--output_dir", "runs/checkpoints/teacher-lite0-64px", "--overwrite_output_dir"],
             ["python", "examples/precompute_teacher.py", "--distill_model", "runs/checkpoints/teacher-lite0-64px",
-             "--output_dir", "runs/checkpoints/teacher-lite0-64px-embeddings", "--overwrite"],
+             "--model", "lightclip-xxs-lite0", "--output_dir", "runs/checkpoints/teacher-lite0-64px-embeddings", "--overwrite"],
         ],
-        "args": ["--objectives", "clip,fd", "--distill_embeddings", "runs/checkpoints/teacher-lite0-64px-embeddings",
+        "args": ["--model", "lightclip-xxs-lite0", "--objectives", "clip,fd", "--distill_embeddings", "runs/checkpoints/teacher-lite0-64px-embeddings",
                  "--seed", "0", "--cpu_threads", "1"],
         "dtype": "float16",
     },
