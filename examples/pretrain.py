@@ -7,7 +7,7 @@
 
 Run with no arguments it fine-tunes `lightclip-lite0-64px` (EfficientNet-Lite0 at 64 px, started from its ImageNet
 weights, and a 2-layer text tower) on the built-in shapes dataset with the CLIP loss, evaluates, and saves a
-`LightClipModel` checkpoint with its processor to `--output_dir`. `--objectives` adds the LightCLIP and CLIP-PING terms
+`LightClipModel` checkpoint with its processor to `--output_dir`. `--objectives` selects the LightCLIP and CLIP-PING terms
 (`lightclip`, `clip-ping`, `all`, or any list). See `docs/training.md`.
 """
 
