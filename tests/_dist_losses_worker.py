@@ -31,7 +31,8 @@ LOCAL_BATCH = 3
 GLOBAL_BATCH = WORLD_SIZE * LOCAL_BATCH
 CASES = ("clip", "soft", "token_sinkhorn", "token_hungarian", "token_hungarian_hard", "token_filip",
          "token_sinkhorn_bounded", "token_hungarian_bounded", "token_filip_bounded", "nn", "kd", "kd_temperature",
-         "fd_cosine", "fd_mse")
+         "fd_cosine", "fd_mse", "pretraining_all")
+TEACHER_IMAGE_DIM, TEACHER_TEXT_DIM = 6, 5
 
 
 def make_inputs() -> dict[str, torch.Tensor]:
@@ -62,8 +63,52 @@ class TinyModel(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
 
 
+def pretraining_inputs() -> dict:
+    """A global batch for `LightClipForPreTraining`: pictures, captions of several lengths, a masked copy with one
+    masked word per caption (the same count on every rank, so the per-rank MLM means average to the global one) and
+    constant CLIP-PING targets."""
+    g = torch.Generator().manual_seed(99)
+    b, length = GLOBAL_BATCH, 7
+    lengths = torch.tensor([7, 5, 6, 4, 7, 5])
+    ids = torch.randint(10, 4096, (b, length), generator=g)
+    attention_mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids[torch.arange(b), lengths - 1] = 3  # end of text
+    ids = ids * attention_mask
+    positions = torch.tensor([1, 2, 1, 2, 3, 1])
+    mlm_ids, labels = ids.clone(), torch.full_like(ids, -100)
+    labels[torch.arange(b), positions] = ids[torch.arange(b), positions]
+    mlm_ids[torch.arange(b), positions] = 4  # [MASK]
+    unit = lambda dim: F.normalize(torch.randn(b, dim, generator=g, dtype=torch.float64), dim=-1)  # noqa: E731
+    return {"input_ids": ids, "attention_mask": attention_mask, "mlm_input_ids": mlm_ids, "mlm_labels": labels,
+            "pixel_values": torch.randn(b, 3, 32, 32, generator=g, dtype=torch.float64),
+            "neighbor_targets": {"image_nn": unit(TEACHER_IMAGE_DIM), "text_nn": unit(TEACHER_TEXT_DIM),
+                                 "image_xnn": unit(TEACHER_TEXT_DIM), "text_xnn": unit(TEACHER_IMAGE_DIM)}}
+
+
+def run_pretraining(rows: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`LightClipForPreTraining` with every objective that needs no distillation teacher (`all`: soft, token, mlm,
+    nn, xnn) on `rows` of the global batch, in float64."""
+    from lightclip import LightClipConfig, LightClipForPreTraining
+
+    torch.manual_seed(0)
+    config = LightClipConfig.from_preset("lightclip-xxs", objectives="all", teacher_image_dim=TEACHER_IMAGE_DIM,
+                                         teacher_text_dim=TEACHER_TEXT_DIM, sinkhorn_iterations=5)
+    model = LightClipForPreTraining(config).double().train()
+    model.set_progress(0.6)
+    data = pretraining_inputs()
+    batch = {k: v[rows] for k, v in data.items() if k != "neighbor_targets"}
+    targets = {k: v[rows] for k, v in data["neighbor_targets"].items()}
+    out = model(**batch, neighbor_targets=targets)
+    assert {"contrastive_loss", "token_loss", "mlm_loss", "nn_loss", "xnn_loss"} <= set(out.losses), out.losses
+    out.loss.backward()
+    grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()}
+    return out.loss.detach(), grads
+
+
 def run_case(name: str, rows: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss on `rows` of the global batch and the gradients of every model parameter."""
+    if name == "pretraining_all":
+        return run_pretraining(rows)
     data = {k: v[rows] for k, v in make_inputs().items()}
     model = TinyModel()
     scale = model.log_scale.exp()
