@@ -23,6 +23,13 @@ def test_groups_give_mean_and_sample_std(tmp_path):
     assert table[3].startswith("| y | 1 | 50.0 | 50.0 | 25.0 |")
 
 
+def test_a_repeated_label_adds_runs_as_shell_braces_expand(tmp_path):
+    """`x=runs/seed{0,1,2}` reaches the script as `x=runs/seed0 x=runs/seed1 x=runs/seed2`: one group of three."""
+    runs = [write_run(tmp_path / f"a{i}", shape, 0.9) for i, shape in enumerate([0.8, 0.9, 1.0])]
+    table = seed_table.main([f"x={run}" for run in runs]).splitlines()
+    assert len(table) == 3 and table[2].startswith("| x | 3 | 90.0 ± 10.0 |")
+
+
 def test_a_run_before_any_label_is_an_error(tmp_path):
     import pytest
 

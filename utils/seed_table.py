@@ -4,9 +4,10 @@
     python utils/seed_table.py clip=runs/clip-seed{0,1,2} clip-ping=runs/ping-seed{0,1,2}
     python utils/seed_table.py --per_seed clip=runs/clip-seed0,runs/clip-seed1,runs/clip-seed2
 
-Each argument is `label=run_dir[,run_dir...]` (or the run folders as separate shell words after `label=`); every run
-folder holds the `eval_results.json` that `examples/pretrain.py` writes. The std is the sample standard deviation
-(n - 1), as in every results table of the docs.
+Each argument is `label=run_dir[,run_dir...]` (or the run folders as separate shell words after `label=`, or the
+label repeated, as the shell expands `label=runs/seed{0,1,2}`); every run folder holds the `eval_results.json` that
+`examples/pretrain.py` writes. The std is the sample standard deviation (n - 1), as in every results table of the
+docs.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ COLUMNS = [
 
 
 def parse_groups(words: list[str]) -> dict[str, list[Path]]:
-    """`a=x,y b=z` and `a=x y b=z` both give {"a": [x, y], "b": [z]}."""
+    """`a=x,y b=z`, `a=x y b=z` and `a=x a=y b=z` (what the shell makes of `a=x{0,1}`-style braces) all give
+    {"a": [x, y], "b": [z]}."""
     groups: dict[str, list[Path]] = {}
     label = None
     for word in words:
         if "=" in word:
             label, word = word.split("=", 1)
-            groups[label] = []
+            groups.setdefault(label, [])
         if label is None:
             raise SystemExit(f"{word!r} comes before any label=: write label=run_dir[,run_dir...]")
         groups[label] += [Path(part) for part in word.split(",") if part]
