@@ -26,6 +26,7 @@ import torch
 
 from lightclip import LightClipConfig, LightClipModel, LightClipProcessor
 from lightclip.evaluation import load_results
+from lightclip.presets import PRESETS
 from lightclip.shapes import COLOURS, SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +39,7 @@ VARIANTS: dict[str, tuple[dict, int]] = {
     "width 256, 2 layers": (dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
                                  num_attention_heads=4), 128),
     "width 256, 2 layers, 256-d (lightclip-lite0-64px)": (
-        dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
-        256),
+        PRESETS["lightclip-lite0-64px"]["text_config"], PRESETS["lightclip-lite0-64px"]["projection_dim"]),
     "width 256, 6 layers (the real-size presets')": (
         dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4),
         256),
