@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_pretrain_script import run_script
 
@@ -112,6 +113,23 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     assert proc.returncode != 0
     assert "2 steps in a row had a non-finite loss or gradient" in proc.stdout + proc.stderr
     assert "optimiser step skipped" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_finite_step_finds_one_bad_gradient_entry(bad):
+    """One non-finite entry in one gradient (or none) decides the step; a huge finite gradient is still finite."""
+    from accelerate import Accelerator
+    from conftest import load_script
+
+    pretrain = load_script("examples/pretrain.py")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3e38)
+    model[1].weight.grad[1, 2] = 1.0 if bad is None else bad
+    model[0].bias.grad = None  # parameters without a gradient are left out
+    accelerator = Accelerator(cpu=True)
+    assert pretrain.finite_step(model, torch.tensor(1.0), accelerator) is (bad is None)
+    assert pretrain.finite_step(model, torch.tensor(float("nan")), accelerator) is False
 
 
 def test_gradient_clipping_option_runs(tmp_path):
