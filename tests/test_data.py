@@ -335,6 +335,33 @@ def test_captions_tokenised_once_equal_the_processor_output():
     assert batch["input_ids"].shape == (4, 16)
     assert all(torch.equal(batch[key], reference[key]) for key in ("pixel_values", "input_ids", "attention_mask"))
     assert collator.skip_counter.summary() == {"truncated caption": 1}
+    again = collator(examples)  # from the collator's token cache: the same batch, and counted again
+    assert all(torch.equal(again[key], batch[key]) for key in ("pixel_values", "input_ids", "attention_mask"))
+    assert collator.skip_counter.summary() == {"truncated caption": 2}
+    assert len(collator._token_cache) == 4
+
+
+def test_token_cache_stops_growing_at_its_size(monkeypatch):
+    monkeypatch.setattr(ImageTextCollator, "TOKEN_CACHE_SIZE", 2)
+    processor = FakeProcessor()
+    collator = ImageTextCollator(processor, train=False, image_size=16)
+    captions = ["a red cat", "a big dog", "a small cat on the left", "a red cat"]
+    batch = collator([{"image": Image.new("RGB", (20, 20)), "captions": [c], "index": i}
+                      for i, c in enumerate(captions)])
+    reference = processor.tokenizer(captions, padding=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], reference["input_ids"])
+    assert list(collator._token_cache) == ["a red cat", "a big dog"]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_token_ids_equals_tokenizer_pad(side):
+    tokenizer = FakeProcessor().tokenizer
+    tokenizer.padding_side = side
+    ids = tokenizer(["a red cat on the left", "a cat", "dog"])["input_ids"]
+    reference = tokenizer.pad({"input_ids": ids}, padding=True, return_attention_mask=True, return_tensors="pt")
+    input_ids, attention_mask = data.pad_token_ids(ids, tokenizer.pad_token_id, side)
+    assert torch.equal(input_ids, reference["input_ids"]) and torch.equal(attention_mask, reference["attention_mask"])
+    assert input_ids.dtype == attention_mask.dtype == torch.long
 
 
 # --------------------------------------------------------------------------------------------------- images
