@@ -199,6 +199,28 @@ def test_images_at_the_target_size_skip_the_resize_with_the_same_pixels(processo
         assert torch.equal(ours_pixels, reference(image, return_tensors="pt", **options)["pixel_values"])
 
 
+@pytest.mark.parametrize("lite", [False, True])
+def test_batched_normalisation_is_bit_identical_to_image_by_image(lite):
+    """The table lookup over a batch of 8-bit pictures of one size gives the per-image path's floats exactly; a batch
+    of several sizes or a float picture takes that path."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    config = LightClipConfig.from_preset("lightclip-xxs-lite0" if lite else "lightclip-xxs")
+    ours = LightClipProcessor.from_config(config).image_processor
+    reference = CLIPImageProcessorPil(size=ours.size, crop_size=ours.crop_size, image_mean=ours.image_mean,
+                                      image_std=ours.image_std, resample=ours.resample)
+    side = config.vision_config.image_size
+    same_size = [Image.fromarray(random_rgb(side, side, seed=k)) for k in range(5)]
+    same_size[0] = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (side * side * 3 // 256 + 1))[
+        : side * side * 3].reshape(side, side, 3))  # every level in every channel
+    mixed = same_size[:2] + [random_rgb(side + 9, side + 3, seed=9)]
+    floats = [np.random.default_rng(5).random((side, side, 3)), np.random.default_rng(6).random((side, side, 3))]
+    for images, options in ((same_size, {}), (mixed, {}), (floats, {"do_rescale": False})):
+        ours_pixels = ours(images=images, return_tensors="pt", **options)["pixel_values"]
+        assert ours_pixels.dtype == torch.float32
+        assert torch.equal(ours_pixels, reference(images=images, return_tensors="pt", **options)["pixel_values"])
+
+
 def test_batch_of_mixed_images(processor):
     images = [Image.new("RGBA", (20, 100)), Image.new("L", (64, 64)), random_rgb(33, 47),
               Image.fromarray(np.zeros((10, 10), dtype=np.uint16))]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from transformers import PreTrainedTokenizerFast
+from transformers import BatchFeature, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
@@ -118,6 +118,32 @@ class LightClipImageProcessor(CLIPImageProcessorPil):
                 or (size.height, size.width) == (height, width)):
             return image
         return super().resize(image, size, resample=resample, reducing_gap=reducing_gap, **kwargs)
+
+    def _preprocess(self, images: list[np.ndarray], do_resize, size, resample, do_center_crop, crop_size, do_rescale,
+                    rescale_factor, do_normalize, image_mean, image_std, do_pad, pad_size, return_tensors, **kwargs):
+        """`CLIPImageProcessorPil._preprocess`, with one shortcut: 8-bit images of one size are rescaled and normalised
+        together by a table lookup (each channel's 256 levels through `rescale` then `normalize`, so the result is
+        bit-identical), several times faster than image by image on a training batch."""
+        if not (do_rescale and do_normalize) or do_pad:
+            return super()._preprocess(images, do_resize, size, resample, do_center_crop, crop_size, do_rescale,
+                                       rescale_factor, do_normalize, image_mean, image_std, do_pad, pad_size,
+                                       return_tensors, **kwargs)
+        sized = []
+        for image in images:
+            if do_resize:
+                image = self.resize(image=image, size=size, resample=resample)
+            if do_center_crop:
+                image = self.center_crop(image, crop_size)
+            sized.append(image)
+        if sized and all(i.dtype == np.uint8 for i in sized) and len({i.shape for i in sized}) == 1:
+            channels = sized[0].shape[0]
+            levels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], channels, axis=0)  # (C, 256, 1)
+            table = self.normalize(self.rescale(levels, rescale_factor), image_mean, image_std).ravel()
+            offsets = (np.arange(channels, dtype=np.uint16) * 256)[None, :, None, None]
+            processed = np.take(table, np.stack(sized) + offsets)  # (N, C, H, W): channel c, value v -> table[256c + v]
+        else:
+            processed = [self.normalize(self.rescale(i, rescale_factor), image_mean, image_std) for i in sized]
+        return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
     def convert_to_rgb(self, image, input_data_format=None) -> np.ndarray:
         if isinstance(image, Image.Image):
