@@ -146,6 +146,35 @@ def test_the_registry_serves_every_objective_name():
     assert {cls.weight_field for cls in OBJECTIVE_CLASSES.values()} - {None} == set(WEIGHTS)
 
 
+@pytest.mark.parametrize("vision", [{}, dict(backbone="convnet")])
+def test_pooled_only_towers_give_the_full_forward_loss_and_gradients(text_batch, vision):
+    """With no objective reading per-token states, both towers run their pooled-only forward (the last ViT / text
+    layer for the pooled token alone): the same losses and gradients as the full forward, in float64."""
+    def run(full: bool):
+        model = build(objectives="soft,nn,xnn,kd,fd", vision_config=vision).double().train()
+        if full:  # an instance flag shadows the class's: this model runs the towers' full forward
+            model.objectives["soft"].needs_image_tokens = model.objectives["soft"].needs_text_tokens = True
+        calls = []
+        for tower in (model.lightclip.vision_model, model.lightclip.text_model):
+            original = tower.forward_pooled
+            tower.forward_pooled = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+        batch = inputs(text_batch, with_mlm=False, image_size=model.config.vision_config.image_size)
+        batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        batch["neighbor_targets"] = {k: v.double() for k, v in batch["neighbor_targets"].items()}
+        batch["teacher_targets"] = {k: v.double() for k, v in batch["teacher_targets"].items()}
+        out = model(**batch)
+        out.loss.backward()
+        return out, dict(model.named_parameters()), len(calls)
+
+    (pooled, pooled_params, pooled_calls), (full, full_params, full_calls) = run(False), run(True)
+    assert (pooled_calls, full_calls) == (2, 0)
+    assert set(pooled.losses) == {"contrastive_loss", "nn_loss", "xnn_loss", "kd_loss", "fd_loss"}
+    for key, value in full.losses.items():
+        torch.testing.assert_close(pooled.losses[key], value, rtol=1e-10, atol=1e-12)
+    for name, param in full_params.items():
+        torch.testing.assert_close(pooled_params[name].grad, param.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_every_logit_scale_is_clamped_after_a_step():
     model = build(objectives="all")
     scales = [model.lightclip.logit_scale] + [o.logit_scale for o in model.objectives.values()

@@ -702,6 +702,10 @@ class LightClipConvVisionTower(nn.Module):
     def forward_head(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return last_hidden_state.mean(dim=1), last_hidden_state
 
+    def forward_pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`forward(...).pooler_output` `(batch, width)`, as the ViT tower's (a CNN computes nothing extra for it)."""
+        return self.forward_head(self.forward_features(pixel_values)[0])[0]
+
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> LightClipVisionModelOutput:
         tokens, stages = self.forward_features(pixel_values, output_hidden_states)
         pooled, patches = self.forward_head(tokens)
@@ -911,11 +915,7 @@ class LightClipModel(LightClipPreTrainedModel):
         """open_clip-style tensor helper: `(batch, projection_dim)` image embeddings.
 
         With the ViT tower the last layer runs for the CLS token alone (same result as `get_image_features`)."""
-        tower = self.vision_model
-        if isinstance(tower, LightClipVisionTransformer):
-            embeds = self.visual_projection(tower.forward_pooled(pixel_values))
-        else:
-            embeds = self.get_image_features(pixel_values).pooler_output
+        embeds = self.visual_projection(self.vision_model.forward_pooled(pixel_values))
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
     def logit_scale_exp(self) -> torch.Tensor:

@@ -42,8 +42,8 @@ class TowerOutputs:
     model: LightClipModel
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    vision: Any  # LightClipVisionModelOutput
-    text: Any  # BaseModelOutputWithPooling
+    vision: Any  # LightClipVisionModelOutput, or None when no objective `needs_image_tokens`
+    text: Any  # BaseModelOutputWithPooling, or None when no objective `needs_text_tokens`
     image_embeds: torch.Tensor
     text_embeds: torch.Tensor
     mlm_input_ids: torch.Tensor | None = None
@@ -67,6 +67,10 @@ class Objective(nn.Module):
     weight_field: ClassVar[str | None] = None
     logit_scale_init: ClassVar[str | None] = None
     needs_vision_stages: ClassVar[bool] = False
+    # whether it reads `TowerOutputs.vision` / `.text` (per-token states); when no objective does, the towers run
+    # their pooled-only forward, whose last layer computes the pooled token alone
+    needs_image_tokens: ClassVar[bool] = False
+    needs_text_tokens: ClassVar[bool] = False
 
     def __init__(self, config: LightClipConfig):
         super().__init__()
@@ -161,6 +165,7 @@ class TokenMatchingObjective(Objective):
     """LightCLIP's relaxed bipartite matching between image patches and words, with its own projections and scale."""
 
     name, loss_key, weight_field, logit_scale_init = "token", "token_loss", "token_weight", "logit_scale_init_value"
+    needs_image_tokens = needs_text_tokens = True
 
     def __init__(self, config: LightClipConfig):
         super().__init__(config)
@@ -209,6 +214,7 @@ class MaskedLanguageModelingObjective(Objective):
     """LightCLIP's MLM through the auxiliary fusion module, which injects the image into the masked text."""
 
     name, loss_key, weight_field = "mlm", "mlm_loss", "mlm_weight"
+    needs_image_tokens = True  # the masked caption runs through the text tower in its own pass
 
     def __init__(self, config: LightClipConfig, model: LightClipModel):
         super().__init__(config)

@@ -147,12 +147,22 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = text_tower.truncate(input_ids, attention_mask)
-        stages = any(objective.needs_vision_stages for objective in self.objectives.values())
-        vision_out = model.vision_model(pixel_values, stages)
-        text_out = text_tower(input_ids, attention_mask)
+        objectives = self.objectives.values()
+        stages = any(objective.needs_vision_stages for objective in objectives)
+        vision_out = text_out = None
+        if stages or any(objective.needs_image_tokens for objective in objectives):
+            vision_out = model.vision_model(pixel_values, stages)
+            image_pooled = vision_out.pooler_output
+        else:
+            image_pooled = model.vision_model.forward_pooled(pixel_values)
+        if any(objective.needs_text_tokens for objective in objectives):
+            text_out = text_tower(input_ids, attention_mask)
+            text_pooled = text_out.pooler_output
+        else:
+            text_pooled = text_tower.forward_pooled(input_ids, attention_mask)
         features = {
-            "image_embeds": F.normalize(model.visual_projection(vision_out.pooler_output), dim=-1),
-            "text_embeds": F.normalize(model.text_projection(text_out.pooler_output), dim=-1),
+            "image_embeds": F.normalize(model.visual_projection(image_pooled), dim=-1),
+            "text_embeds": F.normalize(model.text_projection(text_pooled), dim=-1),
             "logit_scale": model.logit_scale_exp(),
         }
         outputs = TowerOutputs(
