@@ -31,7 +31,7 @@ class PrecomputeArguments:
     distill_model: str = field(metadata={
         "help": "The teacher: a dual encoder folder or hub id (CLIPModel, SiglipModel, a lightclip checkpoint)."})
     output_dir: str = field(metadata={"help": "The folder of the precomputed embeddings."})
-    model: str = field(default="lightclip-lite0-64px", metadata={
+    model: str = field(default="lightclip-lite0-56px", metadata={
         "help": "The student (a preset name, or a checkpoint folder with its processor): its image size and "
                 "processor define the view the teacher sees."})
     image_size: int | None = field(default=None, metadata={"help": "Override the student's image size."})

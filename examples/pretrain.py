@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Pre-train a lightweight CLIP with any mix of the LightCLIP and CLIP-PING objectives, then evaluate it.
 
-    accelerate launch examples/pretrain.py                       # lite0-64px preset, shapes data, `clip` loss
+    accelerate launch examples/pretrain.py                       # lite0-56px preset, shapes data, `clip` loss
     accelerate launch examples/pretrain.py --objectives lightclip   # + softened labels, token matching, MLM
     accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py --objectives all --neighbors runs/bank
 
-Run with no arguments it fine-tunes `lightclip-lite0-64px` (EfficientNet-Lite0 at 64 px, started from its ImageNet
+Run with no arguments it fine-tunes `lightclip-lite0-56px` (EfficientNet-Lite0 at 56 px, started from its ImageNet
 weights, and a 2-layer text tower) on the built-in shapes dataset with the CLIP loss, evaluates, and saves a
 `LightClipModel` checkpoint with its processor to `--output_dir`. `--objectives` selects the LightCLIP and CLIP-PING terms
 (`lightclip`, `clip-ping`, `all`, or any list). See `docs/training.md`.
@@ -55,7 +55,7 @@ logger = logging.getLogger("lightclip.pretrain")
 class ModelArguments:
     """Which model, from where, and which of its parts train."""
 
-    model: str = field(default="lightclip-lite0-64px", metadata={
+    model: str = field(default="lightclip-lite0-56px", metadata={
         "help": "A preset name, or a config / checkpoint folder."})
     tokenizer: str | None = field(default=None, metadata={"help": "A tokenizer folder or hub id (default: the package's)."})
     image_size: int | None = field(default=None, metadata={"help": "Override the image tower's input size."})
@@ -155,7 +155,7 @@ class DistillationArguments:
 class PretrainingArguments:
     """Optimisation, schedule, checkpoints, logging and publishing."""
 
-    output_dir: str = "runs/lightclip-lite0-64px-shapes"
+    output_dir: str = "runs/lightclip-lite0-56px-shapes"
     overwrite_output_dir: bool = False
     per_device_train_batch_size: int = 64
     per_device_eval_batch_size: int = 128

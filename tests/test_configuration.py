@@ -54,7 +54,8 @@ def heads_params(config: LightClipConfig) -> int:
 
 def test_list_presets():
     assert lightclip.list_presets() == sorted(
-        ["lightclip-xxs", "lightclip-xxs-cnn", "lightclip-xxs-lite0", "lightclip-lite0-64px", "lightclip-xs",
+        ["lightclip-xxs", "lightclip-xxs-cnn", "lightclip-xxs-lite0", "lightclip-lite0-64px", "lightclip-lite0-56px",
+         "lightclip-xs",
          "lightclip-mobilenetv2", "lightclip-efficientnet-b0", "lightclip-efficientnet-lite0"]
     )
 

@@ -77,12 +77,13 @@ def test_preset_is_listed_and_the_tower_is_native():
     assert (config.projection_dim, token_dim, config.text_config.hidden_size) == (256, 256, 256)
 
 
-def test_default_training_preset_pairs_the_64px_tower_with_a_wide_text_tower():
-    """`lightclip-lite0-64px`, the training script's default: the Lite0 tower at 64 px, a 2-layer width-256 text tower
-    and 256-d embeddings (a width-64 text tower lets the image tower tie colour to shape)."""
-    config = LightClipConfig.from_preset("lightclip-lite0-64px")
+@pytest.mark.parametrize("name, size", [("lightclip-lite0-64px", 64), ("lightclip-lite0-56px", 56)])
+def test_lite0_presets_pair_the_tower_with_a_wide_text_tower(name, size):
+    """`lightclip-lite0-56px` (the training script's default) and `-64px`: the Lite0 tower, a 2-layer width-256 text
+    tower and 256-d embeddings (a width-64 text tower lets the image tower tie colour to shape)."""
+    config = LightClipConfig.from_preset(name)
     vision, text = config.vision_config, config.text_config
-    assert (vision.backbone, vision.image_size, vision.efficientnet_lite_variant()) == ("efficientnet-lite", 64, "lite0")
+    assert (vision.backbone, vision.image_size, vision.efficientnet_lite_variant()) == ("efficientnet-lite", size, "lite0")
     assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (256, 2, 8192)
     assert (config.projection_dim, config.pretraining_config.token_dim) == (256, 256)
     model = LightClipModel(config)
