@@ -473,8 +473,9 @@ def finite_step(model, loss: torch.Tensor, accelerator: Accelerator) -> bool:
     """Whether the loss and every gradient are finite on every process (all take the same decision). Each gradient's
     largest magnitude (NaN if it holds a NaN), in one foreach call: a loop over the tensors costs 10x more."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
+    largest = [norm.float() for norm in torch._foreach_norm(grads, float("inf"))] if grads else []
     finite = bool(torch.isfinite(loss.detach()).all()) and (
-        not grads or bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))])).all()))
+        not largest or bool(torch.isfinite(torch.stack(largest)).all()))
     flags = accelerator.reduce(torch.tensor([0.0 if finite else 1.0], device=accelerator.device), "sum")
     return bool(flags.item() == 0)
 

@@ -789,12 +789,9 @@ class ImageTextCollator:
         and tokenising them is a third of a small model's batch preparation. The cache stops growing at
         `TOKEN_CACHE_SIZE` captions (a data loader worker keeps its own)."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._token_cache))
-        if missing:
-            fresh = dict(zip(missing, tokenizer(missing, truncation=False)["input_ids"]))
-            room = self.TOKEN_CACHE_SIZE - len(self._token_cache)
-            self._token_cache.update(list(fresh.items())[:max(room, 0)])
-        else:
-            fresh = {}
+        fresh = dict(zip(missing, tokenizer(missing, truncation=False)["input_ids"])) if missing else {}
+        room = self.TOKEN_CACHE_SIZE - len(self._token_cache)
+        self._token_cache.update(list(fresh.items())[:max(room, 0)])
         return [self._token_cache[t] if t in self._token_cache else fresh[t] for t in texts]
 
     def _max_length(self, tokenizer) -> int | None:
