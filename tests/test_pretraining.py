@@ -252,6 +252,35 @@ def test_mlm_reads_the_words_on_both_sides(word_attention):
     assert difference > 1e-4 if word_attention else difference == 0.0
 
 
+@pytest.mark.parametrize("word_attention", [True, False])
+def test_mlm_fusion_on_the_masked_words_only_is_exact(word_attention):
+    """`positions` runs the vocabulary head (and, without word attention, every block; with it, the last block's
+    outputs) on the masked words only: logits and gradients equal the all-words pass read at those words."""
+    model = build(objectives="mlm", fusion_word_attention=word_attention).double().eval()
+    inner, fusion = model.lightclip, model.objectives["mlm"].fusion
+    ids = torch.tensor([[2, 4, 40, 41, 4, 3, 0], [2, 40, 4, 41, 42, 43, 3]])
+    mask = (ids != 0).long()
+    positions = ids == 4
+    pixels = random_pixels(2).double()
+    embedding = inner.text_model.embeddings.token_embedding.weight
+
+    def logits_and_grads(select: bool):
+        model.zero_grad()
+        vision = inner.vision_model(pixels)
+        sources = [torch.cat([vision.pooler_output[:, None], vision.patch_tokens], dim=1)]
+        states = inner.text_model(ids, mask, output_hidden_states=True).hidden_states
+        logits = fusion(states, sources, embedding, positions=positions if select else None, attention_mask=mask)
+        logits = logits if select else logits[positions]
+        logits.square().sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (selected, selected_grads), (full, full_grads) = logits_and_grads(True), logits_and_grads(False)
+    torch.testing.assert_close(selected, full, rtol=0, atol=1e-10)
+    assert len(selected_grads) == len(full_grads) > 0
+    for a, b in zip(selected_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_mlm_word_attention_ignores_padding():
     model = build(objectives="mlm").eval()
     ids = torch.tensor([[2, 4, 40, 41, 3, 0, 0]])

@@ -65,16 +65,26 @@ class LightClipFusionBlock(nn.Module):
         self.act = ACT2FN[text.hidden_act]
         self.fc2 = nn.Linear(text.intermediate_size, width)
 
-    def forward(self, state: torch.Tensor, image_tokens: torch.Tensor,
-                word_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, state: torch.Tensor, image_tokens: torch.Tensor, word_mask: torch.Tensor | None = None,
+                query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """`query_index` (batch, n): only these words come out (all words are still read by word attention)."""
         if hasattr(self, "self_attn"):
             words = self.norm_self(state)
-            state = state + self.self_attn(words, words, word_mask)
+            queries = words if query_index is None else _gather_words(words, query_index)
+            state = state if query_index is None else _gather_words(state, query_index)
+            state = state + self.self_attn(queries, words, word_mask)
+        elif query_index is not None:
+            state = _gather_words(state, query_index)
         if self.additive:
             state = state + self.norm_attn(image_tokens[:, :1])  # the pooled image embedding, broadcast over words
         else:
             state = state + self.cross_attn(self.norm_attn(state), image_tokens)
         return state + self.fc2(self.act(self.fc1(self.norm_mlp(state))))
+
+
+def _gather_words(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`states[b, index[b]]` for every row b: (batch, length, width) -> (batch, n, width)."""
+    return torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
 
 
 class LightClipFusion(nn.Module):
@@ -109,13 +119,14 @@ class LightClipFusion(nn.Module):
                 or a single one shared by all stages.
             token_embedding: the text tower's token-embedding matrix, the tied MLM decoder.
             positions: optional `(batch, length)` boolean mask of the words to predict (`mlm_labels != -100`); rows
-                come out in the order of `labels[positions]`. Only these words go through the vocabulary head;
-                without word attention the blocks never mix words, so only these words go through them too.
+                come out in the order of `labels[positions]`. Only these words go through the vocabulary head and
+                out of the last block (whose word attention still reads every word); without word attention the
+                blocks never mix words, so only these words go through any block.
             attention_mask: `(batch, length)`, 1 for words and 0 for padding, which word attention never reads.
         """
         keep = index = None
         word_attention = hasattr(self.blocks[0], "self_attn")
-        if positions is not None and not word_attention:
+        if positions is not None:
             # each row's selected words first (stable sort keeps their order), cut to the longest row's count
             width = int(positions.sum(-1).max()) if positions.numel() else 0
             index = torch.sort((~positions).to(torch.int8), dim=-1, stable=True).indices[:, :width]
@@ -123,17 +134,17 @@ class LightClipFusion(nn.Module):
         state = None
         for k, (layer, block) in enumerate(zip(self.layers, self.blocks)):
             text = text_hidden_states[layer]
-            if index is not None:
-                text = torch.gather(text, 1, index[..., None].expand(-1, -1, text.shape[-1]))
+            if index is not None and not word_attention:
+                text = _gather_words(text, index)
             state = text if state is None else state + text
             source = image_sources[min(k, len(image_sources) - 1)]
             source = source.detach() if self.detach_image else source
             image = self.image_norm(self.image_proj[min(k, len(self.image_proj) - 1)](source))
-            state = block(state, image, attention_mask if word_attention else None)
+            # the last block's output is read at the selected words only
+            last_block_index = index if word_attention and k == len(self.blocks) - 1 else None
+            state = block(state, image, attention_mask if word_attention else None, query_index=last_block_index)
         if keep is not None:
             state = state[keep]
-        elif positions is not None:
-            state = state[positions]
         hidden = self.head_norm(self.head_act(self.head_transform(state)))
         return F.linear(hidden, token_embedding, self.head_bias)
 

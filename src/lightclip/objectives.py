@@ -265,7 +265,7 @@ class MaskedLanguageModelingObjective(Objective):
             if self.config.vision_config.backbone != "vit":  # CNN stages carry no pooled token: prepend their mean
                 sources = [torch.cat([s.mean(1, keepdim=True), s], dim=1) for s in sources]
         token_embedding = text_tower.embeddings.token_embedding.weight
-        # only the masked words need the vocabulary head (and, without word attention, the fusion blocks)
+        # only the masked words need the vocabulary head and the last fusion block's outputs (fusion.py)
         selected = mlm_labels != -100
         logits = self.fusion(masked.hidden_states, sources, token_embedding, positions=selected,
                              attention_mask=outputs.attention_mask)
