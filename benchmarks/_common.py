@@ -86,13 +86,18 @@ def machine(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+# environment variables that change the timings, written in front of the command when set
+TIMING_ENVIRONMENT = ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
 def command_line() -> str:
     """The command as anyone can run it from the repository root: `python benchmarks/<script>.py ...`, with neither
-    the interpreter's path nor the machine's path to the script."""
+    the interpreter's path nor the machine's path to the script, after the `TIMING_ENVIRONMENT` variables set."""
     script = os.path.abspath(sys.argv[0])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.relpath(script, root) if script.startswith(root + os.sep) else os.path.basename(script)
-    return " ".join(shlex.quote(a) for a in ["python", script, *sys.argv[1:]])
+    environment = [f"{k}={os.environ[k]}" for k in TIMING_ENVIRONMENT if k in os.environ]
+    return " ".join(shlex.quote(a) for a in [*environment, "python", script, *sys.argv[1:]])
 
 
 def sync(device: torch.device) -> None:

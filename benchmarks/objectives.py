@@ -34,7 +34,7 @@ VARIANTS = {
     "clip": ("clip", None),
     "soft": ("soft", 1.02),
     "token": ("clip,token", 1.25),
-    "mlm": ("clip,mlm", 1.40),
+    "mlm": ("clip,mlm", 1.50),
     "clip-ping (nn+xnn)": ("clip-ping", 1.05),
     "all": ("all", None),
 }
