@@ -144,11 +144,28 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     return times
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, out_shape, **kwargs) -> int:
+    """torch's `convolution_backward` formula with the weight gradient of a grouped convolution divided by its groups:
+    torch counts it as if the convolution were dense, `groups` times too many (a depthwise layer's backward came out
+    65x its forward at 64 channels)."""
+    from torch.utils.flop_counter import conv_backward_flop
+
+    def count(mask: list[bool]) -> int:  # the unwrapped formula takes shapes, as this one does
+        return conv_backward_flop.__wrapped__(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation,
+                                              transposed, output_padding, groups, mask, out_shape, **kwargs)
+
+    grad_input = count([output_mask[0], False, False])
+    return grad_input + (count([False, True, False]) // groups if output_mask[1] else 0)
+
+
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call, as `torch.utils.flop_counter.FlopCounterMode` counts them (matmuls, convs, attention)."""
+    """FLOPs of one call, as `torch.utils.flop_counter.FlopCounterMode` counts them (matmuls, convs, attention),
+    with grouped convolutions' backward counted right (`_conv_backward_flop`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}
+                         ) as counter:
         fn()
     return counter.get_total_flops()
 
