@@ -34,6 +34,7 @@ __all__ = [
     "gather_no_grad",
     "ClipLoss",
     "SoftClipLoss",
+    "soft_negative_weights",
     "TokenMatchingLoss",
     "sinkhorn_plan",
     "sinkhorn_pair_scores",
@@ -134,18 +135,22 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": _symmetric_ce(logits_per_image, logits_per_text, labels)}
 
 
+def soft_negative_weights(logits: Tensor, labels: Tensor, mode: str = "similarity", temperature: float = 1.0
+                          ) -> Tensor:
+    """r of `SoftClipLoss`: each row's weights over its negatives (0 at the positive `labels`), summing to 1."""
+    positive = F.one_hot(labels, logits.shape[-1]).bool()
+    if mode == "uniform":
+        return (~positive).to(logits.dtype) / (logits.shape[-1] - 1)
+    return (logits.detach() / temperature).masked_fill(positive, float("-inf")).softmax(dim=-1)
+
+
 def _soft_ce(logits: Tensor, labels: Tensor, alpha: float, mode: str, temperature: float) -> Tensor:
     """Cross-entropy against q = (1 - alpha) onehot + alpha r, r spread over the negatives of each row, in float32
     at least (bf16 logits would round the soft targets and the sum)."""
     (logits,) = _upcast(logits)
     log_probs = F.log_softmax(logits, dim=-1)
-    positive = F.one_hot(labels, logits.shape[-1]).bool()
-    if mode == "uniform":
-        negatives = (~positive).to(logits.dtype) / (logits.shape[-1] - 1)
-    else:
-        teacher = (logits.detach() / temperature).masked_fill(positive, float("-inf"))
-        negatives = teacher.softmax(dim=-1)
-    target = (1.0 - alpha) * positive.to(logits.dtype) + alpha * negatives
+    positive = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+    target = (1.0 - alpha) * positive + alpha * soft_negative_weights(logits, labels, mode, temperature)
     return -(target * log_probs).sum(dim=-1).mean()
 
 
