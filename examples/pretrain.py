@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -41,12 +42,11 @@ from lightclip.configuration_lightclip import PRETRAINING_FIELDS
 from lightclip.data import (
     DataArguments, ImageTextCollator, SkipCounter, decode_images_once, keep_readable_images, load_datasets_from_args,
 )
-from lightclip.evaluation import evaluate_retrieval, save_results
-from lightclip.shapes import evaluate_shapes, is_shapes_source
+from lightclip.evaluation import builtin_benchmark, evaluate_retrieval, save_results
 from lightclip.pretraining import merge_features
 from lightclip.trainer_utils import (
     JsonlLog, cosine_with_warmup, lock_image_tower, lock_text_tower, param_groups, plot_log, prepare_output_dir,
-    resolve_checkpoint, save_checkpoint, truncate_log,
+    resolve_checkpoint, run_environment, save_checkpoint, truncate_log,
 )
 
 logger = logging.getLogger("lightclip.pretrain")
@@ -155,7 +155,9 @@ class DistillationArguments:
 class PretrainingArguments:
     """Optimisation, schedule, checkpoints, logging and publishing."""
 
-    output_dir: str = "runs/lightclip-lite0-56px-shapes"
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Default runs/<model>-<data>, e.g. runs/lightclip-lite0-56px-shapes or "
+                "runs/lightclip-lite0-56px-openclipart."})
     overwrite_output_dir: bool = False
     per_device_train_batch_size: int = 64
     per_device_eval_batch_size: int = 128
@@ -500,15 +502,19 @@ def training_step(model, accelerator, micro_batches: list[dict], extras: list[di
     return out
 
 
-def evaluate(model, processor, args, validation, accelerator) -> dict:
-    """Built-in shapes benchmark when validating on shapes, else retrieval on the validation set (main process)."""
+def evaluate(model, processor, args, validation, accelerator, train_dataset=None) -> dict:
+    """The built-in benchmark (shapes, openclipart) when validating on it, else retrieval on the validation set (main
+    process). `train_dataset` is given at the end of training: a benchmark's linear probe fits on it."""
     results = {}
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model).lightclip
         was_training = inner.training
         inner.eval()
-        if is_shapes_source(args.validation_data or args.train_data) and validation is not None:
-            results = evaluate_shapes(inner, processor, dataset=validation, batch_size=args.per_device_eval_batch_size)
+        benchmark = builtin_benchmark(args.validation_data or args.train_data)
+        if benchmark is not None and validation is not None:
+            results = benchmark.evaluate_benchmark(inner, processor, dataset=validation, train_dataset=train_dataset,
+                                                   batch_size=args.per_device_eval_batch_size,
+                                                   final=train_dataset is not None)
         elif validation is not None:
             results = evaluate_retrieval(inner, processor, validation, batch_size=args.per_device_eval_batch_size)
         inner.train(was_training)
@@ -543,6 +549,9 @@ class Run:
     output_dir: Path
     total_steps: int
     steps_per_epoch: int | None
+    train_dataset: object | None = None  # the map-style training data, for a benchmark's final linear probe
+    train_runtime: float = 0.0  # seconds of this process's training loop, evaluations excluded
+    train_samples: int = 0  # samples trained on in that time, every process
     step: int = 0
     nonfinite_steps: int = 0
     resume_state: dict | None = None  # the checkpoint's trainer_state.json when resuming
@@ -565,6 +574,7 @@ def build_accelerator(args, cpu: bool = False) -> Accelerator:
 
 def setup(args) -> Accelerator:
     """Step 1: the accelerator, logging, seeds, CPU threads and the output folder (with `train_config.json`)."""
+    args.output_dir = args.output_dir or default_output_dir(args)
     accelerator = build_accelerator(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
@@ -579,11 +589,22 @@ def setup(args) -> Accelerator:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, **folder)
-        (output_dir / "train_config.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True))
+        command = shlex.join(["accelerate", "launch", "examples/pretrain.py", *sys.argv[1:]])
+        (output_dir / "train_config.json").write_text(json.dumps({**vars(args), "command": command}, indent=2,
+                                                                 sort_keys=True))
         if args.config_file:
             shutil.copy(args.config_file, output_dir / Path(args.config_file).name)
     accelerator.wait_for_everyone()
     return accelerator
+
+
+def default_output_dir(args) -> str:
+    """runs/<model>-<data>: the preset or folder name, and the built-in source's name or the data's file name."""
+    data = args.train_data
+    benchmark = builtin_benchmark(data)
+    name = benchmark.SOURCE_NAMES[0] if benchmark is not None and data in benchmark.SOURCE_NAMES else Path(
+        data.rstrip("/")).stem or "data"
+    return os.path.join("runs", f"{Path(args.model.rstrip('/')).name}-{name}")
 
 
 def load_data(args, accelerator):
@@ -654,7 +675,8 @@ def prepare_training(args, accelerator: Accelerator, train_dataset, bank, valida
     run = Run(model=model, processor=processor, config=config, loader=loader, collator=collator, skips=skips,
               optimizer=optimizer, scheduler=scheduler, bank=bank, teacher=teacher,
               log=JsonlLog(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process),
-              output_dir=output_dir, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+              output_dir=output_dir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+              train_dataset=None if iterable else train_dataset)
 
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
@@ -688,6 +710,7 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
     if args.eval_steps and step == 0:  # the starting point of the evaluation curves, as open_clip's epoch 0
         log_evaluation(model, run.processor, args, validation, accelerator, log, step)
     seen, window_start, nonfinite_in_a_row = 0, time.perf_counter(), 0
+    loop_start, evaluating, first_step = time.perf_counter(), 0.0, step
     model.train()
     while step < total_steps:
         if hasattr(loader, "set_epoch"):
@@ -751,7 +774,9 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=record["images_per_sec"])
                 seen, window_start = 0, time.perf_counter()
             if args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
+                eval_start = time.perf_counter()
                 log_evaluation(model, run.processor, args, validation, accelerator, log, step)
+                evaluating += time.perf_counter() - eval_start
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, run.output_dir, step,
                                 {"step": step, "epoch": epoch, "epoch_batches": epoch_batches},
@@ -760,6 +785,9 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
                 break
         epoch += 1
     progress.close()
+    run.train_runtime = time.perf_counter() - loop_start - evaluating
+    run.train_samples = (step - first_step) * args.per_device_train_batch_size * batches_per_step * (
+        accelerator.num_processes)
 
 
 def step_extras(args, run: Run, batch: dict, unwrapped, step: int, micro: int, accelerator: Accelerator) -> dict:
@@ -785,13 +813,16 @@ def finish(args, accelerator: Accelerator, run: Run, validation) -> dict:
     if accelerator.is_main_process:
         accelerator.unwrap_model(run.model).save_pretrained(output_dir)
         run.processor.save_pretrained(output_dir)
-    results = evaluate(run.model, run.processor, args, validation, accelerator)
+    results = evaluate(run.model, run.processor, args, validation, accelerator, train_dataset=run.train_dataset)
     skips = SkipCounter(run.skips.max_examples)  # every process's counts, not only this one's
     for state in gather_object([run.skips.state_dict()]):
         skips.merge(state)
     skip_summary = skips.summary()
     if accelerator.is_main_process:
-        eval_results = {**results, "step": run.step, "skipped": skip_summary}
+        speed = {"train_runtime": round(run.train_runtime, 1),
+                 "train_samples_per_second": round(run.train_samples / max(run.train_runtime, 1e-9), 1)}
+        eval_results = {**results, "step": run.step, "skipped": skip_summary, **speed,
+                        "environment": run_environment()}
         save_results(eval_results, output_dir / "eval_results.json")
         run.log.write({"step": run.step, **{f"eval/{k}": v for k, v in results.items()}})
         plot_log(output_dir / "train_log.jsonl", output_dir / "training_curves.png")

@@ -1,10 +1,15 @@
 #!/usr/bin/env python
-"""Evaluate a lightclip model: zero-shot classification, retrieval, linear probe, or the built-in shapes benchmark.
+"""Evaluate a lightclip model: a built-in benchmark (shapes, Open Clip Art), zero-shot classification, retrieval or a
+linear probe.
 
 Examples:
 
     # the built-in synthetic benchmark (no data needed)
-    python examples/run_evaluation.py --model runs/xxs/final --task shapes --output results/shapes.json
+    python examples/run_evaluation.py --model runs/xxs/final --output results/shapes.json
+
+    # the Open Clip Art benchmark (after `apt-get install -y openclipart-png openclipart-svg`): zero-shot categories
+    # and sub-folders, retrieval, linear probe; CLIP_benchmark names under openclipart/
+    python examples/run_evaluation.py --model runs/xxs/final --data openclipart --output results/openclipart.json
 
     # zero-shot on an image folder (class names from the sub-folder names, generic templates)
     python examples/run_evaluation.py --model runs/xxs/final --task zero_shot --data path/to/imagefolder --split test
@@ -51,15 +56,19 @@ class ModelArguments:
 class EvaluationArguments:
     """The task, its data and where the results go."""
 
-    task: Literal["zero_shot", "retrieval", "linear_probe", "shapes"] = "shapes"
-    data: str = option("'shapes', an imagefolder path, or a hub dataset name", "shapes")
+    task: Literal["benchmark", "zero_shot", "retrieval", "linear_probe", "shapes"] = option(
+        "benchmark: the built-in benchmark of --data (shapes, openclipart); shapes: --task benchmark --data shapes",
+        "benchmark")
+    data: str = option("'shapes', 'openclipart' (or its folder), an imagefolder path, or a hub dataset name",
+                       "shapes")
     split: str = option("evaluation split (the test split for linear_probe)", "test")
     train_split: str = option("linear_probe: split the probe is trained on", "train")
     classnames_json: str | None = option('JSON file with "classnames" and "templates" (zero_shot)')
     templates: str | None = option(
         "zero_shot: prompt template set, 'openai' (CLIP's 80 ImageNet prompts) or 'default' (short generic); "
         "default: the task's own templates, else 'default'")
-    label_column: str | None = option("class-index column (default: 'label', or 'shape' for shapes)")
+    label_column: str | None = option(
+        "class-index column (default: 'label'; 'shape' for shapes, 'category' for openclipart)")
     group_column: str | None = option("zero_shot: also report acc1 per value of this column")
     image_column: str | None = option("default 'image' (retrieval: detected by lightclip.data)")
     caption_column: str | None = option("retrieval: caption column(s), default detected by lightclip.data")
@@ -74,11 +83,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_eval_dataset(data: str, split: str, num_samples: int | None = None):
-    """`shapes` renders the synthetic split; a folder loads as `imagefolder`; anything else goes to `load_dataset`."""
+    """`shapes` renders the synthetic split; `openclipart` (or its folder) reads the collection; another folder loads
+    as `imagefolder`; anything else goes to `load_dataset`."""
+    from lightclip.openclipart import is_openclipart_source
+
     if data == "shapes":
         from lightclip.shapes import make_shapes_dataset
 
         return make_shapes_dataset(split=split, num_samples=num_samples)
+    if is_openclipart_source(data):
+        from lightclip.openclipart import load_openclipart
+
+        return load_openclipart(split, data)
     from datasets import load_dataset
 
     if os.path.isdir(data):
@@ -102,6 +118,7 @@ def zero_shot_prompts(args: argparse.Namespace, dataset, label_column: str) -> t
     --templates when given, else the task's own (the JSON's "templates", a list or a set name such as "openai"; the
     shapes task's, which are not ImageNet-style), else the short default set."""
     from lightclip.evaluation import resolve_templates
+    from lightclip.openclipart import is_openclipart_source, openclipart_zero_shot_tasks
 
     if args.classnames_json:
         with open(args.classnames_json, encoding="utf-8") as f:
@@ -111,6 +128,9 @@ def zero_shot_prompts(args: argparse.Namespace, dataset, label_column: str) -> t
         from lightclip.shapes import shapes_zero_shot_tasks
 
         task = shapes_zero_shot_tasks()[label_column]
+        classnames, templates = task["classnames"], task["templates"]
+    elif label_column in ("category", "subcategory") and is_openclipart_source(args.data):
+        task = openclipart_zero_shot_tasks(dataset)[label_column]
         classnames, templates = task["classnames"], task["templates"]
     else:
         names = getattr(dataset.features[label_column], "names", None)
@@ -124,16 +144,21 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from lightclip import LightClipModel, LightClipProcessor
-    from lightclip import evaluation, shapes
+    from lightclip import evaluation
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LightClipModel.from_pretrained(args.model).to(device).eval()
     processor = LightClipProcessor.from_pretrained(args.model)
-    label_column = args.label_column or ("shape" if args.data == "shapes" else "label")
+    benchmark = evaluation.builtin_benchmark("shapes" if args.task == "shapes" else args.data)
+    label_column = args.label_column or (benchmark.DEFAULT_LABEL_COLUMN if benchmark else "label")
     common = dict(image_column=args.image_column or "image", batch_size=args.batch_size)
 
-    if args.task == "shapes":
-        return shapes.evaluate_shapes(model, processor, num_samples=args.num_samples, batch_size=args.batch_size)
+    if args.task in ("benchmark", "shapes"):
+        if benchmark is None:
+            raise ValueError(f"--data {args.data!r} has no built-in benchmark (shapes, openclipart): pass --task "
+                             "zero_shot, retrieval or linear_probe")
+        dataset = load_eval_dataset("shapes" if args.task == "shapes" else args.data, "test", args.num_samples)
+        return benchmark.evaluate_benchmark(model, processor, dataset=dataset, batch_size=args.batch_size)
     if args.task == "retrieval":
         dataset = load_retrieval_dataset(args)
         return evaluation.evaluate_retrieval(model, processor, dataset, batch_size=args.batch_size)
@@ -153,7 +178,7 @@ def main(argv=None) -> dict:
     metrics = run(args)
     results = {
         "model": args.model, "task": args.task, "data": args.data,
-        "split": "test" if args.task == "shapes" else args.split, "metrics": metrics,
+        "split": "test" if args.task in ("benchmark", "shapes") else args.split, "metrics": metrics,
     }
     from lightclip.evaluation import format_results, save_results
 

@@ -7,6 +7,8 @@ of crashing the data loader.
 
 Sources (`load_image_text_dataset(source, ...)`, `--train_data source`):
 - "shapes": the built-in lightclip-shapes dataset (`lightclip.shapes`), splits "train" and "test";
+- "openclipart": the Open Clip Art Library installed from Debian's packages, or a folder holding its `png/` and
+  `svg/` (`lightclip.openclipart`), splits "train" and "test";
 - a folder in the Hugging Face imagefolder layout, with metadata.jsonl or metadata.csv;
 - a .csv / .tsv / .jsonl / .json file of (image path, caption) rows, paths relative to the file's folder or absolute;
 - webdataset tar shards: a .tar file, a brace pattern ("shards-{000..009}.tar"), a glob, or a folder of .tar files,
@@ -32,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .processing_lightclip import to_rgb8
+from .openclipart import is_openclipart_source
 from .shapes import is_shapes_source
 
 logger = logging.getLogger(__name__)
@@ -49,15 +52,16 @@ class DataArguments:
     """The data arguments of the training, evaluation and feature-bank scripts (`HfArgumentParser` dataclass)."""
 
     train_data: str = field(default="shapes", metadata={
-        "help": "'shapes', an imagefolder folder, a .csv/.jsonl file, tar shards ('shards-{000..009}.tar') or a hub "
-                "dataset name."})
+        "help": "'shapes', 'openclipart' (or its folder), an imagefolder folder, a .csv/.jsonl file, tar shards "
+                "('shards-{000..009}.tar') or a hub dataset name."})
     validation_data: str | None = field(default=None, metadata={
-        "help": "Same kinds as --train_data. Default: the shapes test split when --train_data is shapes."})
+        "help": "Same kinds as --train_data. Default: the test split of shapes or openclipart when --train_data is "
+                "one of them."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of a hub dataset."})
     train_split: str = "train"
     validation_split: str | None = field(default=None, metadata={
-        "help": "Default: 'test' for shapes, 'validation' for hub datasets and for local folders with a "
-                "validation folder, else 'train'."})
+        "help": "Default: 'test' for shapes and openclipart, 'validation' for hub datasets and for local folders "
+                "with a validation folder, else 'train'."})
     image_column: str | None = field(default=None, metadata={
         "help": f"Default: the first column among {', '.join(IMAGE_COLUMN_CANDIDATES)}."})
     caption_column: str | None = field(default=None, metadata={
@@ -74,18 +78,21 @@ class DataArguments:
     shapes_train_size: int | None = field(default=None, metadata={"help": "Default 4000."})
     shapes_test_size: int | None = field(default=None, metadata={"help": "Default 500."})
     shapes_image_size: int = 64
+    openclipart_image_size: int = field(default=128, metadata={
+        "help": "Open Clip Art pictures are fitted in this many pixels and squared on white, once, in the cache."})
 
 
 def load_datasets_from_args(args: DataArguments, seed: int = 0):
     """(train, validation or None) from `DataArguments` (or any object with its attributes)."""
     common = dict(image_column=args.image_column, caption_column=args.caption_column,
                   config_name=args.dataset_config_name, streaming=getattr(args, "streaming", False),
-                  num_proc=args.preprocessing_num_workers, shapes_image_size=args.shapes_image_size, seed=seed)
+                  num_proc=args.preprocessing_num_workers, shapes_image_size=args.shapes_image_size,
+                  openclipart_image_size=getattr(args, "openclipart_image_size", 128), seed=seed)
     train = load_image_text_dataset(args.train_data, args.train_split, max_samples=args.max_train_samples,
                                     shapes_size=args.shapes_train_size, **common)
     validation_data = args.validation_data
-    if validation_data is None and is_shapes_source(args.train_data):
-        validation_data = "shapes"
+    if validation_data is None and (is_shapes_source(args.train_data) or is_openclipart_source(args.train_data)):
+        validation_data = args.train_data
     if validation_data is None:
         return train, None
     split = args.validation_split or default_validation_split(validation_data)
@@ -95,9 +102,10 @@ def load_datasets_from_args(args: DataArguments, seed: int = 0):
 
 
 def default_validation_split(source: str) -> str:
-    """"test" for shapes, "validation" for a hub dataset or an imagefolder with a validation folder, else "train"."""
+    """"test" for shapes and openclipart, "validation" for a hub dataset or an imagefolder with a validation folder,
+    else "train"."""
     kind = detect_source_kind(source)
-    if kind == "shapes":
+    if kind in ("shapes", "openclipart"):
         return "test"
     if kind == "hub":
         return "validation"
@@ -142,9 +150,11 @@ def _metadata_problem(folder: str) -> str | None:
 
 
 def detect_source_kind(source: str) -> str:
-    """One of "shapes", "imagefolder", "csv", "json", "tar", "hub"."""
+    """One of "shapes", "openclipart", "imagefolder", "csv", "json", "tar", "hub"."""
     if is_shapes_source(source):
         return "shapes"
+    if is_openclipart_source(source):
+        return "openclipart"
     lower = source.lower()
     if lower.endswith(".tar"):  # a file, a brace pattern or a glob; missing shards raise when listed
         return "tar"
@@ -175,6 +185,7 @@ def load_image_text_dataset(
     num_proc: int | None = None,
     shapes_size: int | None = None,
     shapes_image_size: int = 64,
+    openclipart_image_size: int = 128,
     seed: int = 0,
     require_captions: bool = True,
 ):
@@ -189,10 +200,15 @@ def load_image_text_dataset(
     import datasets
 
     kind = detect_source_kind(source)
-    if kind == "shapes":
-        from .shapes import make_shapes_dataset
+    if kind in ("shapes", "openclipart"):
+        if kind == "shapes":
+            from .shapes import make_shapes_dataset
 
-        dataset = make_shapes_dataset(split, num_samples=shapes_size, image_size=shapes_image_size, seed=seed)
+            dataset = make_shapes_dataset(split, num_samples=shapes_size, image_size=shapes_image_size, seed=seed)
+        else:
+            from .openclipart import load_openclipart
+
+            dataset = load_openclipart(split, source, image_size=openclipart_image_size)
         if max_samples is not None:
             dataset = dataset.select(range(min(max_samples, len(dataset))))
         dataset = dataset.cast_column("image", datasets.Image(decode=False))

@@ -59,6 +59,7 @@ __all__ = [
     "OPENAI_IMAGENET_TEMPLATES",
     "TEMPLATE_SETS",
     "as_map_dataset",
+    "builtin_benchmark",
     "encode_images",
     "encode_texts",
     "evaluate_linear_probe",
@@ -560,6 +561,19 @@ def evaluate_linear_probe(
 # ----------------------------------------------------------------------------------------------------------------
 # Results files
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def builtin_benchmark(source):
+    """The module of the built-in benchmark that a data argument names (`lightclip.shapes` for "shapes",
+    `lightclip.openclipart` for "openclipart" or its folder), else None. Each has `evaluate_benchmark`, its model-card
+    metrics (`CARD_METRICS`, `MODEL_INDEX_METRICS`, ...) and `describe_training_data`."""
+    from . import openclipart, shapes
+
+    if shapes.is_shapes_source(source):
+        return shapes
+    if openclipart.is_openclipart_source(source):
+        return openclipart
+    return None
 
 
 def _jsonable(value, digits: int):

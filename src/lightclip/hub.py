@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .configuration_lightclip import LightClipConfig, LightClipVisionConfig
 from . import shapes
+from .evaluation import builtin_benchmark
 from .modeling_lightclip import PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -155,8 +156,8 @@ def _training_rows(train: dict | None, eval_results: dict | None) -> list[tuple[
     if not train:
         return []
     data = train.get("train_data")
-    if shapes.is_shapes_source(data):
-        data = shapes.describe_training_data(train)
+    if (benchmark := builtin_benchmark(data)) is not None:
+        data = benchmark.describe_training_data(train)
     batch = train.get("per_device_train_batch_size")
     accumulation = train.get("gradient_accumulation_steps") or 1
     steps = (eval_results or {}).get("step") or train.get("max_train_steps")
@@ -177,24 +178,38 @@ def _training_rows(train: dict | None, eval_results: dict | None) -> list[tuple[
     return rows
 
 
+def _results_benchmark(eval_results: dict | None):
+    """The built-in benchmark whose metrics a results file holds (`shapes/...`, `openclipart/...`), else None."""
+    for source in ("shapes", "openclipart"):
+        if any(key.startswith(f"{source}/") for key in (eval_results or {})):
+            return builtin_benchmark(source)
+    return None
+
+
 def _eval_rows(eval_results: dict | None) -> list[tuple[str, str]]:
-    """The shapes benchmark's main metrics when present, else every numeric entry (e.g. retrieval on other data)."""
+    """A built-in benchmark's main metrics when present, else every numeric entry (e.g. retrieval on other data)."""
     if not eval_results:
         return []
-    rows = [(label, f"{eval_results[key]:.4f}") for key, label in shapes.CARD_METRICS
-            if isinstance(eval_results.get(key), (int, float))]
+    benchmark = _results_benchmark(eval_results)
+    rows = [] if benchmark is None else [(label, f"{eval_results[key]:.4f}") for key, label in benchmark.CARD_METRICS
+                                         if isinstance(eval_results.get(key), (int, float))]
     if rows:
-        if "shapes/num_images" in eval_results:
-            rows.append(("test pictures", str(eval_results["shapes/num_images"])))
+        if benchmark.NUM_IMAGES_KEY in eval_results:
+            rows.append(("test pictures", str(eval_results[benchmark.NUM_IMAGES_KEY])))
         return rows
     return [(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in sorted(eval_results.items())
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"]
 
 
-def trained_on_shapes(train: dict | None, eval_results: dict | None) -> bool:
+def training_benchmark(train: dict | None, eval_results: dict | None):
+    """The built-in benchmark a run trained on (from `train_config.json`), else the one its results hold."""
     if train is not None:
-        return shapes.is_shapes_source(train.get("train_data"))
-    return any(key.startswith("shapes/") for key in (eval_results or {}))
+        return builtin_benchmark(train.get("train_data"))
+    return _results_benchmark(eval_results)
+
+
+def trained_on_shapes(train: dict | None, eval_results: dict | None) -> bool:
+    return training_benchmark(train, eval_results) is shapes
 
 
 def model_card_data(folder: str | os.PathLike, model_name: str | None = None):
@@ -206,21 +221,23 @@ def model_card_data(folder: str | os.PathLike, model_name: str | None = None):
     eval_results = _read_eval_results(folder) or {}
     train = _read_json(folder / "train_config.json")
     datasets = None
-    if trained_on_shapes(train, eval_results):
-        datasets = [shapes.DATASET_ID]
+    benchmark = training_benchmark(train, eval_results)
+    if benchmark is not None:
+        datasets = [benchmark.DATASET_ID]
     elif train and isinstance(train.get("train_data"), str) and train["train_data"].count("/") == 1 \
             and not os.path.exists(train["train_data"]):
         datasets = [train["train_data"]]  # a Hub dataset id
-    results = [
+    scored = _results_benchmark(eval_results)
+    results = [] if scored is None else [
         EvalResult(
-            task_type=PIPELINE_TAG, task_name=shapes.MODEL_INDEX_TASK, dataset_type=shapes.DATASET_ID,
-            dataset_name=shapes.MODEL_INDEX_DATASET_NAME, dataset_split="test", metric_type="accuracy",
+            task_type=PIPELINE_TAG, task_name=scored.MODEL_INDEX_TASK, dataset_type=scored.DATASET_ID,
+            dataset_name=scored.MODEL_INDEX_DATASET_NAME, dataset_split="test", metric_type="accuracy",
             metric_name=metric_name, metric_value=round(float(eval_results[key]), 4),
         )
-        for key, metric_name in shapes.MODEL_INDEX_METRICS
+        for key, metric_name in scored.MODEL_INDEX_METRICS
         if isinstance(eval_results.get(key), (int, float))
     ]
-    tags = [t for t in TAGS if t != "synthetic-data" or datasets == [shapes.DATASET_ID]]
+    tags = [t for t in TAGS if t != "synthetic-data" or (benchmark is not None and benchmark.SYNTHETIC)]
     return ModelCardData(
         language="en", license=LICENSE, library_name=LIBRARY_NAME, pipeline_tag=PIPELINE_TAG, tags=tags,
         datasets=datasets, model_name=model_name, eval_results=results or None,
@@ -300,8 +317,8 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
                   ("logit scale", _fmt_count(params["other"])),
                   ("total", _fmt_count(params["total"]))]
     eval_command = (eval_results or {}).get("command")
-    benchmark = ("Zero-shot classification and retrieval on the lightclip-shapes test split"
-                 if any(key.startswith("shapes/") for key in (eval_results or {})) else "Evaluation")
+    scored = _results_benchmark(eval_results)
+    benchmark = scored.BENCHMARK_TITLE if scored is not None else "Evaluation"
     if eval_command:
         eval_intro = f"{benchmark}, with these weights:"
     else:

@@ -25,12 +25,12 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .datacache import cache_root, load_cached, save_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -371,17 +371,9 @@ def _features():
     })
 
 
-def cache_root() -> str:
-    """`$LIGHTCLIP_CACHE` or `~/.cache/lightclip`."""
-    return os.environ.get("LIGHTCLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightclip")
-
-
 def _fingerprint(split: str, num_samples: int, image_size: int, seed: int) -> str:
     key = json.dumps([GENERATOR_VERSION, split, num_samples, image_size, seed])
     return f"{split}-{num_samples}-{image_size}px-seed{seed}-" + hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-_COMPLETE_MARKER = "lightclip_complete.json"
 
 
 def make_shapes_dataset(split: str = "train", num_samples: int | None = None, image_size: int = 64, seed: int = 0,
@@ -410,42 +402,12 @@ def make_shapes_dataset(split: str = "train", num_samples: int | None = None, im
     # Not `Dataset.from_generator`: its fingerprint names `_generate` without hashing its code (GENERATOR_VERSION does
     # that job here), and a cache whose Arrow file is corrupt fails to load instead of being regenerated.
     path = os.path.join(cache_root(), "shapes", _fingerprint(split, num_samples, image_size, seed))
-    stale = os.path.isdir(path)  # unless it loads below: partial, corrupted or from another version
-    if use_cache and os.path.isfile(os.path.join(path, _COMPLETE_MARKER)):
-        try:
-            dataset = datasets.load_from_disk(path)
-            if len(dataset) == num_samples and dataset.features == _features():
-                return dataset
-        except Exception as error:  # a partial or corrupted cache: regenerate
-            logger.warning("Regenerating lightclip-shapes: unreadable cache at %s (%s)", path, error)
+    if use_cache and (dataset := load_cached(path, _features(), num_samples)) is not None:
+        return dataset
     dataset = datasets.Dataset.from_dict(_generate(split, num_samples, image_size, seed), features=_features())
     if use_cache:
-        _save_atomically(dataset, path, replace=stale)
+        save_atomically(dataset, path, {"generator_version": GENERATOR_VERSION, "num_rows": len(dataset)})
     return dataset
-
-
-def _save_atomically(dataset, path: str, replace: bool) -> None:
-    """Saves to a temporary folder, then renames it to `path`; keeps a copy another process wrote meanwhile."""
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    except OSError as error:
-        logger.warning("Not caching lightclip-shapes (%s)", error)
-        return
-    try:
-        dataset.save_to_disk(tmp)
-        with open(os.path.join(tmp, _COMPLETE_MARKER), "w") as f:
-            json.dump({"generator_version": GENERATOR_VERSION, "num_rows": len(dataset)}, f)
-        if os.path.isdir(path):
-            if not replace:
-                return
-            shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    except OSError as error:  # another process won the race, or the disk is full
-        logger.debug("lightclip-shapes cache not written: %s", error)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def shapes_zero_shot_tasks() -> dict[str, dict]:
@@ -468,7 +430,7 @@ def shapes_zero_shot_tasks() -> dict[str, dict]:
 
 def evaluate_shapes(
     model, processor, *, image_size: int | None = None, num_samples: int | None = None, batch_size: int = 64,
-    dataset=None, progress: bool = False,
+    dataset=None, progress: bool = False, train_dataset=None, final: bool = True,
 ) -> dict[str, float]:
     """The built-in benchmark on the synthetic shapes test split (`lightclip.shapes`).
 
@@ -485,6 +447,8 @@ def evaluate_shapes(
         num_samples: number of test images (`None`: the split's default size).
         dataset: an already rendered shapes split, to skip rendering (e.g. cached by a trainer); it may come from
             `lightclip.data.load_image_text_dataset("shapes", ...)` (undecoded images, streamed or not).
+        train_dataset, final: taken as every built-in benchmark takes them; shapes fits no probe on the training
+            split, so they change nothing.
     """
     from .evaluation import (
         as_map_dataset, encode_images, grouped_zero_shot, retrieval_from_image_embeds, zero_shot_classifier,
@@ -547,3 +511,10 @@ def describe_training_data(train: dict) -> str:
     size = train.get("shapes_train_size") or DEFAULT_NUM_SAMPLES["train"]
     return (f"lightclip-shapes (built-in synthetic generator): {size} training pictures rendered at "
             f"{train.get('shapes_image_size') or 64} px, 3 captions each")
+DEFAULT_LABEL_COLUMN = "shape"  # the main zero-shot task
+NUM_IMAGES_KEY = "shapes/num_images"
+BENCHMARK_TITLE = "Zero-shot classification and retrieval on the lightclip-shapes test split"
+SYNTHETIC = True
+
+# how every built-in benchmark is called (`lightclip.evaluation.builtin_benchmark`)
+evaluate_benchmark = evaluate_shapes

@@ -267,3 +267,33 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
 
 __all__ = ["param_groups", "lock_image_tower", "lock_text_tower", "cosine_with_warmup", "save_checkpoint", "resolve_checkpoint", "list_checkpoints",
            "JsonlLog", "truncate_log", "plot_log"]
+
+
+def run_environment(repo: str | os.PathLike | None = None) -> dict:
+    """Where a run ran, for its results row: the code's git commit (with "+changes" when the work tree differs from
+    it), the CPU or GPU model, the torch version and the date (UTC)."""
+    import platform
+    import subprocess
+
+    repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
+    commit = None
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit += "+changes" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                device = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        device = f"{device}, {os.cpu_count()} cores"
+    return {"commit": commit, "device": device, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
