@@ -552,6 +552,7 @@ class Run:
     train_dataset: object | None = None  # the map-style training data, for a benchmark's final linear probe
     train_runtime: float = 0.0  # seconds of this process's training loop, evaluations excluded
     train_samples: int = 0  # samples trained on in that time, every process
+    environment: dict = field(default_factory=run_environment)  # the code's commit and the machine, at the start
     step: int = 0
     nonfinite_steps: int = 0
     resume_state: dict | None = None  # the checkpoint's trainer_state.json when resuming
@@ -819,10 +820,10 @@ def finish(args, accelerator: Accelerator, run: Run, validation) -> dict:
         skips.merge(state)
     skip_summary = skips.summary()
     if accelerator.is_main_process:
-        speed = {"train_runtime": round(run.train_runtime, 1),
+        speed = {"train_runtime": round(run.train_runtime, 3),
                  "train_samples_per_second": round(run.train_samples / max(run.train_runtime, 1e-9), 1)}
         eval_results = {**results, "step": run.step, "skipped": skip_summary, **speed,
-                        "environment": run_environment()}
+                        "environment": run.environment}
         save_results(eval_results, output_dir / "eval_results.json")
         run.log.write({"step": run.step, **{f"eval/{k}": v for k, v in results.items()}})
         plot_log(output_dir / "train_log.jsonl", output_dir / "training_curves.png")

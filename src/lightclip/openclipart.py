@@ -311,7 +311,7 @@ def _list_pictures(root: Path) -> list[str]:
     the collection (a picture filed in several folders)."""
     png_root = (root / "png").resolve()
     seen: set[str] = set()
-    for folder, _, names in os.walk(root / "png", followlinks=False):
+    for folder, _, names in os.walk(root / "png", followlinks=True):
         for name in names:
             if not name.lower().endswith(".png"):
                 continue
@@ -321,6 +321,8 @@ def _list_pictures(root: Path) -> list[str]:
                 seen.add(real.relative_to(png_root).as_posix())
             except ValueError:  # a link out of the collection: its own path
                 seen.add(path.relative_to(root / "png").as_posix())
+    if not seen:
+        raise FileNotFoundError(f"no PNG files under {root / 'png'}")
     return sorted(seen)
 
 
@@ -481,8 +483,10 @@ def evaluate_openclipart(model, processor, *, dataset=None, train_dataset=None, 
     if dataset is None:
         dataset = load_openclipart("test", source, image_size=image_size, progress=progress)
     dataset = as_map_dataset(dataset)
-    image_embeds = encode_images(model, processor, dataset, batch_size=batch_size, progress=progress)
     results: dict[str, float] = {"openclipart/num_images": len(dataset)}
+    if len(dataset) == 0:
+        return results
+    image_embeds = encode_images(model, processor, dataset, batch_size=batch_size, progress=progress)
     for task, spec in openclipart_zero_shot_tasks(dataset).items():
         labels = np.asarray(dataset[spec["label_column"]])
         keep = np.flatnonzero(labels >= 0)
@@ -502,9 +506,11 @@ def evaluate_openclipart(model, processor, *, dataset=None, train_dataset=None, 
         train_dataset = as_map_dataset(train_dataset)
         train_rows = [i for i, y in enumerate(train_dataset["category"]) if y >= 0]
         test_rows = [i for i, y in enumerate(dataset["category"]) if y >= 0]
-        probe = evaluate_linear_probe(model, processor, train_dataset.select(train_rows), dataset.select(test_rows),
-                                      "category", batch_size=batch_size, progress=progress)
-        results.update({f"openclipart/linear_probe/category/{k}": v for k, v in probe.items()})
+        if train_rows and test_rows:
+            probe = evaluate_linear_probe(model, processor, train_dataset.select(train_rows),
+                                          dataset.select(test_rows), "category", batch_size=batch_size,
+                                          progress=progress)
+            results.update({f"openclipart/linear_probe/category/{k}": v for k, v in probe.items()})
     return results
 
 
