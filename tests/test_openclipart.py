@@ -106,11 +106,12 @@ def test_keywords_keep_words_about_the_picture():
 def test_captions_name_title_folder_and_keywords():
     metadata = ClipArtMetadata(title="Copper the Beagle", keywords=("mammal", "dog", "hash"), creator="Gerald G.")
     assert make_captions("animals/mammals/dogs", metadata) == [
-        "Copper the Beagle, mammals dogs clip art", "Copper the Beagle", "mammals dogs clip art: mammal, dog"]
+        "Copper the Beagle, animals mammals dogs clip art", "Copper the Beagle",
+        "animals mammals dogs clip art: mammal, dog"]
     # a boilerplate title leaves the folder words; no keyword left leaves no keyword caption
     icons = ClipArtMetadata(title="Etiquette Icons", keywords=("hash", "icons"))
     assert make_captions("computer/buttons", icons) == ["computer buttons clip art"]
-    assert folder_words("signs_and_symbols/flags/africa") == "flags africa"
+    assert folder_words("signs_and_symbols/flags/africa") == "signs and symbols flags africa"
     assert folder_words("food/meats_and_eggs") == "food meats and eggs"
 
 
@@ -159,8 +160,8 @@ def test_collection_loads_with_counted_skips_white_backgrounds_and_classes(colle
         names = train.features["category"].names
         assert names[row["category"]] == row["folder"].split("/")[0]
         if row["folder"].startswith("computer"):
-            # the collection title is boilerplate, and so are the keywords but one
-            assert row["captions"] == ["flat theme action clip art", "flat theme action clip art: computer"]
+            # the collection title is boilerplate; the keywords are tooling or said by the folder already
+            assert row["captions"] == ["computer icons flat theme action clip art"]
     assert list(test["index"]) == list(range(len(test)))
 
 
@@ -202,8 +203,9 @@ def test_data_source_kind_and_standard_columns(collection):
 
 def test_zero_shot_tasks_have_readable_labels(collection):
     tasks = openclipart_zero_shot_tasks(load_openclipart("test", collection))
-    assert tasks["category"]["classnames"] == ["animals", "computer icons", "food"]
-    assert tasks["subcategory"]["classnames"] == ["mammals dogs", "flat action icons", "fruit"]  # not in the table: its words
+    assert tasks["category"]["classnames"] == ["animals", "computer", "food"]
+    # the release's sub-folders by their common names; one it does not have by its words
+    assert tasks["subcategory"]["classnames"] == ["animals mammals dogs", "flat action icons", "fruit"]
     assert "a clip art of {}." in tasks["category"]["templates"]
 
 

@@ -38,7 +38,7 @@ from .datacache import cache_root, load_cached, read_marker, save_atomically
 logger = logging.getLogger(__name__)
 
 # Bump when the captions, pictures, split or classes change: it is part of the cache fingerprint.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 SOURCE_NAMES = ("openclipart", "open-clip-art")
 DATASET_ID = "openclipart-0.18"
@@ -53,7 +53,7 @@ MIN_SIDE = 16
 # A zero-shot class needs this many pictures in the whole collection (train and test).
 MIN_CLASS_PICTURES = 30
 # Top-level folders that name no visual concept: never zero-shot classes.
-NOT_A_CLASS = ("unsorted",)
+NOT_A_CLASS = ("unsorted", "special")
 
 _NS = {"dc": "http://purl.org/dc/elements/1.1/", "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
        "cc": "http://web.resource.org/cc/"}
@@ -74,16 +74,9 @@ STOP_KEYWORDS = frozenset({
 })
 _STOP_KEYWORD_PATTERNS = (re.compile(r".*_theme_icon$"), re.compile(r"^\w+sym$"))
 
-# Readable names of the top-level categories and of the sub-folders of release 0.18 that are zero-shot classes; a
-# folder missing here is named by its own words (`folder_phrase`).
-CATEGORY_NAMES: dict[str, str] = {
-    "animals": "animals", "buildings": "buildings", "computer": "computer icons", "containers": "containers",
-    "decorations": "decorations", "education": "education", "electronics": "electronics", "food": "food",
-    "geography": "maps", "logos": "logos", "office": "office supplies", "people": "people", "plants": "plants",
-    "recreation": "recreation and sports", "science": "science", "shapes": "shapes and arrows",
-    "signs_and_symbols": "signs and symbols", "special": "patterns", "tools": "tools",
-    "transportation": "vehicles", "buttons": "buttons",
-}
+# Zero-shot class names of the sub-folders of release 0.18 with enough pictures: common names that the captions need
+# not say ("insects" for `animals/bugs`). A top-level category, and a folder missing here, is named by its own words
+# (`folder_phrase`), which the captions do say.
 SUBCATEGORY_NAMES: dict[str, str] = {
     "animals/birds": "birds", "animals/bugs": "insects", "animals/mammals": "mammals",
     "buildings/homes": "houses",
@@ -214,16 +207,15 @@ def clean_keywords(keywords, creator: str | None = None, exclude=()) -> list[str
 
 
 def folder_phrase(folder: str) -> str:
-    """The readable name of a zero-shot class (`CATEGORY_NAMES`, `SUBCATEGORY_NAMES`), else `folder_words`."""
-    return SUBCATEGORY_NAMES.get(folder) or CATEGORY_NAMES.get(folder) or folder_words(folder)
+    """The class name of a folder in the zero-shot tasks: `SUBCATEGORY_NAMES`, else its `folder_words`."""
+    return SUBCATEGORY_NAMES.get(folder) or folder_words(folder)
 
 
 def folder_words(folder: str) -> str:
-    """The words of a folder's last two parts, as a person filing the picture wrote them (`food/fruit` -> "food
-    fruit", `signs_and_symbols/flags/africa` -> "flags africa"), each word once. Captions use these, not the class
-    names of the zero-shot tasks, so that zero-shot classification does not read its labels back from the captions."""
+    """The words of a folder's path, as the person who filed the picture wrote them, each word once (`food/fruit` ->
+    "food fruit", `signs_and_symbols/flags/africa` -> "signs and symbols flags africa")."""
     words: list[str] = []
-    for part in folder.split("/")[-2:]:
+    for part in folder.split("/"):
         words += [w for w in _words(part).lower().split() if w not in words]
     return " ".join(words)
 
