@@ -97,7 +97,7 @@ def test_titles_lose_their_boilerplate():
 
 def test_keywords_keep_words_about_the_picture():
     keywords = ["hash", "mammal", "dog", "Dog", "magick", "lemon_theme_icon", "mapsym", "nicu buculei", "big_cat",
-                "beagle"]
+                "snu@autistici.org", "beagle,http://example.org"]
     assert clean_keywords(keywords, creator="Nicu Buculei") == ["mammal", "dog", "big cat", "beagle"]
     assert clean_keywords(keywords, creator="Nicu Buculei", exclude=["Copper the Beagle"]) == ["mammal", "dog",
                                                                                                 "big cat"]

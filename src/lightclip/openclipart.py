@@ -38,7 +38,7 @@ from .datacache import cache_root, load_cached, read_marker, save_atomically
 logger = logging.getLogger(__name__)
 
 # Bump when the captions, pictures, split or classes change: it is part of the cache fingerprint.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 SOURCE_NAMES = ("openclipart", "open-clip-art")
 DATASET_ID = "openclipart-0.18"
@@ -188,13 +188,15 @@ def clean_title(title: str | None) -> str | None:
 
 
 def clean_keywords(keywords, creator: str | None = None, exclude=()) -> list[str]:
-    """Keywords as words, in order, without duplicates, tooling and collection tags, the author's name, or words
-    already said (`exclude`, e.g. the title's)."""
+    """Keywords as words, in order, without duplicates, tooling and collection tags, addresses, the author's name, or
+    words already said (`exclude`, e.g. the title's); "rome,italy" is two keywords."""
     author = {w for w in re.findall(r"[a-z]+", (creator or "").lower()) if len(w) > 2}
     said = {w.lower() for phrase in exclude for w in phrase.split()}
     kept: list[str] = []
-    for keyword in keywords:
+    for keyword in (part for k in keywords for part in re.split(r"[,;]", k)):
         raw = keyword.strip().lower()
+        if re.search(r"@|https?:|www\.", raw):
+            continue
         if raw in STOP_KEYWORDS or any(p.fullmatch(raw) for p in _STOP_KEYWORD_PATTERNS):
             continue
         word = _words(raw)
@@ -258,10 +260,14 @@ def prepare_image(data: bytes, size: int) -> bytes:
     """PNG bytes of the picture composited on white, shrunk to fit `size` x `size` (never enlarged) and centred on a
     white square, so a random or centre crop keeps the whole drawing. Raises `SkippedPicture` for an unreadable,
     tiny (under `MIN_SIDE` px) or blank (one colour) picture."""
+    import warnings
+
     from .data import UnreadableImageError, load_rgb_image
 
     try:
-        image = load_rgb_image(data)
+        with warnings.catch_warnings():  # a few renders are over 100 megapixels: decoded once, then shrunk
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = load_rgb_image(data)
     except UnreadableImageError as error:
         raise SkippedPicture(error.reason) from error
     if min(image.size) < MIN_SIDE:
