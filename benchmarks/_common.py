@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import os
 import platform
 import shlex
@@ -274,3 +275,28 @@ def hf_clip_model(config):
 def num_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
+
+
+class CLIPModelEncoders(torch.nn.Module):
+    """A transformers `CLIPModel` behind the `encode_image` / `encode_text` calls of lightclip's evaluation and the
+    logit-scale helpers of a training loop, so the same loops and benchmarks run it beside a lightclip model."""
+
+    def __init__(self, model, lightclip_config):
+        super().__init__()
+        self.model = model
+        self.lightclip_config = lightclip_config  # the dims it copies
+
+    def encode_image(self, pixel_values, normalize: bool = True):
+        out = self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def encode_text(self, input_ids, attention_mask=None, normalize: bool = True):
+        out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def clamp_logit_scale_(self):
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+
+    def logit_scale_exp(self):
+        return self.model.logit_scale.exp()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 
 import torch
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from _common import CLIPModelEncoders
 from lightclip import LightClipConfig, LightClipModel, LightClipProcessor
 from lightclip.data import load_rgb_image
 from lightclip.evaluation import encode_texts, linear_probe, zero_shot_classifier
@@ -141,39 +141,21 @@ def _fmt(values: dict) -> str:
 # --------------------------------------------------------------------------------------------------- 2. contrastive
 
 
-class HFClipAdapter(nn.Module):
-    """transformers `CLIPModel` behind the `encode_image` / `encode_text` helpers lightclip's evaluation calls."""
+def HFClipAdapter(config: LightClipConfig) -> CLIPModelEncoders:
+    """transformers `CLIPModel` of the same widths, depths, heads, image and patch size, vocabulary and context as
+    `config`, behind the `encode_image` / `encode_text` helpers lightclip's evaluation calls."""
+    from transformers import CLIPConfig, CLIPModel
 
-    def __init__(self, config: LightClipConfig):
-        super().__init__()
-        from transformers import CLIPConfig, CLIPModel
-
-        self.lightclip_config = config  # the dims it copies
-        t, v = config.text_config, config.vision_config
-        self.model = CLIPModel(CLIPConfig(
-            text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                             num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                             max_position_embeddings=t.max_position_embeddings, pad_token_id=t.pad_token_id,
-                             bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id),
-            vision_config=dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                               num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-                               image_size=v.image_size, patch_size=v.patch_size),
-            projection_dim=config.projection_dim))
-
-    def encode_image(self, pixel_values, normalize: bool = True):
-        out = self.model.get_image_features(pixel_values=pixel_values).pooler_output
-        return F.normalize(out, dim=-1) if normalize else out
-
-    def encode_text(self, input_ids, attention_mask=None, normalize: bool = True):
-        out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return F.normalize(out, dim=-1) if normalize else out
-
-    def clamp_logit_scale_(self):
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, math.log(100))
-
-    def logit_scale_exp(self):
-        return self.model.logit_scale.exp()
+    t, v = config.text_config, config.vision_config
+    return CLIPModelEncoders(CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                         max_position_embeddings=t.max_position_embeddings, pad_token_id=t.pad_token_id,
+                         bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id),
+        vision_config=dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                           num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                           image_size=v.image_size, patch_size=v.patch_size),
+        projection_dim=config.projection_dim)), config)
 
 
 def contrastive(args, models: dict[str, nn.Module], data: dict[int, tuple], processor) -> dict:
@@ -207,7 +189,7 @@ def contrastive(args, models: dict[str, nn.Module], data: dict[int, tuple], proc
 
 
 def _config(model: nn.Module) -> LightClipConfig:
-    return model.lightclip_config if isinstance(model, HFClipAdapter) else model.config
+    return model.lightclip_config if isinstance(model, CLIPModelEncoders) else model.config
 
 
 def _image_size(model: nn.Module) -> int:
