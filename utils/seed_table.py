@@ -83,7 +83,7 @@ def group_command(runs: list[Path]) -> str | None:
         seeds = [json.loads((run / "train_config.json").read_text()).get("seed") for run in runs]
     except (OSError, KeyError, ValueError):
         return None
-    words = shlex.split(commands[0])
+    words = [_relative(word) for word in shlex.split(commands[0])]
     seed_text = "{" + ",".join(str(s) for s in seeds) + "}" if len(runs) > 1 else str(seeds[0])
     for i, word in enumerate(words[:-1]):
         if word == "--seed":
@@ -91,6 +91,16 @@ def group_command(runs: list[Path]) -> str | None:
         if word == "--output_dir":
             words[i + 1] = re.sub(r"seed\d+$", f"seed{seed_text}", words[i + 1])
     return " ".join(words)
+
+
+def _relative(word: str) -> str:
+    """An absolute path under the current folder, relative to it (how a reader of the docs runs the command)."""
+    if word.startswith("/"):
+        try:
+            return str(Path(word).relative_to(Path.cwd()))
+        except ValueError:
+            return word
+    return word
 
 
 def provenance(results: list[dict]) -> str:

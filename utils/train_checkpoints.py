@@ -84,7 +84,8 @@ def package_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     `dtype="float16"` every floating tensor of `model.safetensors` is stored in half precision (half the size);
     `config.json` keeps `dtype: float32`, so `from_pretrained` and the pipeline (`dtype="auto"`) upcast on load and
     the model computes in float32 as it was trained. With `evaluate=True` the packaged weights are evaluated on the
-    shapes test split (`evaluate_shapes`) and `eval_results.json` is rewritten with the numbers and `eval_command`.
+    built-in benchmark of the run's training data (shapes, openclipart) and `eval_results.json` is rewritten with the
+    numbers and `eval_command`.
     Finally the model card is written.
     """
     if dtype not in ("float32", "float16"):
@@ -105,16 +106,18 @@ def package_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     if evaluate:
-        from lightclip import LightClipModel, LightClipProcessor
-        from lightclip.evaluation import load_results, save_results
-        from lightclip.shapes import evaluate_shapes
+        import json
 
+        from lightclip import LightClipModel, LightClipProcessor
+        from lightclip.evaluation import builtin_benchmark, load_results, save_results
+
+        data = json.loads((run_dir / "train_config.json").read_text()).get("train_data", "shapes")
         model = LightClipModel.from_pretrained(out_dir).eval()
         processor = LightClipProcessor.from_pretrained(out_dir)
-        results = evaluate_shapes(model, processor)
+        results = builtin_benchmark(data).evaluate_benchmark(model, processor)
         previous = load_results(run_dir / "eval_results.json") if (run_dir / "eval_results.json").is_file() else {}
         results["step"] = previous.get("step")
-        results["command"] = eval_command or f"python examples/run_evaluation.py --model {out_dir} --task shapes"
+        results["command"] = eval_command or f"python examples/run_evaluation.py --model {out_dir} --data {data}"
         save_results(results, out_dir / "eval_results.json")
     write_model_card(out_dir, command=train_command)
     return out_dir

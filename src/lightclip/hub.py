@@ -327,6 +327,7 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
     files = [(name, human_size((folder / name).stat().st_size)) for name in upload_files(folder)[0]
              if name != "README.md"]
     on_shapes = trained_on_shapes(train, eval_results)
+    card_benchmark = training_benchmark(train, eval_results)
 
     card = ModelCard.from_template(
         model_card_data(folder, model_name),
@@ -347,6 +348,9 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
         repo_id=repo_id,
         files=files,
         shapes=on_shapes,
+        example_image=(card_benchmark or shapes).CARD_EXAMPLE[0],
+        example_labels=json.dumps((card_benchmark or shapes).CARD_EXAMPLE[1]),
+        chance_note=card_benchmark.CARD_CHANCE_NOTE if card_benchmark is not None else None,
         train_data=(train or {}).get("train_data") or "data not recorded in this folder",
         starting_point=_starting_point(train or {}),
     )

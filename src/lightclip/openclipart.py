@@ -531,6 +531,12 @@ MODEL_INDEX_METRICS = (
 )
 MODEL_INDEX_TASK = "Zero-shot image classification (Open Clip Art Library 0.18: categories and sub-folders)"
 MODEL_INDEX_DATASET_NAME = "Open Clip Art Library 0.18"
+# the card's pipeline example and its note under the evaluation table
+CARD_EXAMPLE = ("pig.png", ["a clip art of a pig", "a clip art of a bus", "a clip art of a flag"])
+CARD_CHANCE_NOTE = (
+    "Chance level is 1/15 for the category task (15 top-level folders) and 1/42 for the sub-folder task (42 folders). "
+    "Image-to-text recall@1 is bounded by 0.44: the other test pictures share their first caption with another test "
+    "picture (for example 202 generated stars), and a tie counts as a miss.")
 DEFAULT_LABEL_COLUMN = "category"  # the main zero-shot task
 NUM_IMAGES_KEY = "openclipart/num_images"
 BENCHMARK_TITLE = "Zero-shot classification, linear probe and retrieval on the Open Clip Art test split"

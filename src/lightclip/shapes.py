@@ -511,6 +511,9 @@ def describe_training_data(train: dict) -> str:
     size = train.get("shapes_train_size") or DEFAULT_NUM_SAMPLES["train"]
     return (f"lightclip-shapes (built-in synthetic generator): {size} training pictures rendered at "
             f"{train.get('shapes_image_size') or 64} px, 3 captions each")
+# the card's pipeline example; the template has its own chance paragraph for shapes
+CARD_EXAMPLE = ("shapes.png", ["a red circle", "a blue square", "a green triangle"])
+CARD_CHANCE_NOTE = None
 DEFAULT_LABEL_COLUMN = "shape"  # the main zero-shot task
 NUM_IMAGES_KEY = "shapes/num_images"
 BENCHMARK_TITLE = "Zero-shot classification and retrieval on the lightclip-shapes test split"
