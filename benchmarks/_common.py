@@ -300,3 +300,21 @@ class CLIPModelEncoders(torch.nn.Module):
 
     def logit_scale_exp(self):
         return self.model.logit_scale.exp()
+
+
+def clip_step(model, optimizer, scheduler, pixel_values, input_ids, attention_mask) -> torch.Tensor:
+    """One step of the plain symmetric CLIP loss for a model with `encode_image` / `encode_text` /
+    `logit_scale_exp` / `clamp_logit_scale_` (a lightclip model or `CLIPModelEncoders`): the minimal loop the
+    diagnostics and the CLIPModel peer train with. Returns the loss."""
+    image = model.encode_image(pixel_values)
+    text = model.encode_text(input_ids, attention_mask)
+    logits = model.logit_scale_exp() * image @ text.t()
+    labels = torch.arange(len(logits))
+    loss = 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                  + torch.nn.functional.cross_entropy(logits.t(), labels))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    model.clamp_logit_scale_()
+    return loss

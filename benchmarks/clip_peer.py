@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
@@ -72,17 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     while step < args.max_train_steps:
         collator.set_epoch(epoch)
         for batch in loader:
-            image = model.encode_image(batch["pixel_values"])
-            text = model.encode_text(batch["input_ids"], batch["attention_mask"])
-            logits = model.logit_scale_exp() * image @ text.t()
-            labels = torch.arange(len(logits))
-            loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            model.clamp_logit_scale_()
-            step, samples = step + 1, samples + len(labels)
+            loss = _common.clip_step(model, optimizer, scheduler, batch["pixel_values"], batch["input_ids"],
+                                     batch["attention_mask"])
+            step, samples = step + 1, samples + len(batch["input_ids"])
             if step % 50 == 0:
                 print(f"step {step}: loss {loss.item():.3f}", flush=True)
             if step >= args.max_train_steps:

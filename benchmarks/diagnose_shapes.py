@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from _common import CLIPModelEncoders
+from _common import CLIPModelEncoders, clip_step
 from lightclip import LightClipConfig, LightClipModel, LightClipProcessor
 from lightclip.data import load_rgb_image
 from lightclip.evaluation import encode_texts, linear_probe, zero_shot_classifier
@@ -169,16 +169,7 @@ def contrastive(args, models: dict[str, nn.Module], data: dict[int, tuple], proc
         optimizer, scheduler = make_optimizer(model, args)
         start = time.perf_counter()
         for index, ids, mask in train.batches(args.steps, args.batch_size, args.seed):
-            image = model.encode_image(train.pixels[index])
-            text = model.encode_text(ids, mask)
-            logits = model.logit_scale_exp() * image @ text.t()
-            labels = torch.arange(len(index))
-            loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            model.clamp_logit_scale_()
+            loss = clip_step(model, optimizer, scheduler, train.pixels[index], ids, mask)
         seconds = time.perf_counter() - start
         model.eval()
         bench = evaluate_shapes(model, _processor_for(processor, _config(model)), dataset=test.dataset)

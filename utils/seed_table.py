@@ -79,11 +79,12 @@ def benchmark_columns(results: list[dict]) -> list[tuple[str, str, int]]:
 def group_command(runs: list[Path]) -> str | None:
     """The first run's recorded command, its --seed and --output_dir values written as the group's seeds."""
     try:
-        commands = [json.loads((run / "train_config.json").read_text())["command"] for run in runs]
-        seeds = [json.loads((run / "train_config.json").read_text()).get("seed") for run in runs]
+        configs = [json.loads((run / "train_config.json").read_text()) for run in runs]
+        command = configs[0]["command"]
     except (OSError, KeyError, ValueError):
         return None
-    words = [_relative(word) for word in shlex.split(commands[0])]
+    seeds = [config.get("seed") for config in configs]
+    words = [_relative(word) for word in shlex.split(command)]
     seed_text = "{" + ",".join(str(s) for s in seeds) + "}" if len(runs) > 1 else str(seeds[0])
     for i, word in enumerate(words[:-1]):
         if word == "--seed":

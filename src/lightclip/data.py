@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .processing_lightclip import to_rgb8
-from .openclipart import is_openclipart_source
+from .openclipart import DEFAULT_IMAGE_SIZE as OPENCLIPART_IMAGE_SIZE, is_openclipart_source
 from .shapes import is_shapes_source
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class DataArguments:
     shapes_train_size: int | None = field(default=None, metadata={"help": "Default 4000."})
     shapes_test_size: int | None = field(default=None, metadata={"help": "Default 500."})
     shapes_image_size: int = 64
-    openclipart_image_size: int = field(default=128, metadata={
+    openclipart_image_size: int = field(default=OPENCLIPART_IMAGE_SIZE, metadata={
         "help": "Open Clip Art pictures are fitted in this many pixels and squared on white, once, in the cache."})
 
 
@@ -87,7 +87,7 @@ def load_datasets_from_args(args: DataArguments, seed: int = 0):
     common = dict(image_column=args.image_column, caption_column=args.caption_column,
                   config_name=args.dataset_config_name, streaming=getattr(args, "streaming", False),
                   num_proc=args.preprocessing_num_workers, shapes_image_size=args.shapes_image_size,
-                  openclipart_image_size=getattr(args, "openclipart_image_size", 128), seed=seed)
+                  openclipart_image_size=getattr(args, "openclipart_image_size", OPENCLIPART_IMAGE_SIZE), seed=seed)
     train = load_image_text_dataset(args.train_data, args.train_split, max_samples=args.max_train_samples,
                                     shapes_size=args.shapes_train_size, **common)
     validation_data = args.validation_data
@@ -185,7 +185,7 @@ def load_image_text_dataset(
     num_proc: int | None = None,
     shapes_size: int | None = None,
     shapes_image_size: int = 64,
-    openclipart_image_size: int = 128,
+    openclipart_image_size: int = OPENCLIPART_IMAGE_SIZE,
     seed: int = 0,
     require_captions: bool = True,
 ):

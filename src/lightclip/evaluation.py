@@ -60,6 +60,7 @@ __all__ = [
     "TEMPLATE_SETS",
     "as_map_dataset",
     "builtin_benchmark",
+    "results_benchmark",
     "encode_images",
     "encode_texts",
     "evaluate_linear_probe",
@@ -563,6 +564,10 @@ def evaluate_linear_probe(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# the data sources with a built-in benchmark; each also prefixes its metric names ("shapes/...", "openclipart/...")
+BUILTIN_BENCHMARK_SOURCES = ("shapes", "openclipart")
+
+
 def builtin_benchmark(source):
     """The module of the built-in benchmark that a data argument names (`lightclip.shapes` for "shapes",
     `lightclip.openclipart` for "openclipart" or its folder), else None. Each has `evaluate_benchmark`, its model-card
@@ -573,6 +578,14 @@ def builtin_benchmark(source):
         return shapes
     if openclipart.is_openclipart_source(source):
         return openclipart
+    return None
+
+
+def results_benchmark(results: dict | None):
+    """The built-in benchmark whose metrics a results dict holds (keys under its source's name), else None."""
+    for source in BUILTIN_BENCHMARK_SOURCES:
+        if any(key.startswith(f"{source}/") for key in (results or {})):
+            return builtin_benchmark(source)
     return None
 
 

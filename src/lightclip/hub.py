@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .configuration_lightclip import LightClipConfig, LightClipVisionConfig
 from . import shapes
-from .evaluation import builtin_benchmark
+from .evaluation import builtin_benchmark, results_benchmark
 from .modeling_lightclip import PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -178,19 +178,11 @@ def _training_rows(train: dict | None, eval_results: dict | None) -> list[tuple[
     return rows
 
 
-def _results_benchmark(eval_results: dict | None):
-    """The built-in benchmark whose metrics a results file holds (`shapes/...`, `openclipart/...`), else None."""
-    for source in ("shapes", "openclipart"):
-        if any(key.startswith(f"{source}/") for key in (eval_results or {})):
-            return builtin_benchmark(source)
-    return None
-
-
 def _eval_rows(eval_results: dict | None) -> list[tuple[str, str]]:
     """A built-in benchmark's main metrics when present, else every numeric entry (e.g. retrieval on other data)."""
     if not eval_results:
         return []
-    benchmark = _results_benchmark(eval_results)
+    benchmark = results_benchmark(eval_results)
     rows = [] if benchmark is None else [(label, f"{eval_results[key]:.4f}") for key, label in benchmark.CARD_METRICS
                                          if isinstance(eval_results.get(key), (int, float))]
     if rows:
@@ -205,7 +197,7 @@ def training_benchmark(train: dict | None, eval_results: dict | None):
     """The built-in benchmark a run trained on (from `train_config.json`), else the one its results hold."""
     if train is not None:
         return builtin_benchmark(train.get("train_data"))
-    return _results_benchmark(eval_results)
+    return results_benchmark(eval_results)
 
 
 def trained_on_shapes(train: dict | None, eval_results: dict | None) -> bool:
@@ -227,7 +219,7 @@ def model_card_data(folder: str | os.PathLike, model_name: str | None = None):
     elif train and isinstance(train.get("train_data"), str) and train["train_data"].count("/") == 1 \
             and not os.path.exists(train["train_data"]):
         datasets = [train["train_data"]]  # a Hub dataset id
-    scored = _results_benchmark(eval_results)
+    scored = results_benchmark(eval_results)
     results = [] if scored is None else [
         EvalResult(
             task_type=PIPELINE_TAG, task_name=scored.MODEL_INDEX_TASK, dataset_type=scored.DATASET_ID,
@@ -317,7 +309,7 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
                   ("logit scale", _fmt_count(params["other"])),
                   ("total", _fmt_count(params["total"]))]
     eval_command = (eval_results or {}).get("command")
-    scored = _results_benchmark(eval_results)
+    scored = results_benchmark(eval_results)
     benchmark = scored.BENCHMARK_TITLE if scored is not None else "Evaluation"
     if eval_command:
         eval_intro = f"{benchmark}, with these weights:"

@@ -347,12 +347,14 @@ def _fingerprint(root: Path, pictures: list[str], image_size: int) -> str:
     return f"{image_size}px-{len(pictures)}-" + digest.hexdigest()[:12]
 
 
-def build_openclipart(root: Path, image_size: int = DEFAULT_IMAGE_SIZE, progress: bool = True
+def build_openclipart(root: Path, image_size: int = DEFAULT_IMAGE_SIZE, progress: bool = True,
+                      pictures: list[str] | None = None
                       ) -> tuple[dict[str, dict[str, list]], list[str], list[str], Counter]:
-    """Reads the whole collection: ({split: columns}, categories, subcategories, skip counts by reason)."""
+    """Reads the whole collection (`pictures`: its `_list_pictures`, when already listed): ({split: columns},
+    categories, subcategories, skip counts by reason)."""
     from tqdm.auto import tqdm
 
-    pictures = _list_pictures(root)
+    pictures = _list_pictures(root) if pictures is None else pictures
     rows: list[dict] = []
     skips: Counter = Counter()
     digests: set[bytes] = set()
@@ -409,7 +411,8 @@ def load_openclipart(split: str = "train", source: str | os.PathLike = "openclip
     if image_size < MIN_SIDE:
         raise ValueError(f"image_size must be at least {MIN_SIDE}, got {image_size}")
     root = find_root(source)
-    folder = _cache_folder(root, image_size)
+    pictures = _list_pictures(root)
+    folder = _cache_folder(root, image_size, pictures)
     if use_cache:
         try:
             marker = read_marker(os.path.join(folder, split))
@@ -418,7 +421,8 @@ def load_openclipart(split: str = "train", source: str | os.PathLike = "openclip
                 return dataset
         except (OSError, ValueError, KeyError):
             pass
-    splits, categories, subcategories, skips = build_openclipart(root, image_size, progress=progress)
+    splits, categories, subcategories, skips = build_openclipart(root, image_size, progress=progress,
+                                                                 pictures=pictures)
     features = _features(categories, subcategories)
     built = {}
     for name in ("train", "test"):
@@ -433,8 +437,9 @@ def load_openclipart(split: str = "train", source: str | os.PathLike = "openclip
     return built[split]
 
 
-def _cache_folder(root: Path, image_size: int) -> str:
-    return os.path.join(cache_root(), "openclipart", _fingerprint(root, _list_pictures(root), image_size))
+def _cache_folder(root: Path, image_size: int, pictures: list[str] | None = None) -> str:
+    pictures = _list_pictures(root) if pictures is None else pictures
+    return os.path.join(cache_root(), "openclipart", _fingerprint(root, pictures, image_size))
 
 
 def openclipart_skips(source: str | os.PathLike = "openclipart", image_size: int = DEFAULT_IMAGE_SIZE) -> dict:

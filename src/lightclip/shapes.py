@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -32,7 +31,6 @@ from PIL import Image, ImageDraw
 
 from .datacache import cache_root, load_cached, save_atomically
 
-logger = logging.getLogger(__name__)
 
 # Bump when the pictures or captions change: it is part of the cache fingerprint.
 GENERATOR_VERSION = 3
