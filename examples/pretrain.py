@@ -43,10 +43,11 @@ from lightclip.data import (
     DataArguments, ImageTextCollator, SkipCounter, decode_images_once, keep_readable_images, load_datasets_from_args,
 )
 from lightclip.evaluation import builtin_benchmark, evaluate_retrieval, save_results
+from lightclip.fileio import write_text_atomic
 from lightclip.pretraining import merge_features
 from lightclip.trainer_utils import (
-    JsonlLog, cosine_with_warmup, lock_image_tower, lock_text_tower, param_groups, plot_log, prepare_output_dir,
-    resolve_checkpoint, run_environment, save_checkpoint, truncate_log,
+    JsonlLog, cosine_with_warmup, load_process_state, lock_image_tower, lock_text_tower, param_groups, plot_log,
+    prepare_output_dir, resolve_checkpoint, run_environment, save_checkpoint, save_model_folder, truncate_log,
 )
 
 logger = logging.getLogger("lightclip.pretrain")
@@ -266,13 +267,19 @@ def validate_args(args) -> None:
     """Option values checked before any work starts (data, bank, training)."""
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
-    if args.learning_rate <= 0:
-        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
+    # the least value of each count; None keeps the option's default (`--checkpointing_steps -1` would save every step)
+    least = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+             "max_train_steps": 1, "checkpointing_steps": 1, "logging_steps": 1, "max_nonfinite_steps": 1,
+             "cpu_threads": 1, "image_size": 1, "num_warmup_steps": 0, "eval_steps": 0, "checkpoints_total_limit": 0,
+             "lock_image_unlocked_groups": 0, "lock_text_unlocked_layers": 0}
+    for name, low in least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name} must be at least {low}, got {value}")
+    for name in ("learning_rate", "num_train_epochs", "max_grad_norm"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} must be a finite positive number, got {value}")
     build_config(args)  # unknown objectives, bad choices and values of every objective option
     distill = [name for name in ("kd", "fd") if name in lightclip.resolve_objectives(args.objectives)]
     sources = [f"--{name}" for name in ("distill_model", "distill_embeddings") if getattr(args, name)]
@@ -350,7 +357,8 @@ def resolve_image_tower_init(args) -> str:
 
 
 def load_or_build_bank(args, train_dataset, accelerator):
-    """The CLIP-PING feature bank: loaded from --neighbors, or built once with the default teachers."""
+    """The CLIP-PING feature bank: built once with the given (or default) teachers, or loaded from --neighbors after
+    checking, on the main process, that it was built from this training data and with any teacher given."""
     if not {"nn", "xnn"} & set(lightclip.resolve_objectives(args.objectives)):
         return None
     from lightclip.neighbors import FeatureBank, build_feature_bank
@@ -362,6 +370,9 @@ def load_or_build_bank(args, train_dataset, accelerator):
         logger.info("no feature bank in %s: building one (image teacher %s, text teacher %s)", path,
                     image_teacher.name, text_teacher.name)
         build_feature_bank(train_dataset, image_teacher, text_teacher, out_dir=path)
+    elif accelerator.is_main_process:  # a bank built before: of this data and, when given, these teachers
+        rebuild = "Remove the folder or pass a new --neighbors folder to rebuild it."
+        FeatureBank.load(path).check_dataset(train_dataset, args.image_teacher, args.text_teacher, rebuild=rebuild)
     accelerator.wait_for_everyone()
     bank = FeatureBank.load(path)
     if args.active_teacher:
@@ -396,7 +407,8 @@ def load_distillation_teacher(args, config: LightClipConfig, processor: LightCli
                              f"student is trained at {image_size} px: rebuild them with examples/precompute_teacher.py "
                              "--model / --image_size of this run")
         if accelerator.is_main_process:
-            teacher.check_dataset(train_dataset)
+            teacher.check_dataset(train_dataset, rebuild="Rebuild it with examples/precompute_teacher.py on this run's "
+                                                         "data, or pass another --distill_embeddings folder.")
         accelerator.wait_for_everyone()
         name = teacher.metadata["teacher"]["spec"]
     settings = config.pretraining_config
@@ -587,12 +599,13 @@ def setup(args) -> Accelerator:
     args.image_tower_init = resolve_image_tower_init(args)
     folder = dict(overwrite=args.overwrite_output_dir, resume=bool(args.resume_from_checkpoint))
     output_dir = prepare_output_dir(args.output_dir, **folder, clear=False)  # every process refuses alike
+    resolve_checkpoint(args.resume_from_checkpoint, output_dir)  # a resume that cannot resume writes nothing
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, **folder)
         command = shlex.join(["accelerate", "launch", "examples/pretrain.py", *sys.argv[1:]])
-        (output_dir / "train_config.json").write_text(json.dumps({**vars(args), "command": command}, indent=2,
-                                                                 sort_keys=True))
+        write_text_atomic(output_dir / "train_config.json",
+                          json.dumps({**vars(args), "command": command}, indent=2, sort_keys=True))
         if args.config_file:
             shutil.copy(args.config_file, output_dir / Path(args.config_file).name)
     accelerator.wait_for_everyone()
@@ -665,9 +678,6 @@ def prepare_training(args, accelerator: Accelerator, train_dataset, bank, valida
     warmup = args.num_warmup_steps if args.num_warmup_steps is not None else int(0.05 * total_steps)
     scheduler = cosine_with_warmup(optimizer, warmup, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    accelerator.register_for_checkpointing(skips)
-    if bank is not None:  # its generator draws neighbours from the top-k: resume it too
-        accelerator.register_for_checkpointing(bank)
 
     if args.report_to != "none":
         flat = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -681,14 +691,16 @@ def prepare_training(args, accelerator: Accelerator, train_dataset, bank, valida
 
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
+        own = load_process_state(checkpoint, accelerator.process_index)  # checked before Accelerate reads a file
         accelerator.load_state(str(checkpoint))
+        skips.load_state_dict(own["skips"])
+        if bank is not None:  # its generator draws neighbours from the top-k: resume it too
+            bank.load_state_dict({"generator_state": torch.tensor(own["bank_generator"], dtype=torch.uint8)})
         run.resume_state = json.loads((checkpoint / "trainer_state.json").read_text())
         run.step = run.resume_state["step"]
         if accelerator.is_main_process:
             truncate_log(output_dir / "train_log.jsonl", run.step)
         logger.info("resumed from %s at step %d", checkpoint, run.step)
-    elif args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        raise FileNotFoundError(args.resume_from_checkpoint)
     return run
 
 
@@ -779,9 +791,12 @@ def train(args, accelerator: Accelerator, run: Run, validation) -> None:
                 log_evaluation(model, run.processor, args, validation, accelerator, log, step)
                 evaluating += time.perf_counter() - eval_start
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                own = {"skips": skips.state_dict()}
+                if run.bank is not None:
+                    own["bank_generator"] = run.bank.state_dict()["generator_state"].tolist()
                 save_checkpoint(accelerator, run.output_dir, step,
                                 {"step": step, "epoch": epoch, "epoch_batches": epoch_batches},
-                                keep=args.checkpoints_total_limit)
+                                keep=args.checkpoints_total_limit, process_state=own)
             if step >= total_steps:
                 break
         epoch += 1
@@ -812,8 +827,11 @@ def finish(args, accelerator: Accelerator, run: Run, validation) -> dict:
     the final evaluation, results, curves and card."""
     output_dir = run.output_dir
     if accelerator.is_main_process:
-        accelerator.unwrap_model(run.model).save_pretrained(output_dir)
-        run.processor.save_pretrained(output_dir)
+        def save(folder: Path) -> None:
+            accelerator.unwrap_model(run.model).save_pretrained(folder)
+            run.processor.save_pretrained(folder)
+
+        save_model_folder(output_dir, save)
     results = evaluate(run.model, run.processor, args, validation, accelerator, train_dataset=run.train_dataset)
     skips = SkipCounter(run.skips.max_examples)  # every process's counts, not only this one's
     for state in gather_object([run.skips.state_dict()]):

@@ -30,6 +30,7 @@ def _a_finished_run(folder) -> None:
     for name in ("model.safetensors", "config.json", "train_log.jsonl", "train_config.json", "run.yaml"):
         (folder / name).write_text("{}" if name != "train_config.json" else json.dumps({"config_file": "x/run.yaml"}))
     (folder / "checkpoint-4").mkdir()
+    (folder / "checkpoint-4" / "trainer_state.json").write_text('{"step": 4}')
     (folder / "neighbors").mkdir()
     (folder / "neighbors" / "bank.json").write_text("{}")
     (folder / "my_notes.txt").write_text("mine")
@@ -43,6 +44,10 @@ def test_a_used_output_folder_is_refused(tmp_path):
     prepare_output_dir(tmp_path / "run", resume=True)  # resuming continues the run in place
     assert (tmp_path / "run" / "checkpoint-4").exists()
     prepare_output_dir(tmp_path / "fresh")  # a new or empty folder is fine
+    (tmp_path / "run" / "checkpoint-4" / "trainer_state.json").unlink()  # no complete checkpoint: no resume hint
+    with pytest.raises(FileExistsError, match="no checkpoint to resume from. Pass --overwrite_output_dir") as error:
+        prepare_output_dir(tmp_path / "run")
+    assert "--resume_from_checkpoint" not in str(error.value)
     (tmp_path / "only_a_bank" / "neighbors").mkdir(parents=True)
     prepare_output_dir(tmp_path / "only_a_bank")
 
@@ -267,3 +272,168 @@ def test_option_values_are_checked_before_any_work():
     proc = run_script(["--token_matching", "bogus", "--train_data", "/nonexistent/data.csv", "--output_dir",
                        "/nonexistent/out"], check=False)
     assert proc.returncode != 0 and "token_matching" in proc.stderr and "nonexistent" not in proc.stderr
+
+
+class _Payload:
+    """Unpickling it creates `marker`: proof that a file was unpickled with code execution."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_resume_runs_no_code_planted_in_a_checkpoint(tmp_path):
+    """Every file of a checkpoint in turn, and an extra pickled custom state, replaced by a pickle that runs code:
+    resuming refuses or resumes, and never runs it."""
+    import shutil
+
+    from conftest import load_script
+
+    pretrain = load_script("examples/pretrain.py")
+    base = ["--model", "lightclip-xxs-cnn", "--shapes_train_size", "32", "--shapes_test_size", "16",
+            "--shapes_image_size", "32", "--per_device_train_batch_size", "8", "--objectives", "clip",
+            "--eval_steps", "0", "--max_train_steps", "2", "--checkpointing_steps", "1", "--max_eval_samples", "16"]
+    source = tmp_path / "source"
+    pretrain.main(base + ["--output_dir", str(source)])
+    checkpoint = source / "checkpoint-2"
+    files = sorted(p.name for p in checkpoint.iterdir())
+    assert {"model.safetensors", "optimizer.bin", "trainer_state.json", "process_state_0.json"} <= set(files)
+    assert not any(name.startswith("custom_checkpoint") for name in files)
+    for name in [*files, "custom_checkpoint_0.pkl"]:
+        run = tmp_path / f"run-{name}"
+        run.mkdir()
+        shutil.copytree(checkpoint, run / "checkpoint-2")
+        marker = tmp_path / f"ran-{name}"
+        torch.save(_Payload(str(marker)), run / "checkpoint-2" / name)
+        try:
+            pretrain.main(base + ["--output_dir", str(run), "--resume_from_checkpoint", "latest"])
+        except Exception as error:  # a refusal is fine
+            if name == "custom_checkpoint_0.pkl":
+                assert "pickled state" in str(error)
+        assert not marker.exists(), f"resuming ran code planted in {name}"
+
+
+def test_latest_without_a_checkpoint_refuses_and_changes_nothing(tmp_path):
+    from conftest import load_script
+
+    pretrain = load_script("examples/pretrain.py")
+    _a_finished_run(tmp_path / "run")
+    (tmp_path / "run" / "checkpoint-4" / "trainer_state.json").unlink()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint.*--overwrite_output_dir"):
+        pretrain.main(["--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", "latest"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+def test_a_torn_log_line_is_dropped_with_a_warning(tmp_path, caplog):
+    from lightclip.trainer_utils import JsonlLog, truncate_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in JsonlLog(log).read()] == [1, 2]
+    truncate_log(log, 2)
+    assert "line 3 is not a JSON record" in caplog.text
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def _saved_folder(root) -> None:
+    root.mkdir()
+    (root / "config.json").write_text('{"old": true}')
+    (root / "model.safetensors").write_bytes(b"old weights")
+    (root / "checkpoint-3").mkdir()
+    (root / "checkpoint-3" / "trainer_state.json").write_text('{"step": 3}')
+
+
+def _save_new(folder) -> None:
+    (folder / "config.json").write_text('{"new": true}')
+    (folder / "model.safetensors").write_bytes(b"new weights")
+
+
+def _contents(root) -> dict:
+    return {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_folder_and_says_why(tmp_path):
+    import errno
+
+    from lightclip.trainer_utils import save_model_folder
+
+    root = tmp_path / "run"
+    _saved_folder(root)
+    before = _contents(root)
+
+    def full_disk(folder):
+        (folder / "config.json").write_text('{"new": true}')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="no space left on device. the folder keeps its previous contents; the last "
+                                      "good checkpoint is .*checkpoint-3"):
+        save_model_folder(root, full_disk)
+    assert _contents(root) == before and sorted(p.name for p in root.iterdir()) == sorted([*before, "checkpoint-3"])
+    save_model_folder(root, _save_new)
+    assert _contents(root) == {"config.json": b'{"new": true}', "model.safetensors": b"new weights"}
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+import lightclip.fileio as fileio
+root, when = Path(sys.argv[1]), sys.argv[2]
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+def save(folder):
+    (folder / "config.json").write_text('{"new": true}')
+    if when == "writing":
+        kill()
+    (folder / "model.safetensors").write_bytes(b"new weights")
+if when == "renaming":
+    replace, moved = os.replace, []
+    def replace_then_kill(a, b):
+        replace(a, b)
+        moved.append(b)
+        if len(moved) == 1:
+            kill()
+    fileio.os.replace = replace_then_kill
+fileio.save_into_folder(root, save)
+"""
+
+
+@pytest.mark.parametrize("when", ["writing", "renaming"])
+def test_a_kill_during_the_final_save_leaves_the_old_model_or_the_new_one(tmp_path, when):
+    import subprocess
+    import sys
+
+    root = tmp_path / "run"
+    _saved_folder(root)
+    old = _contents(root)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(root), when], capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+    prepare_output_dir(root, resume=True)  # the next run's first step completes or drops the interrupted save
+    new = {"config.json": b'{"new": true}', "model.safetensors": b"new weights"}
+    assert _contents(root) == (old if when == "writing" else new)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-3", "config.json", "model.safetensors"]
+
+
+def test_a_full_disk_while_checkpointing_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lightclip import fileio
+    from lightclip.trainer_utils import save_checkpoint
+
+    root = tmp_path / "run"
+    _saved_folder(root)
+
+    def save_state(folder):
+        (tmp_path / "run" / ".tmp-checkpoint-6").mkdir()
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 32")
+
+    accelerator = SimpleNamespace(is_main_process=True, process_index=0, wait_for_everyone=lambda: None,
+                                  save_state=save_state)
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: SimpleNamespace(free=1024, total=2**30))
+    with pytest.raises(OSError, match="saving checkpoint-6 failed: no space left on device.*checkpoint-3"):
+        save_checkpoint(accelerator, root, 6, {"step": 6})
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-3", "config.json", "model.safetensors"]

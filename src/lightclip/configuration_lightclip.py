@@ -8,8 +8,9 @@ hold the training-only keys flat at the top level; they load into it unchanged, 
 (`LightClipConfig(token_weight=0.5)`, `from_pretrained(path, objectives="lightclip")`) go there too.
 
 The configs are `huggingface_hub` strict dataclasses, as transformers' own are: every field's type (and the choices of a
-`Literal` field) is checked on construction and on assignment, and the cross-field checks (`validate_architecture`) run
-after construction and again on save. A float field is declared `float | int` so that `mlm_weight=0` stays valid.
+`Literal` field) and range (sizes positive, scales finite, probabilities in [0, 1), weights >= 0) is checked on
+construction and on assignment, and the cross-field checks (`validate_architecture`) run after construction and again
+on save. A float field is declared `float | int` so that `mlm_weight=0` stays valid.
 """
 
 import copy
@@ -17,10 +18,15 @@ import dataclasses
 import difflib
 import functools
 import math
-from typing import ClassVar, Literal, get_args
+import os
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, get_args
 
-from huggingface_hub.dataclasses import strict
-from huggingface_hub.errors import StrictDataclassError
+from huggingface_hub.dataclasses import as_validated_field, strict
+from huggingface_hub.errors import (
+    GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, StrictDataclassError,
+    StrictDataclassFieldValidationError,
+)
 from transformers.configuration_utils import PreTrainedConfig
 
 # written by transformers (`custom_object_save`) for `trust_remote_code` loading and kept by `PreTrainedConfig` as a
@@ -58,6 +64,57 @@ def _reject_unknown_keys(config: PreTrainedConfig, kwargs: dict) -> None:
         raise ValueError(f"{type(config).__name__} got unknown key(s): {', '.join(hints)}")
 
 
+def _value_rule(description: str, check: Callable[[Any], bool]) -> Callable:
+    """A dataclass field whose value must pass `check`, as transformers' `interval` builds one: strict runs it on
+    construction and on every assignment, after the type check. None passes (an optional field left unset)."""
+
+    def validate(value: Any) -> None:
+        if value is not None and not check(value):
+            raise ValueError(f"must be {description}, got {value!r}")
+
+    return as_validated_field(validate)
+
+
+positive_int = _value_rule("a positive integer", lambda value: value > 0)
+finite_number = _value_rule("a finite number", math.isfinite)
+positive_number = _value_rule("a finite positive number", lambda value: math.isfinite(value) and value > 0)
+non_negative_number = _value_rule("a finite number >= 0", lambda value: math.isfinite(value) and value >= 0)
+probability = _value_rule("in [0, 1)", lambda value: 0 <= value < 1)
+fraction = _value_rule("in [0, 1]", lambda value: 0 <= value <= 1)
+
+
+def _error_message(cls: type[PreTrainedConfig], key: str, error: StrictDataclassError) -> str:
+    """A value rule's error reads `<field> must be ..., got <value>`; a type or class check keeps strict's text."""
+    if isinstance(error, StrictDataclassFieldValidationError) and type(error.__cause__) is ValueError:
+        return f"{cls.__name__}: {key} {error.__cause__}"
+    return f"{cls.__name__}: {error}"
+
+
+def _unresolved_source_message(name: str, error: OSError) -> str | None:
+    """Why `from_pretrained(name)` found no config, when `name` is no folder and the hub gave nothing: transformers
+    names only the hub, so a preset name or a mistyped one reads as a connection problem. None for any other failure
+    (a folder without `config.json`, a gated repository, ...), whose own error is clear."""
+    from .presets import PRESETS
+
+    if os.path.isdir(name):
+        return None
+    if name in PRESETS:
+        return (f"{name!r} is a preset, which is built, not loaded: LightClipConfig.from_preset({name!r}) (the "
+                f"training script's --model takes it as it is); from_pretrained reads a saved folder or a hub id")
+    cause = error.__cause__
+    if isinstance(cause, LocalEntryNotFoundError):
+        hub = "the hub cannot be reached to look it up (offline, or no connection), nor is it in the local cache"
+    elif isinstance(cause, RepositoryNotFoundError) and not isinstance(cause, GatedRepoError):
+        hub = "no model on the hub has that id (a private one needs a token: `hf auth login`)"
+    elif isinstance(cause, HFValidationError):
+        hub = "it is no hub id (`name` or `org/name`)"
+    else:
+        return None
+    close = difflib.get_close_matches(name, list(PRESETS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{name!r} is not a preset{hint}, not a local folder, and {hub}"
+
+
 def _strict_config(cls: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
     """`huggingface_hub`'s `@strict` with the errors of a lightclip config: a foreign `model_type` is named first, a
     misspelt key gets a "did you mean" hint, and a bad value raises `ValueError` naming the class and the field, on
@@ -80,7 +137,7 @@ def _strict_config(cls: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
         try:
             setattr_(self, key, value)
         except StrictDataclassError as error:
-            raise ValueError(f"{cls.__name__}: {error}") from error
+            raise ValueError(_error_message(cls, key, error)) from error
 
     cls.__init__, cls.__setattr__ = __init__, __setattr__
     return cls
@@ -104,16 +161,16 @@ class LightClipTextConfig(PreTrainedConfig):
     model_type = "lightclip_text_model"
     base_config_key = "text_config"
 
-    vocab_size: int = 8192
-    hidden_size: int = 256
-    intermediate_size: int = 1024
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 4
-    max_position_embeddings: int = 77
+    vocab_size: int = positive_int(default=8192)
+    hidden_size: int = positive_int(default=256)
+    intermediate_size: int = positive_int(default=1024)
+    num_hidden_layers: int = positive_int(default=6)
+    num_attention_heads: int = positive_int(default=4)
+    max_position_embeddings: int = positive_int(default=77)
     hidden_act: str = "gelu"
-    layer_norm_eps: float | int = 1e-5
-    attention_dropout: float | int = 0.0
-    initializer_range: float | int = 0.02
+    layer_norm_eps: float | int = positive_number(default=1e-5)
+    attention_dropout: float | int = probability(default=0.0)
+    initializer_range: float | int = non_negative_number(default=0.02)
     causal: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
@@ -176,17 +233,17 @@ class LightClipVisionConfig(PreTrainedConfig):
 
     backbone: VisionBackbone = "vit"
     backbone_kwargs: dict | None = None
-    image_size: int = 224
-    patch_size: int = 16
-    num_channels: int = 3
-    hidden_size: int = 256
-    intermediate_size: int = 1024
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 4
+    image_size: int = positive_int(default=224)
+    patch_size: int = positive_int(default=16)
+    num_channels: int = positive_int(default=3)
+    hidden_size: int = positive_int(default=256)
+    intermediate_size: int = positive_int(default=1024)
+    num_hidden_layers: int = positive_int(default=6)
+    num_attention_heads: int = positive_int(default=4)
     hidden_act: str = "gelu"
-    layer_norm_eps: float | int = 1e-5
-    attention_dropout: float | int = 0.0
-    initializer_range: float | int = 0.02
+    layer_norm_eps: float | int = positive_number(default=1e-5)
+    attention_dropout: float | int = probability(default=0.0)
+    initializer_range: float | int = non_negative_number(default=0.02)
 
     def __post_init__(self, **kwargs):
         # a CNN's width follows from its backbone (and reading it checks the backbone_kwargs)
@@ -228,8 +285,8 @@ class LightClipVisionConfig(PreTrainedConfig):
             raise ValueError(f"backbone 'efficientnet-lite' takes backbone_kwargs "
                              f"{sorted(EFFICIENTNET_LITE_DEFAULTS)} only, got unknown {unknown}")
         kwargs = {key: float(given.get(key, default)) for key, default in EFFICIENTNET_LITE_DEFAULTS.items()}
-        if kwargs["width_multiplier"] <= 0 or kwargs["depth_multiplier"] <= 0:
-            raise ValueError(f"efficientnet-lite multipliers must be positive, got {kwargs}")
+        if not all(math.isfinite(kwargs[key]) and kwargs[key] > 0 for key in ("width_multiplier", "depth_multiplier")):
+            raise ValueError(f"efficientnet-lite multipliers must be positive and finite, got {kwargs}")
         if not 0 <= kwargs["drop_connect_rate"] < 1:
             raise ValueError(f"efficientnet-lite drop_connect_rate must be in [0, 1), got "
                              f"{kwargs['drop_connect_rate']}")
@@ -335,45 +392,49 @@ class LightClipPretrainingConfig(PreTrainedConfig):
     objectives: list[str] | tuple[str, ...] | str | None = None
     # instance level: progressively softened negatives
     soft_mode: Literal["similarity", "uniform"] = "similarity"  # similarity: the model's own detached logits
-    soft_alpha_max: float | int = 0.2
+    soft_alpha_max: float | int = fraction(default=0.2)
     soft_schedule: Literal["linear", "cosine"] = "linear"
-    soft_temperature: float | int = 1.0
+    soft_temperature: float | int = positive_number(default=1.0)
     # token level: relaxed bipartite matching
-    token_weight: float | int = 1.0
-    token_dim: int = 256
+    token_weight: float | int = non_negative_number(default=1.0)
+    token_dim: int = positive_int(default=256)
     token_matching: Literal["sinkhorn", "hungarian", "filip"] = "sinkhorn"
-    token_chunk_size: int = 32
-    token_num_negatives: int | None = None  # None: softmax over every pair; k: the positive and k hardest negatives
-    sinkhorn_epsilon: float | int = 0.05
-    sinkhorn_iterations: int = 10
+    token_chunk_size: int = positive_int(default=32)
+    # None: softmax over every pair; k: the positive and its k hardest negatives (k >= 1: with none the loss is 0)
+    token_num_negatives: int | None = positive_int(default=None)
+    sinkhorn_epsilon: float | int = positive_number(default=0.05)
+    sinkhorn_iterations: int = positive_int(default=10)
     sinkhorn_unroll: bool = False  # backprop through the iterations (exact, slower) instead of a fixed plan
-    hungarian_capacity: int = 2
-    hungarian_num_negatives: int | None = None  # None: match every pair (one score scale per row)
+    hungarian_capacity: int = positive_int(default=2)
+    # None: match every pair (one score scale per row)
+    hungarian_num_negatives: int | None = positive_int(default=None)
     # masked language modelling through the fusion module
-    mlm_weight: float | int = 1.0
-    mlm_probability: float | int = 0.15
+    mlm_weight: float | int = non_negative_number(default=1.0)
+    mlm_probability: float | int = probability(default=0.15)
     fusion_layers: list[int] | None = None  # 1-based text layers; None = 3 evenly spaced, last included
-    fusion_num_heads: int | None = None  # None = text num_attention_heads
+    fusion_num_heads: int | None = positive_int(default=None)  # None = text num_attention_heads
     fusion_type: Literal["cross_attention", "additive"] = "cross_attention"
     fusion_image_source: Literal["last", "multiscale"] = "last"  # last: pooled + last-stage tokens
     fusion_detach_image: bool = False
     fusion_word_attention: bool = True  # bidirectional self-attention over the masked caption in each fusion block
     # CLIP-PING: nearest-neighbour guidance
-    nn_weight: float | int = 1.0
-    xnn_weight: float | int = 1.0
+    nn_weight: float | int = non_negative_number(default=1.0)
+    xnn_weight: float | int = non_negative_number(default=1.0)
     xnn_mode: Literal["x2", "x1"] = "x2"
     neighbor_head: Literal["linear", "mlp"] = "linear"
     neighbor_direction: Literal["student_to_teacher", "teacher_to_student"] = "student_to_teacher"
-    neighbor_logit_scale_init_value: float | int = math.log(1 / 0.07)
-    neighbor_top_k: int = 1
-    teacher_image_dim: int | None = None
-    teacher_text_dim: int | None = None
+    neighbor_logit_scale_init_value: float | int = finite_number(default=math.log(1 / 0.07))
+    neighbor_top_k: int = positive_int(default=1)
+    teacher_image_dim: int | None = positive_int(default=None)
+    teacher_text_dim: int | None = positive_int(default=None)
     # distillation from a frozen dual encoder (docs/distillation.md)
-    kd_weight: float | int = 1.0
-    kd_temperature: float | int | None = None  # None: the teacher's own logit scale; tau: teacher logits / tau
-    fd_weight: float | int = 1.0
+    kd_weight: float | int = non_negative_number(default=1.0)
+    # None: the teacher's own logit scale; tau: teacher logits / tau
+    kd_temperature: float | int | None = positive_number(default=None)
+    fd_weight: float | int = non_negative_number(default=1.0)
     fd_loss: Literal["cosine", "mse"] = "cosine"
-    distill_teacher_dim: int | None = None  # the teacher's embedding width (fd projects to it when it differs)
+    # the teacher's embedding width (fd projects to it when it differs)
+    distill_teacher_dim: int | None = positive_int(default=None)
     distill_teacher: str | None = None  # the teacher's hub id or folder, for the record (model card)
 
     def __post_init__(self, **kwargs):
@@ -387,12 +448,6 @@ class LightClipPretrainingConfig(PreTrainedConfig):
         if key == "objectives" and value is not None:
             value = resolve_objectives(value)
         super().__setattr__(key, value)
-
-    def validate_token_num_negatives(self) -> None:
-        """A bounded token softmax needs a negative: with none its loss is 0 whatever the model does."""
-        if self.token_num_negatives is not None and self.token_num_negatives < 1:
-            raise ValueError(f"token_num_negatives must be at least 1, or None for every pair; got "
-                             f"{self.token_num_negatives}")
 
     @classmethod
     def own_fields(cls) -> tuple[dataclasses.Field, ...]:
@@ -439,9 +494,9 @@ class LightClipConfig(PreTrainedConfig):
 
     text_config: dict | LightClipTextConfig | None = None
     vision_config: dict | LightClipVisionConfig | None = None
-    projection_dim: int = 256
-    logit_scale_init_value: float | int = math.log(1 / 0.07)
-    logit_scale_max: float | int = math.log(100.0)
+    projection_dim: int = positive_int(default=256)
+    logit_scale_init_value: float | int = finite_number(default=math.log(1 / 0.07))
+    logit_scale_max: float | int = finite_number(default=math.log(100.0))
     pretraining_config: dict | LightClipPretrainingConfig | None = None
 
     def __post_init__(self, **kwargs):
@@ -466,6 +521,18 @@ class LightClipConfig(PreTrainedConfig):
         return super().from_dict({**config_dict, **flat}, **kwargs)
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """`PreTrainedConfig.get_config_dict`; a name that is no folder and that the hub cannot give says so, and what
+        else it is not (a preset, with the closest one), before any model, processor or script goes further."""
+        try:
+            return super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        except OSError as error:
+            message = _unresolved_source_message(str(pretrained_model_name_or_path), error)
+            if message is None:
+                raise
+            raise OSError(message) from error
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "LightClipConfig":
         """Build a named preset (see `lightclip.list_presets()`); `overrides` replace top-level fields (training-only
         settings flat or in a `pretraining_config` dict), and `text_config` / `vision_config` / `pretraining_config`
@@ -481,6 +548,10 @@ class LightClipConfig(PreTrainedConfig):
             preset.setdefault(key, {}).update(overrides.pop(key, None) or {})
         preset.update(overrides)
         return cls(**preset)
+
+    def validate_fusion_layers(self) -> None:
+        """The fusion layers are text layers that exist: a model with more or fewer is refused here, not at build."""
+        self.resolved_fusion_layers()
 
     def resolved_fusion_layers(self) -> list[int]:
         """Text layers (1-based) after which the fusion module injects the image."""

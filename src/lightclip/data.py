@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +45,11 @@ logger = logging.getLogger(__name__)
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "png", "image_path", "file_name", "filepath")
 CAPTION_COLUMN_CANDIDATES = ("text", "caption", "captions", "txt", "sentences")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+# the skip reason of the samples lost at the end of a tar shard that is cut short (counted once per shard and pass)
+TRUNCATED_SHARD = "lost tail of a truncated tar shard"
+# training pictures are decoded and kept with their longest side at most this many pixels: over 4x the largest
+# preset's input (224 px), and at most 3 MB of 8-bit RGB each, whatever the size of the file
+MAX_IMAGE_SIDE = 1024
 
 
 # --------------------------------------------------------------------------------------------------- arguments
@@ -124,7 +132,7 @@ def keep_readable_images(dataset, skip_counter: SkipCounter, prefix: str = "vali
     keep = []
     for row, image in enumerate(dataset["image"]):
         try:
-            load_rgb_image(image)
+            load_rgb_image(image, MAX_IMAGE_SIDE)
             keep.append(row)
         except UnreadableImageError as error:
             skip_counter.add(prefix + error.reason, row)
@@ -135,12 +143,18 @@ def keep_readable_images(dataset, skip_counter: SkipCounter, prefix: str = "vali
 
 
 def _metadata_problem(folder: str) -> str | None:
-    """The first unparsable line of a folder's metadata.jsonl, named with its file and line number, if any."""
+    """The first line of a folder's metadata.jsonl that is not UTF-8 or not JSON, named with its file and line
+    number, if any."""
     path = os.path.join(folder, "metadata.jsonl")
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return (f"{path}, line {number}: not UTF-8 (byte 0x{raw[error.start]:02x} at byte {error.start + 1} "
+                        "of the line); save the file as UTF-8")
             if line.strip():
                 try:
                     json.loads(line)
@@ -376,11 +390,12 @@ def _split_key(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem), extension.lower()
 
 
-def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each group of consecutive files sharing a key."""
+def _tar_samples(path: str, members: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each group of consecutive files sharing a key, from the first `members` members
+    (all by default; `_scan_tar_shard` says how many are whole)."""
     key, files = None, {}
     with tarfile.open(path, "r|*") as archive:
-        for member in archive:
+        for member in itertools.islice(archive, members):
             if not member.isfile():
                 continue
             member_key, extension = _split_key(member.name)
@@ -394,10 +409,55 @@ def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, files
 
 
-def _count_tar_samples(path: str) -> int:
-    """Number of samples of a shard, from its headers (the same grouping as `_tar_samples`)."""
-    keys = [_split_key(m.name)[0] for m in tarfile.open(path).getmembers() if m.isfile()]
-    return sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+# what reading past the end of a cut shard raises: tarfile's own error, or a compressed stream's
+_CUT_SHORT = (tarfile.ReadError, EOFError, zlib.error)
+
+
+def _read_at(stream, offset: int, size: int) -> bytes:
+    """Up to `size` bytes of a seekable (possibly decompressing) `stream` from `offset`; fewer where it ends."""
+    try:
+        stream.seek(offset)
+        return stream.read(size)
+    except _CUT_SHORT:
+        return b""
+
+
+def _scan_tar_shard(path: str) -> tuple[int, int, bool]:
+    """(whole members, samples, truncated) of a shard, from its headers: the members whose data is all there, the
+    samples they make (grouped as `_tar_samples` groups them), and whether the shard stops before its
+    end-of-archive block (cut short, or corrupt after its last readable member), having lost its tail.
+
+    Raises `tarfile.ReadError` naming the file when not one sample can be read from it (not a tar file, or cut
+    inside its first sample)."""
+    members, truncated = [], False
+    try:
+        archive = tarfile.open(path)
+    except _CUT_SHORT as error:  # tarfile's message lists every compression tried: keep the plain tar one
+        reason = str(error).splitlines()[-1].lstrip("- ")
+        raise tarfile.ReadError(f"{path} is not a readable tar shard ({reason}); remove it or fetch it "
+                                "again") from error
+    with archive:
+        while True:
+            try:
+                member = archive.next()
+            except _CUT_SHORT:  # the last member's data runs past the end of the file
+                truncated = True
+                break
+            if member is None:
+                break
+            members.append(member)
+        if truncated and members:
+            last = members[-1]
+            if last.size and not _read_at(archive.fileobj, last.offset_data + last.size - 1, 1):
+                members.pop()
+        if not truncated:
+            truncated = _read_at(archive.fileobj, archive.offset, tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE)
+    keys = [_split_key(m.name)[0] for m in members if m.isfile()]
+    samples = sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+    if truncated and not samples:
+        raise tarfile.ReadError(f"{path} is cut short or corrupt before its first whole sample; remove it or fetch it "
+                                "again")
+    return len(members), samples, truncated
 
 
 def _decode_tar_sample(key: str, files: dict[str, bytes]) -> tuple[dict | None, list[str]]:
@@ -417,17 +477,23 @@ def _decode_tar_sample(key: str, files: dict[str, bytes]) -> tuple[dict | None, 
     return image, captions
 
 
-def _generate_tar_examples(shards: list[tuple[str, int]]):
-    for path, offset in shards:
-        for position, (key, files) in enumerate(_tar_samples(path)):
+def _generate_tar_examples(shards: list[tuple[str, int, int, int, bool]]):
+    """Rows of each (path, offset, whole members, samples, truncated) shard; the last row read from a truncated
+    shard carries its path under "truncated_shard", so that the collator counts the lost tail once per pass."""
+    for path, offset, members, samples, truncated in shards:
+        for position, (key, files) in enumerate(_tar_samples(path, members)):
             image, captions = _decode_tar_sample(key, files)
-            yield {"image": image, "captions": captions, "index": offset + position, "key": key}
+            lost_tail = path if truncated and position == samples - 1 else None
+            yield {"image": image, "captions": captions, "index": offset + position, "key": key,
+                   "truncated_shard": lost_tail}
 
 
 def _load_tar_shards(source: str, max_samples: int | None = None):
     """A `datasets.IterableDataset` over webdataset-style shards; shards are split across data loader workers.
 
-    "index" is the global position (shards in order), computed from the tar headers before streaming.
+    "index" is the global position (shards in order), computed from the tar headers before streaming. A shard cut
+    short gives its whole samples, with a warning naming it, and its lost tail is counted as a skip
+    (`TRUNCATED_SHARD`); a shard with no readable sample raises `tarfile.ReadError` naming it.
     """
     # Not `datasets.load_dataset("webdataset", ...)`: its examples carry no global position (`map(with_indices=True)`
     # restarts in every data loader worker, and the feature banks are indexed by "index"), it refuses shards whose
@@ -436,13 +502,18 @@ def _load_tar_shards(source: str, max_samples: int | None = None):
 
     shards, offset = [], 0
     for path in list_tar_shards(source):
-        shards.append((path, offset))
-        offset += _count_tar_samples(path)
+        members, samples, truncated = _scan_tar_shard(path)
+        if truncated:
+            logger.warning("%s is cut short or corrupt after %d samples: they are read, the rest of the shard is "
+                           "lost and counted as skipped (%r)", path, samples, TRUNCATED_SHARD)
+        shards.append((path, offset, members, samples, truncated))
+        offset += samples
     features = datasets.Features({
         "image": datasets.Image(decode=False),
         "captions": datasets.List(datasets.Value("string")),
         "index": datasets.Value("int64"),
         "key": datasets.Value("string"),
+        "truncated_shard": datasets.Value("string"),
     })
     dataset = datasets.IterableDataset.from_generator(_generate_tar_examples, features=features,
                                                       gen_kwargs={"shards": shards})
@@ -460,14 +531,14 @@ class UnreadableImageError(ValueError):
         self.reason = reason
 
 
-def _open_image(image: Any) -> Image.Image:
+def _open_image(image: Any, max_side: int | None = None) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, dict):
         if image.get("bytes") is not None:
-            return _open_image(bytes(image["bytes"]))
+            return _open_image(bytes(image["bytes"]), max_side)
         if image.get("path") is not None:
-            return _open_image(image["path"])
+            return _open_image(image["path"], max_side)
         raise UnreadableImageError("image dict has neither bytes nor path", "missing image")
     if image is None:
         raise UnreadableImageError("no image", "missing image")
@@ -491,34 +562,47 @@ def _open_image(image: Any) -> Image.Image:
         raise UnreadableImageError(f"cannot read an image from {type(image).__name__}")
     try:
         opened = Image.open(source)
+        if max_side is not None and max(opened.size) > max_side:
+            # JPEG decodes at 1/2, 1/4 or 1/8 scale when that still covers the bounded size; others ignore this
+            scale = max_side / max(opened.size)
+            opened.draft(None, (math.ceil(opened.width * scale), math.ceil(opened.height * scale)))
         opened.load()  # decode now: truncated files fail here, not later
         return opened
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UnreadableImageError(f"cannot decode image {name}: {error}") from error
 
 
-def load_rgb_image(image: Any) -> Image.Image:
+def load_rgb_image(image: Any, max_side: int | None = None) -> Image.Image:
     """An 8-bit RGB PIL image from a PIL image, a path, bytes, a numpy array, a CHW float tensor (in [0, 1] or
     [0, 255]) or a {"bytes", "path"} dict.
 
     Transparency is composited on white; grayscale, palette, CMYK and 16-bit / float images are converted (16-bit
-    scaled by its range); the EXIF orientation is applied. Raises `UnreadableImageError` for missing or corrupt images.
+    scaled by its range); the EXIF orientation is applied. With `max_side`, a larger picture comes back with its
+    longest side `max_side` (aspect ratio kept; a JPEG file is decoded at a reduced scale), so a huge file never
+    costs its full size in memory (training uses `MAX_IMAGE_SIDE`). Raises `UnreadableImageError` for missing or
+    corrupt images.
     """
-    image = _open_image(image)
+    image = _open_image(image, max_side)
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block is not a reason to lose the picture
         pass
     try:
-        return to_rgb8(image)
+        image = to_rgb8(image)
     except (ValueError, OSError) as error:
         raise UnreadableImageError(f"cannot convert image mode {image.mode} to RGB: {error}") from error
+    if max_side is not None and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)  # box-reduced by an integer factor first
+    return image
 
 
 def decode_images_once(dataset, max_bytes: int, probe: int = 64):
     """`DecodedImageTextDataset(dataset)` when the decoded images of the map-style `dataset` fit in `max_bytes`, else
-    `dataset` itself: a training epoch then reads no file and decodes no image. The size is estimated from the first
-    `probe` rows, so a large dataset costs only those decodes before it is left as it is."""
+    `dataset` itself: a training epoch then reads no file and decodes no image. Pictures are kept as the collator
+    decodes them, longest side at most `MAX_IMAGE_SIDE`. The size is estimated from the first `probe` rows, so a
+    large dataset costs only those decodes before it is left as it is."""
     if max_bytes <= 0 or not hasattr(dataset, "__len__") or len(dataset) == 0:
         return dataset
     total = len(dataset)
@@ -543,7 +627,7 @@ def _decoded_row(row: dict) -> tuple[dict, int]:
     """(row with its image decoded, bytes of the pixels); an unreadable image stays as it was, for the collator to
     skip and count."""
     try:
-        image = load_rgb_image(row.get("image"))
+        image = load_rgb_image(row.get("image"), MAX_IMAGE_SIDE)
     except UnreadableImageError:
         return row, 0
     return {**row, "image": image}, image.width * image.height * len(image.getbands())
@@ -709,9 +793,10 @@ class ImageTextCollator:
     """Turns standardised examples into a model batch: decode, augment, pick a caption, tokenise, normalise.
 
     Bad samples (missing or unreadable image, no non-empty caption, a caption made only of unknown tokens) are
-    skipped and counted in `skip_counter`; a batch where every sample is bad has 0 rows
-    (`batch["index"].numel() == 0`): skip it. Captions longer than `max_length` tokens are truncated by the
-    tokenizer and counted as "truncated caption".
+    skipped and counted in `skip_counter`, and so is the lost tail of a tar shard cut short (`TRUNCATED_SHARD`, on
+    the last row read from it); a batch where every sample is bad has 0 rows (`batch["index"].numel() == 0`): skip
+    it. Captions longer than `max_length` tokens are truncated by the tokenizer and counted as "truncated caption".
+    Images are decoded with their longest side at most `MAX_IMAGE_SIDE`.
 
     Randomness (crop, caption choice) is drawn from a generator seeded with (seed, epoch, index), so it does not
     depend on the batch composition or the worker; call `set_epoch(epoch)` before each epoch (with data loader
@@ -757,6 +842,8 @@ class ImageTextCollator:
     def _prepare(self, example: dict, position: int, counter: SkipCounter):
         """(image, caption, index) or None when the example is skipped."""
         index = int(example.get("index", position))
+        if example.get("truncated_shard"):  # the last sample read from a shard cut short: its tail is lost
+            counter.add(TRUNCATED_SHARD, example["truncated_shard"])
         captions = example.get("captions")
         if captions is None:
             captions = example.get("text", example.get("caption"))
@@ -765,7 +852,7 @@ class ImageTextCollator:
             counter.add("empty caption", index)
             return None
         try:
-            image = load_rgb_image(example.get("image"))
+            image = load_rgb_image(example.get("image"), MAX_IMAGE_SIDE)
         except UnreadableImageError as error:
             counter.add(error.reason, index)
             logger.debug("skipping sample %s: %s", index, error)

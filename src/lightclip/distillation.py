@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -25,12 +24,14 @@ from torch import Tensor, nn
 
 from .neighbors import (
     ImageTextTables,
-    _fingerprint_and_len,
     _gather_rows,
+    check_built_from,
+    dataset_identity,
     load_safetensors,
     read_folder_metadata,
     read_matching_metadata,
     renormalize_fp16_,
+    write_table_folder,
 )
 
 FORMAT_VERSION = 1
@@ -232,7 +233,7 @@ class TeacherEmbeddingStore(ImageTextTables):
 
     A folder written by `build_teacher_embeddings`: `teacher_embeddings.safetensors` (`image` (N, D), `text` (N, D),
     L2-normalised fp16; `present` (N,) uint8, 0 for the samples the collator skipped) and `teacher.json` (format
-    version, N, the dataset fingerprint, the teacher, the view, the teacher's logit scale).
+    version, N, the dataset fingerprint, the teacher and its embedding widths, the view, the teacher's logit scale).
     """
 
     def __init__(self, image_features: Tensor, text_features: Tensor, present: Tensor, metadata: dict,
@@ -255,13 +256,11 @@ class TeacherEmbeddingStore(ImageTextTables):
         """The teacher's exponentiated logit scale when the store was built, float32."""
         return torch.tensor(float(self.metadata["logit_scale"]))
 
-    def check_dataset(self, dataset) -> None:
-        """Raise `ValueError` unless `dataset` is the one the store was built from (one pass over its rows)."""
-        fingerprint, _ = _fingerprint_and_len(dataset, 0)
-        if fingerprint != self.metadata.get("fingerprint"):
-            raise ValueError(f"the teacher embeddings in {self.path} were built for another dataset (fingerprint "
-                             f"{self.metadata.get('fingerprint')}, this dataset {fingerprint}); rebuild them with "
-                             "examples/precompute_teacher.py")
+    def check_dataset(self, dataset, rebuild: str = "Rebuild it with examples/precompute_teacher.py --overwrite on "
+                                                    "this data, or choose another folder.") -> None:
+        """Raise `ValueError` unless `dataset` is the one the store was built from (N and fingerprint, one pass over
+        its rows): rows of other data would be distilled towards another sample's embeddings."""
+        check_built_from(self.metadata, dataset_identity(dataset, 0), self.path, "teacher embedding store", rebuild)
 
     def lookup(self, sample_index: Tensor | Sequence[int], device: str | torch.device | None = None
                ) -> tuple[Tensor, Tensor]:
@@ -302,24 +301,25 @@ def build_teacher_embeddings(
     The batches are the student's evaluation batches (`ImageTextCollator(processor, train=False)`: resize + centre
     crop at the student's image size, the first non-empty caption) and go through `teacher.embed`, exactly as the
     online teacher embeds a training batch, so both agree on an un-augmented batch. An existing store is reused when
-    the dataset fingerprint, the teacher (name, type, weights) and the view match; a mismatch raises `ValueError`
-    unless `overwrite=True`.
+    the dataset (N and fingerprint), the teacher (name, type, weights) and the view match; a mismatch raises
+    `ValueError` naming it unless `overwrite=True`. The folder is written whole (`write_table_folder`): of two
+    builders of one store, the second to finish reads the first's.
 
     Args:
         dataset: standardised rows (`image`, `captions`, `index` covering 0..N-1), map-style or streamed (a streamed
             dataset is read twice: once for the fingerprint).
         processor: the student's processor (the view and which captions the collator skips follow it).
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from .data import ImageTextCollator, SkipCounter
 
     image_size = _square_side(processor.image_processor.crop_size)
-    fingerprint, n = _fingerprint_and_len(dataset, 0)
-    expected = {"fingerprint": fingerprint, "teacher": teacher.metadata(),
+    expected = {**dataset_identity(dataset, 0), "teacher": teacher.metadata(),
                 "view": {"image_size": image_size, "transform": VIEW}}
+    n = expected["n"]
     meta_path = os.path.join(out_dir, METADATA_FILE)
+    existed = os.path.isfile(meta_path)
     if not overwrite and read_matching_metadata(meta_path, expected, FORMAT_VERSION, "teacher embedding store"):
         return TeacherEmbeddingStore.load(out_dir)
     collator = ImageTextCollator(processor, train=False, image_size=image_size, return_raw=True,
@@ -346,19 +346,18 @@ def build_teacher_embeddings(
     bar.close()
     if image is None:
         raise ValueError("no sample of the dataset could be read: nothing to store")
-    os.makedirs(out_dir, exist_ok=True)
     tensors = {"image": renormalize_fp16_(image), "text": renormalize_fp16_(text), "present": present}
-    save_file(tensors, os.path.join(out_dir, EMBEDDINGS_FILE), metadata={"format": "pt"})
     metadata = {
         "format_version": FORMAT_VERSION,
-        "n": n,
         **expected,
+        "dims": {"image": image.shape[1], "text": text.shape[1]},
         "logit_scale": float(teacher.logit_scale),
         "present": int(present.sum()),
         "skipped": skips.summary(),
         "fingerprint_method": "sha256(N, captions[0], image path or sha256(image bytes)) per row",
         "embeddings": {"dtype": "float16", "normalized": True},
     }
-    with open(meta_path, "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2)
+    if not write_table_folder(out_dir, {EMBEDDINGS_FILE: tensors}, METADATA_FILE, metadata, replace=existed):
+        # another builder finished this store first: use it if it was built from the same data and teacher
+        read_matching_metadata(meta_path, expected, FORMAT_VERSION, "teacher embedding store")
     return TeacherEmbeddingStore.load(out_dir)

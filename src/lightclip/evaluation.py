@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import load_rgb_image
+from .fileio import write_text_atomic
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -609,12 +610,11 @@ def format_results(results: dict, digits: int = 6) -> str:
 
 
 def save_results(results: dict, path: str | os.PathLike, digits: int = 6) -> None:
-    """Write `format_results(results, digits)` to `path`, creating its folder."""
+    """Write `format_results(results, digits)` to `path` (atomically), creating its folder."""
     path = os.fspath(path)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(format_results(results, digits) + "\n")
+    write_text_atomic(path, format_results(results, digits) + "\n")
 
 
 # An accuracy key as files written before the CLIP_benchmark names spelled it: `top1`, `top5`, `top1_unseen` (grouped

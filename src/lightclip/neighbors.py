@@ -18,11 +18,15 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import uuid
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from .fileio import fsync_tree
 
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.safetensors"
@@ -34,6 +38,7 @@ __all__ = [
     "FeatureBank",
     "build_feature_bank",
     "dataset_fingerprint",
+    "dataset_identity",
     "duplicate_groups",
     "mine_neighbors",
 ]
@@ -356,23 +361,113 @@ def dataset_fingerprint(dataset, caption_index: int = 0, batch_size: int = 1024)
     return _fingerprint_and_len(dataset, caption_index, batch_size)[0]
 
 
-def read_matching_metadata(meta_path: str, expected: dict, format_version: int, what: str) -> dict | None:
+def dataset_identity(dataset, caption_index: int = 0) -> dict:
+    """What a bank or store records of the rows it is built from, to refuse other data later: N and
+    `dataset_fingerprint`."""
+    fingerprint, n = _fingerprint_and_len(dataset, caption_index)
+    return {"n": n, "fingerprint": fingerprint}
+
+
+def _rows(metadata: dict) -> str:
+    n, fingerprint = metadata.get("n"), metadata.get("fingerprint")
+    if n is None and fingerprint is None:
+        return "rows it does not record"
+    return f"{'?' if n is None else n} rows (fingerprint {(fingerprint or 'not recorded')[:12]})"
+
+
+def _teacher_summary(meta: dict | None) -> str:
+    if not meta:
+        return "a teacher it does not record"
+    details = [f"{meta['dim']}-d" if meta.get("dim") is not None else None, meta.get("model_type"),
+               f"weights {meta['weights'][:12]}" if meta.get("weights") else None]
+    details = [d for d in details if d]
+    return f"{meta.get('spec')!r}" + (f" ({', '.join(details)})" if details else "")
+
+
+def _identity_mismatches(found: dict, expected: dict) -> list[str]:
+    """One line per difference between the stored metadata `found` and the `expected` identity: the rows and
+    fingerprint of the dataset, each teacher (spec, width, weights) and any other expected key."""
+    problems = []
+    if any(found.get(key) != expected[key] for key in ("n", "fingerprint") if key in expected):
+        problems.append(f"it was built on {_rows(found)} of another dataset; this data has {_rows(expected)}")
+    for key, value in expected.items():
+        if key in ("n", "fingerprint") or found.get(key) == value:
+            continue
+        if key == "teachers":  # {"image": {...}, "text": {...}}: only the modalities asked for are compared
+            stored = found.get("teachers") or {}
+            problems += [f"{modality} teacher: built with {_teacher_summary(stored.get(modality))}, requested "
+                         f"{_teacher_summary(meta)}"
+                         for modality, meta in value.items() if stored.get(modality) != meta]
+        elif key == "teacher":
+            problems.append(f"teacher: built with {_teacher_summary(found.get(key))}, requested "
+                            f"{_teacher_summary(value)}")
+        else:
+            problems.append(f"{key}: stored {found.get(key)!r}, requested {value!r}")
+    return problems
+
+
+def check_built_from(found: dict, expected: dict, folder: str | None, what: str, rebuild: str) -> None:
+    """Raise `ValueError` naming each difference between a folder's metadata and what this run needs, and how to
+    rebuild it (`rebuild`, a sentence), so a folder built for other data or other teachers is never silently used.
+    Metadata without the rows or the fingerprint counts as built for another dataset."""
+    problems = _identity_mismatches(found, expected)
+    if problems:
+        raise ValueError(f"The {what} in {folder or '.'} was built for another dataset or other teachers:\n  "
+                         + "\n  ".join(problems) + f"\n{rebuild}")
+
+
+def read_matching_metadata(meta_path: str, expected: dict, format_version: int, what: str,
+                           rebuild: str = "Pass overwrite=True (--overwrite) to rebuild it, or choose another output "
+                                          "folder.") -> dict | None:
     """The metadata stored at `meta_path` when every key of `expected` and the format version match it; None when
-    there is none. A mismatch raises `ValueError` naming each difference, so a folder built for another dataset or
-    other teachers is never silently reused."""
+    there is none. A mismatch raises `ValueError` naming each difference (`check_built_from`)."""
     if not os.path.isfile(meta_path):
         return None
     with open(meta_path, encoding="utf-8") as f:
         found = json.load(f)
-    diffs = [f"{key}: stored {found.get(key)!r}, requested {value!r}" for key, value in expected.items()
-             if found.get(key) != value]
-    if found.get("format_version") != format_version:
-        diffs.append(f"format_version: stored {found.get('format_version')}, this code writes {format_version}")
-    if diffs:
-        raise ValueError(f"The {what} in {os.path.dirname(meta_path) or '.'} was built for another dataset or other "
-                         "teachers:\n  " + "\n  ".join(diffs) + "\nPass overwrite=True (--overwrite) to rebuild it, "
-                         "or choose another output folder.")
+    expected = {**expected, "format_version": format_version}
+    check_built_from(found, expected, os.path.dirname(meta_path), what, rebuild)
     return found
+
+
+def write_table_folder(out_dir: str, tables: dict[str, dict[str, torch.Tensor]], metadata_file: str,
+                       metadata: dict, replace: bool = False) -> bool:
+    """Write a bank's or store's safetensors `tables` ({file name: tensors}) and its metadata as one folder.
+
+    Everything is written into a temporary folder beside `out_dir` and then moved into place, so no reader ever sees
+    half a folder and, of two builders of the same new folder, only the first to finish writes it: the other gets
+    False (its files are dropped) and should read the winner's. `replace=True` (rebuilding a folder on purpose)
+    replaces a folder that holds metadata already. A folder holding other files gets ours file by file, the metadata
+    removed first and written last.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = os.path.abspath(out_dir)
+    meta_path = os.path.join(out_dir, metadata_file)
+    staging = os.path.join(os.path.dirname(out_dir),
+                           f".{os.path.basename(out_dir)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    os.makedirs(staging)
+    try:
+        for name, tensors in tables.items():
+            save_file(tensors, os.path.join(staging, name), metadata={"format": "pt"})
+        with open(os.path.join(staging, metadata_file), "w", encoding="utf-8") as f:
+            json.dump(metadata, f, indent=2)
+        fsync_tree(staging)
+        if not replace and os.path.exists(meta_path):
+            return False
+        try:
+            os.replace(staging, out_dir)  # succeeds only onto a missing or empty folder: one builder wins
+            return True
+        except OSError:
+            if not replace and os.path.exists(meta_path):
+                return False
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for name in [*tables, metadata_file]:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        return True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _as_teacher(teacher, modality: str, device=None):
@@ -471,6 +566,19 @@ class FeatureBank(ImageTextTables):
     @property
     def k(self) -> int:
         return self.image_nn.shape[1]
+
+    def check_dataset(self, dataset, image_teacher=None, text_teacher=None,
+                      rebuild: str = "Rebuild it with examples/build_neighbors.py --overwrite, or choose another "
+                                     "folder.") -> None:
+        """Raise `ValueError` unless the bank was built from `dataset` (one pass over its rows, no image decoded)
+        and with each teacher given (a `Teacher` or a spec; None accepts the bank's own): a bank of other rows
+        would train on another dataset's neighbours, or fail on the first index it lacks."""
+        expected = dataset_identity(dataset, self.metadata.get("caption_index", 0))
+        teachers = {modality: _teacher_meta(_as_teacher(teacher, modality))
+                    for modality, teacher in (("image", image_teacher), ("text", text_teacher)) if teacher is not None}
+        if teachers:
+            expected["teachers"] = teachers
+        check_built_from(self.metadata, expected, self.path, "feature bank", rebuild)
 
     def _pick(self, table: torch.Tensor, indices: torch.Tensor, top_k: int, generator) -> torch.Tensor:
         if top_k > table.shape[1]:
@@ -613,24 +721,25 @@ def build_feature_bank(
             `captions` (list[str]) and `index` (row i of the bank = dataset index i; must cover 0..N-1). The caption encoded for row i is `captions[caption_index]`
             (the first caption by default; the last one when a row has fewer).
         image_teacher, text_teacher: `Teacher` objects or specs for `load_teacher` (None = the default teacher).
-        out_dir: the bank folder. An existing bank is reused when the dataset fingerprint, the teachers (spec and dim)
-            and the caption index match; a mismatch raises `ValueError` unless `overwrite=True`. When only k or the
-            backend differ, the stored features are re-mined without running the teachers.
+        out_dir: the bank folder. An existing bank is reused when the dataset (N and fingerprint), the teachers (spec
+            and dim) and the caption index match; a mismatch raises `ValueError` naming it unless `overwrite=True`.
+            When only k or the backend differ, the stored features are re-mined without running the teachers. The
+            folder is written whole (`write_table_folder`): of two builders of one bank, the second to finish reads
+            the first's.
         k, backend, block_size, nprobe: see `mine_neighbors`.
     Returns:
         the loaded `FeatureBank`.
     """
-    from safetensors.torch import save_file
-
     image_teacher = _as_teacher(image_teacher, "image", device)
     text_teacher = _as_teacher(text_teacher, "text", device)
-    fingerprint, n = _fingerprint_and_len(dataset, caption_index)
     expected = {
-        "fingerprint": fingerprint,
+        **dataset_identity(dataset, caption_index),
         "teachers": {"image": _teacher_meta(image_teacher), "text": _teacher_meta(text_teacher)},
         "caption_index": caption_index,
     }
+    n = expected["n"]
     meta_path = os.path.join(out_dir, METADATA_FILE)
+    existed = os.path.isfile(meta_path)
     features = None
     found = None if overwrite else read_matching_metadata(meta_path, expected, FORMAT_VERSION, "feature bank")
     if found is not None:
@@ -643,12 +752,8 @@ def build_feature_bank(
                                       show_progress)
         features = {"image": image.contiguous(), "text": text.contiguous()}
     neighbors = _mine_bank(features["image"], features["text"], k, backend, block_size, nprobe, show_progress)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(features, os.path.join(out_dir, FEATURES_FILE), metadata={"format": "pt"})
-    save_file(neighbors, os.path.join(out_dir, NEIGHBORS_FILE), metadata={"format": "pt"})
     metadata = {
         "format_version": FORMAT_VERSION,
-        "n": len(features["image"]),
         "k": k,
         "backend": backend,
         **expected,
@@ -658,8 +763,10 @@ def build_feature_bank(
         "neighbors": {"dtype": str(neighbors["image_nn"].dtype).removeprefix("torch."),
                       "exclude_self": True, "exclude_duplicates": True, "tie_break": "lowest index"},
     }
-    with open(meta_path, "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2)
+    tables = {FEATURES_FILE: features, NEIGHBORS_FILE: neighbors}
+    if not write_table_folder(out_dir, tables, METADATA_FILE, metadata, replace=existed):
+        # another builder finished this bank first: use it if it was built from the same data and teachers
+        read_matching_metadata(meta_path, expected, FORMAT_VERSION, "feature bank")
     return FeatureBank.load(out_dir)
 
 

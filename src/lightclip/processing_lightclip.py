@@ -13,8 +13,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerFast
+from transformers.image_utils import is_scaled_image, is_valid_image, make_flat_list_of_images, to_numpy_array
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 VOCAB_FILE = Path(__file__).parent / "data_files" / "vocab.txt"
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[CLS]", "eos_token": "[SEP]",
@@ -82,10 +86,35 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _grayscale_as_pil(images):
+    """2-D 8- and 16-bit arrays (H x W, in lists at any depth) as PIL grayscale images, which are converted to RGB
+    like any other; a 2-D array of another type has no such reading."""
+    if isinstance(images, (list, tuple)):
+        return [_grayscale_as_pil(image) for image in images]
+    if is_valid_image(images) and not isinstance(images, Image.Image) and images.ndim == 2:
+        array = to_numpy_array(images)
+        if array.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"a 2-D image array is read as a grayscale picture and must be uint8 or uint16, got "
+                             f"{array.dtype} of shape {array.shape}")
+        return Image.fromarray(array)
+    return images
+
+
+def _describe_images(images) -> str:
+    """What was passed as images, by type and shape, never by value (an array's repr lists its pixels)."""
+    if isinstance(images, (list, tuple)):
+        first = f", the first {_describe_images(images[0])}" if images else ""
+        return f"a {type(images).__name__} of {len(images)}{first}"
+    if hasattr(images, "shape"):
+        return f"an array of shape {tuple(images.shape)}"
+    return f"a {type(images).__name__}"
+
+
 class LightClipImageProcessor(CLIPImageProcessorPil):
     """CLIP preprocessing (resize shortest edge, centre crop, normalise) on PIL/numpy, no torchvision.
 
-    Converts RGBA, grayscale, palette, CMYK and 16-bit images to 8-bit RGB instead of rejecting them.
+    Converts RGBA, grayscale, palette, CMYK and 16-bit images, and 2-D (grayscale) arrays, to 8-bit RGB instead of
+    rejecting them.
     """
 
     model_input_names = ["pixel_values"]
@@ -119,11 +148,28 @@ class LightClipImageProcessor(CLIPImageProcessorPil):
             return image
         return super().resize(image, size, resample=resample, reducing_gap=reducing_gap, **kwargs)
 
+    def _prepare_images_structure(self, images, expected_ndims: int = 3) -> list:
+        """`CLIPImageProcessorPil._prepare_images_structure`, reading a 2-D 8- or 16-bit array as a grayscale picture
+        (as a PIL "L" image), and naming an input of no image shape by its shape: transformers' own error prints every
+        pixel of it."""
+        images = _grayscale_as_pil(self.fetch_images(images))
+        try:
+            return make_flat_list_of_images(images, expected_ndims=expected_ndims)
+        except ValueError:
+            raise ValueError(f"images must be PIL images or arrays of shape (H, W, C), (C, H, W) or (H, W), or a "
+                             f"batch or list of them; got {_describe_images(images)}") from None
+
     def _preprocess(self, images: list[np.ndarray], do_resize, size, resample, do_center_crop, crop_size, do_rescale,
                     rescale_factor, do_normalize, image_mean, image_std, do_pad, pad_size, return_tensors, **kwargs):
         """`CLIPImageProcessorPil._preprocess`, with one shortcut: 8-bit images of one size are rescaled and normalised
         together by a table lookup (each channel's 256 levels through `rescale` then `normalize`, so the result is
-        bit-identical), several times faster than image by image on a training batch."""
+        bit-identical), several times faster than image by image on a training batch. Float images already in [0, 1]
+        are rescaled again, as in transformers, with its warning."""
+        if do_rescale and any(is_scaled_image(image) for image in images):
+            logger.warning_once(
+                "It looks like you are trying to rescale already rescaled images. If the input"
+                " images have pixel values between 0 and 1, set `do_rescale=False` to avoid rescaling them again."
+            )
         if not (do_rescale and do_normalize) or do_pad:
             return super()._preprocess(images, do_resize, size, resample, do_center_crop, crop_size, do_rescale,
                                        rescale_factor, do_normalize, image_mean, image_std, do_pad, pad_size,
@@ -169,6 +215,13 @@ class LightClipProcessor(ProcessorMixin):
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer)
+
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs) -> None:
+        """`ProcessorMixin.validate_inputs`, refusing an empty list of texts, on which the tokenizer fails with an
+        `IndexError`."""
+        super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        if isinstance(text, (list, tuple)) and not text:
+            raise ValueError("text is an empty list: at least one text is needed")
 
     @classmethod
     def from_preset(cls, name: str, **config_overrides) -> "LightClipProcessor":

@@ -4,6 +4,7 @@ checkpoints, the JSONL log and its plot. Training-only; never imported by the in
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -14,7 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fileio import STAGING_DIR, disk_full, finish_interrupted_save, fsync_tree, save_into_folder, write_text_atomic
 from .hub import REMOTE_CODE_FILES, REQUIRED_FILES
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
@@ -127,12 +131,18 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def resolve_checkpoint(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """`latest` -> newest complete checkpoint in `output_dir` (None if there is none); a path -> that path."""
+    """`latest` -> newest complete checkpoint in `output_dir`; a path -> that path. Either must exist, as in
+    transformers' `Trainer`: a resume that cannot resume refuses rather than train again from step 0."""
     if not resume:
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        if not found:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: {output_dir} holds no complete checkpoint (checkpoint-<step> with "
+                f"{STATE_FILE}; a run saves them with --checkpointing_steps). Nothing was changed. Pass "
+                "--overwrite_output_dir instead to train again from step 0.")
+        return found[-1]
     path = Path(resume)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a complete lightclip checkpoint (no {STATE_FILE})")
@@ -144,7 +154,7 @@ def resolve_checkpoint(resume: str | None, output_dir: str | os.PathLike) -> Pat
 RUN_OUTPUTS = (
     *REQUIRED_FILES, *REMOTE_CODE_FILES, "model.safetensors.index.json", "generation_config.json",
     "preprocessor_config.json", "special_tokens_map.json", "eval_results.json", "train_config.json",
-    "train_log.jsonl", "training_curves.png",
+    "train_log.jsonl", "training_curves.png", STAGING_DIR,
 )
 RUN_OUTPUT_DIR_RE = re.compile(r"^\.?(tmp-)?checkpoint-\d+$")
 
@@ -170,13 +180,17 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, r
     `overwrite` is set; overwriting removes only the earlier run's outputs (`run_outputs`). With `clear=False`
     only the check runs (every process of a distributed run checks; one clears)."""
     root = Path(output_dir)
+    if clear:
+        finish_interrupted_save(root)
     previous = [] if resume else run_outputs(root)
     if previous and not overwrite:
         shown = ", ".join(p.name for p in previous[:4]) + (", ..." if len(previous) > 4 else "")
+        found = list_checkpoints(root)
+        resume_hint = (f"Pass --resume_from_checkpoint latest to continue it from {found[-1].name}, "
+                       if found else "It holds no checkpoint to resume from. Pass ")
         raise FileExistsError(
-            f"{root} already holds a training run ({shown}). Pass --resume_from_checkpoint latest to continue it, "
-            "or --overwrite_output_dir to replace it (only the run's own files are removed), or choose another "
-            "--output_dir."
+            f"{root} already holds a training run ({shown}). {resume_hint}--overwrite_output_dir to replace it (only "
+            "the run's own files are removed), or choose another --output_dir."
         )
     if clear:
         for path in previous:
@@ -185,26 +199,77 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, r
     return root
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict, keep: int | None = None) -> Path:
+def save_failure(what: str, error: BaseException, root: str | os.PathLike, kept: str) -> OSError:
+    """The error a failed save raises: why (a full disk said as such), what was kept, and the last good checkpoint."""
+    root = Path(root)
+    reason = "no space left on device" if disk_full(error, root) else f"{type(error).__name__}: {error}"
+    found = list_checkpoints(root)
+    last = (f"the last good checkpoint is {found[-1]} (--resume_from_checkpoint latest)" if found
+            else "the run has no checkpoint (--checkpointing_steps saves some)")
+    return OSError(f"{what} failed: {reason}. {kept}; {last}.")
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict, keep: int | None = None,
+                    process_state: dict | None = None) -> Path:
     """`accelerator.save_state` into a temporary folder, then an atomic rename: a run killed while saving never
-    leaves a corrupt `checkpoint-<step>`. Older checkpoints beyond `keep` are removed."""
+    leaves a corrupt `checkpoint-<step>`. Each process adds its `process_state` as JSON (`process_state_<rank>.json`),
+    so that nothing a resume reads needs unpickling. Older checkpoints beyond `keep` are removed."""
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if keep:
-            for old in list_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        write_text_atomic(tmp / process_state_file(accelerator.process_index), json.dumps(process_state or {}))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except (OSError, RuntimeError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise save_failure(f"saving {final.name}", error, root, "the run stopped; its earlier checkpoints are kept"
+                           ) from error
+    if accelerator.is_main_process and keep:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def process_state_file(rank: int) -> str:
+    return f"process_state_{rank}.json"
+
+
+def load_process_state(checkpoint: str | os.PathLike, rank: int) -> dict:
+    """What `save_checkpoint` stored for this process. A checkpoint holding pickled custom state (Accelerate's
+    `custom_checkpoint_<i>.pkl`, which it loads with `weights_only=False`) is refused: loading it could run code."""
+    checkpoint = Path(checkpoint)
+    pickled = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        raise ValueError(f"{checkpoint} holds pickled state ({', '.join(pickled)}), which a resume never loads: it "
+                         "was not written by this version of lightclip. Resume from a checkpoint this version wrote, "
+                         "or pass --overwrite_output_dir to train again.")
+    path = checkpoint / process_state_file(rank)
+    if not path.exists():
+        raise FileNotFoundError(f"{checkpoint} has no {path.name}: not a complete lightclip checkpoint for this "
+                                "number of processes")
+    return json.loads(path.read_text())
+
+
+def save_model_folder(output_dir: str | os.PathLike, save, what: str = "saving the final model") -> None:
+    """`save(folder)` (the model's and processor's `save_pretrained`) into a staging folder inside `output_dir`, then
+    renamed over the folder's files (`lightclip.fileio.save_into_folder`). A full disk or any other failure leaves
+    the folder as it was and raises an error that says why and names the last good checkpoint."""
+    try:
+        save_into_folder(output_dir, save)
+    except (OSError, RuntimeError) as error:
+        raise save_failure(f"{what} into {output_dir}", error, output_dir,
+                           "the folder keeps its previous contents") from error
 
 
 class JsonlLog:
@@ -221,15 +286,31 @@ class JsonlLog:
                 f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.exists() else []
+        return [record for _, record in _log_lines(self.path)]
+
+
+def _log_lines(path: Path) -> list[tuple[str, dict]]:
+    """The readable records of a JSONL log with their lines; a line that is not JSON (a write torn by a kill or a
+    full disk) is dropped with a warning."""
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((line, json.loads(line)))
+        except ValueError:
+            logger.warning("%s line %d is not a JSON record (a torn write?): dropped", path, number)
+    return records
 
 
 def truncate_log(path: str | os.PathLike, step: int) -> None:
-    """Drop records after `step` (a resumed run re-logs them)."""
+    """Drop records after `step` (a resumed run re-logs them), and unreadable lines."""
     path = Path(path)
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = [line for line, record in _log_lines(path) if record.get("step", 0) <= step]
+        write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
