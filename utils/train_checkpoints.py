@@ -18,11 +18,6 @@ Choices (see docs/checkpoints.md):
   tower with a 6-layer text tower and 256-d embeddings), `clip`, 1000 steps, whose embeddings
   `examples/precompute_teacher.py` stores once. The teacher is a training aid and is not shipped. Stored in float16
   (7.7 MB; loads as float32).
-- `lightclip-xs-shapes-64px`: preset `lightclip-xs` unchanged (ViT width 256, 6 layers; text width 256, 6 layers,
-  vocabulary 8192; 11.9 M parameters) except `--image_size 64` (patch 16: 16 patches), trained with the plain `clip`
-  objective for 400 steps (a `lightclip` step costs about 3x a `clip` step at this size on 2 CPU cores); learning
-  rate 1e-3 (half the default) for the wider, deeper towers. Stored in float16 (24 MB instead of 48 MB).
-  The layer counts are the preset's: a smaller model would not be `lightclip-xs`.
 - `lightclip-lite0-clipart`: the training default `lightclip-lite0-56px` trained on the Open Clip Art Library
   (`apt-get install -y openclipart-png openclipart-svg`) with the recipe recommended for real data, `clip-ping`
   (docs/results.md), at the budget of that comparison (300 steps of batch 64, seed 0); the feature bank is built
@@ -57,12 +52,6 @@ CHECKPOINTS: dict[str, dict] = {
                  "--seed", "0", "--cpu_threads", "1"],
         "dtype": "float16",
     },
-    "lightclip-xs-shapes-64px": {
-        "args": ["--model", "lightclip-xs", "--image_size", "64", "--objectives", "clip", "--max_train_steps", "400",
-                 "--learning_rate", "1e-3", "--seed", "0"],
-        "dtype": "float16",
-        "env": {"OMP_NUM_THREADS": "1"},
-    },
     "lightclip-lite0-clipart": {
         "args": ["--train_data", "openclipart", "--max_train_steps", "300", "--objectives", "clip-ping",
                  "--neighbors", "runs/checkpoints/openclipart-bank", "--seed", "0"],
@@ -78,9 +67,8 @@ def train_command(name: str) -> list[str]:
 
 def command_text(name: str) -> str:
     """The training and packaging commands as shown in the model card and docs."""
-    env = "".join(f"{k}={v} " for k, v in CHECKPOINTS[name].get("env", {}).items())
     before = "".join(f"{shlex.join(command)}\n" for command in CHECKPOINTS[name].get("before", []))
-    return (f"{before}{env}{shlex.join(train_command(name))}\n"
+    return (f"{before}{shlex.join(train_command(name))}\n"
             f"python utils/train_checkpoints.py --only {name} --package_only  # copy, {CHECKPOINTS[name]['dtype']}, "
             "evaluate, card")
 
@@ -153,7 +141,7 @@ def main(argv=None) -> None:
             for command in [*CHECKPOINTS[name].get("before", []), train_command(name)]:
                 command = [sys.executable, *command[1:]]
                 print("+", shlex.join(command), flush=True)
-                subprocess.run(command, check=True, env={**os.environ, **CHECKPOINTS[name].get("env", {})})
+                subprocess.run(command, check=True)
         out = package_checkpoint(f"runs/checkpoints/{name}", f"checkpoints/{name}", dtype=CHECKPOINTS[name]["dtype"],
                                  train_command=command_text(name))
         sizes = {p.name: p.stat().st_size for p in out.iterdir()}
