@@ -249,3 +249,19 @@ def test_processor_save_load_round_trip(saved_dir, processor):
         assert torch.equal(before[key], after[key]), key
     assert loaded.image_processor.to_dict() == processor.image_processor.to_dict()
     assert (loaded.tokenizer.mask_token_id, loaded.tokenizer.model_max_length) == (4, context_length())
+
+
+def test_a_saved_tokenizer_does_not_carry_its_last_truncation(tmp_path):
+    """A tokenizer called with truncation saves that state in tokenizer.json; reloaded, the processor must not pass it
+    on as a bare `max_length` (transformers warns, and the length truncates nothing)."""
+    import warnings
+
+    processor = LightClipProcessor.from_preset("lightclip-xxs")
+    processor(text=["a red circle"], padding=True, truncation=True, max_length=10)
+    processor.save_pretrained(tmp_path)
+    reloaded = LightClipProcessor.from_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = reloaded(text=["a red circle", "a blue star on a long striped background"], padding=True)
+    assert len(batch["input_ids"][1]) > 10
+    assert "max_length" not in reloaded.tokenizer.init_kwargs

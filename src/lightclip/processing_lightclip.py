@@ -49,6 +49,19 @@ def build_default_tokenizer(vocab_size: int = 8192, model_max_length: int = 77) 
     )
 
 
+def _forget_call_state(tokenizer) -> None:
+    """Drop the truncation a tokenizer kept from its last call. The fast backend stores it and `tokenizer.json` saves
+    it; transformers reloads it as a `max_length` init kwarg, which the processor then passes to every call without
+    a truncation strategy: a warning on `padding=True`, and a length that truncates nothing."""
+    if tokenizer is None:
+        return
+    for key in ("max_length", "truncation_strategy"):
+        tokenizer.init_kwargs.pop(key, None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+
+
 def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
     """16-bit and float images as 8-bit, scaled by the range of their type (never clipped to 255).
 
@@ -215,6 +228,7 @@ class LightClipProcessor(ProcessorMixin):
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer)
+        _forget_call_state(tokenizer)
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs) -> None:
         """`ProcessorMixin.validate_inputs`, refusing an empty list of texts, on which the tokenizer fails with an
