@@ -34,7 +34,7 @@ NAN, INF = float("nan"), float("inf")
         (dict(vision_config=dict(image_size=0)), "image_size must be a positive integer, got 0"),
         (dict(logit_scale_init_value=NAN), "logit_scale_init_value must be a finite number, got nan"),
         (dict(logit_scale_max=INF), "logit_scale_max must be a finite number, got inf"),
-        (dict(mlm_probability=1.5), r"mlm_probability must be in \[0, 1\), got 1.5"),
+        (dict(mlm_probability=1.5), r"mlm_probability must be in \[0, 1\], got 1.5"),
         (dict(text_config=dict(attention_dropout=1.0)), r"attention_dropout must be in \[0, 1\), got 1.0"),
         (dict(soft_alpha_max=-0.1), r"soft_alpha_max must be in \[0, 1\], got -0.1"),
         (dict(token_weight=-1.0), "token_weight must be a finite number >= 0, got -1.0"),
@@ -58,7 +58,7 @@ def test_an_impossible_value_is_refused_on_assignment_too():
     for owner, key, value, message in [
         (config, "projection_dim", -5, "projection_dim must be a positive integer, got -5"),
         (config.text_config, "num_attention_heads", 0, "num_attention_heads must be a positive integer, got 0"),
-        (config.pretraining_config, "mlm_probability", 1.0, r"mlm_probability must be in \[0, 1\), got 1.0"),
+        (config.pretraining_config, "mlm_probability", -0.1, r"mlm_probability must be in \[0, 1\], got -0.1"),
     ]:
         with pytest.raises(ValueError, match=message):
             setattr(owner, key, value)

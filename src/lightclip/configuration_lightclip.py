@@ -8,9 +8,9 @@ hold the training-only keys flat at the top level; they load into it unchanged, 
 (`LightClipConfig(token_weight=0.5)`, `from_pretrained(path, objectives="lightclip")`) go there too.
 
 The configs are `huggingface_hub` strict dataclasses, as transformers' own are: every field's type (and the choices of a
-`Literal` field) and range (sizes positive, scales finite, probabilities in [0, 1), weights >= 0) is checked on
-construction and on assignment, and the cross-field checks (`validate_architecture`) run after construction and again
-on save. A float field is declared `float | int` so that `mlm_weight=0` stays valid.
+`Literal` field) and range (sizes positive, scales finite, dropout rates in [0, 1), the masking probability in
+[0, 1], weights >= 0) is checked on construction and on assignment, and the cross-field checks
+(`validate_architecture`) run after construction and again on save. A float field is declared `float | int` so that `mlm_weight=0` stays valid.
 """
 
 import copy
@@ -410,7 +410,7 @@ class LightClipPretrainingConfig(PreTrainedConfig):
     hungarian_num_negatives: int | None = positive_int(default=None)
     # masked language modelling through the fusion module
     mlm_weight: float | int = non_negative_number(default=1.0)
-    mlm_probability: float | int = probability(default=0.15)
+    mlm_probability: float | int = fraction(default=0.15)  # 1: every maskable token masked
     fusion_layers: list[int] | None = None  # 1-based text layers; None = 3 evenly spaced, last included
     fusion_num_heads: int | None = positive_int(default=None)  # None = text num_attention_heads
     fusion_type: Literal["cross_attention", "additive"] = "cross_attention"
