@@ -53,23 +53,18 @@ PRESETS: dict[str, dict] = {
         projection_dim=64,
         pretraining_config=dict(token_dim=64),
     ),
-    # the xxs text tower with a 0.29 M-parameter native CNN at 32 px: learns shape when trained on the shape label, but
-    # not contrastively from the shapes captions within the default budget (docs/training.md)
+    # the xxs text tower with a 0.29 M-parameter native CNN at 32 px, trained from scratch
     "lightclip-xxs-cnn": dict(
         vision_config=dict(backbone="convnet", image_size=32, backbone_kwargs=dict(widths=[32, 64, 128])),
         text_config=dict(_TEXT_XXS),
         projection_dim=64,
         pretraining_config=dict(token_dim=64),
     ),
-    # EfficientNet-Lite0 at 64 px (started from its released ImageNet weights) with the xxs text tower: learns shape on
-    # lightclip-shapes, where contrastive training from scratch does not, but ties colour to the shapes it saw
-    # (docs/training.md)
+    # EfficientNet-Lite0 at 64 px (started from its released ImageNet weights) with the xxs text tower
     "lightclip-xxs-lite0": _lite0_preset(_TEXT_XXS, embed_dim=64, image_size=64),
-    # the same image tower with a 2-layer, width-256 text tower and 256-d embeddings, which keep colour apart from
-    # shape on held-out combinations (docs/training.md)
+    # the same image tower with a 2-layer, width-256 text tower and 256-d embeddings
     "lightclip-lite0-64px": _lite0_preset(_TEXT_LITE, embed_dim=256, image_size=64),
-    # the default of `examples/pretrain.py`: the same model at 56 px, whose step costs 0.9x the 64 px one's and which
-    # kept colour on every seed in the default run's budget (docs/training.md)
+    # the default of `examples/pretrain.py`: the same model at 56 px (docs/results.md)
     "lightclip-lite0-56px": _lite0_preset(_TEXT_LITE, embed_dim=256, image_size=56),
     # ViT-XS: width 256, 6 layers, patch 16 at 224 px (about 4.8 M parameters), the CLIP-PING headline class
     "lightclip-xs": dict(
