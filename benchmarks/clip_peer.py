@@ -28,8 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 from lightclip import LightClipConfig, LightClipProcessor  # noqa: E402
-from lightclip.data import DataArguments, ImageTextCollator, decode_images_once, load_datasets_from_args  # noqa: E402
-from lightclip.evaluation import builtin_benchmark, save_results  # noqa: E402
+from lightclip.collate import ImageTextCollator  # noqa: E402
+from lightclip.data import (  # noqa: E402
+    DataArguments,
+    builtin_benchmark,
+    decode_images_once,
+    load_datasets_from_args,
+)
+from lightclip.evaluation import save_results  # noqa: E402
 from lightclip.trainer_utils import cosine_with_warmup, param_groups, run_environment  # noqa: E402
 
 

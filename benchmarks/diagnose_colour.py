@@ -11,7 +11,6 @@ For a trained model folder, on the shapes test split:
    test split's seen and held-out pictures, once on the image embedding and once on the image tower's pooled
    features before the projection. A probe that fails on a held-out combination says that colour is not
    represented apart from shape there: the failure is in the image features, not in the text alignment.
-The results are discussed in `docs/training.md` ("Where the held-out combinations fail").
 """
 
 from __future__ import annotations

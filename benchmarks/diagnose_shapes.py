@@ -19,7 +19,7 @@
 
 All runs see identical data: the shapes train split decoded once at the tower's input size (bicubic, as the
 evaluation transform; no augmentation), one of its three captions drawn per sample from a seeded generator, and the
-same batches in the same order. The results are discussed in `docs/training.md` ("What the default run learns").
+same batches in the same order.
 """
 
 from __future__ import annotations
@@ -31,15 +31,14 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import CLIPModelEncoders, clip_step
 from PIL import Image
 from torch import nn
 
-from _common import CLIPModelEncoders, clip_step
 from lightclip import LightClipConfig, LightClipModel, LightClipProcessor
-from lightclip.data import load_rgb_image
 from lightclip.evaluation import encode_texts, linear_probe, zero_shot_classifier
-from lightclip.shapes import evaluate_shapes
-from lightclip.shapes import COLOURS, SHAPES, make_shapes_dataset, shapes_zero_shot_tasks
+from lightclip.images import load_rgb_image
+from lightclip.shapes import COLOURS, SHAPES, evaluate_shapes, make_shapes_dataset, shapes_zero_shot_tasks
 from lightclip.trainer_utils import cosine_with_warmup, param_groups
 
 VIT_PRESET, CNN_PRESET, LITE_PRESET = "lightclip-xxs", "lightclip-xxs-cnn", "lightclip-xxs-lite0"
@@ -204,8 +203,10 @@ def probe(models: dict[str, nn.Module], data: dict[int, tuple]) -> dict:
         train, test = data[_image_size(model)]
         with torch.no_grad():
             fit, held = model.encode_image(train.pixels), model.encode_image(test.pixels)
-        results[name] = {f"{label}_probe_acc1": linear_probe(fit, getattr(train, label), held, getattr(test, label))["acc1"]
-                         for label in ("shape", "colour")}
+        results[name] = {
+            f"{label}_probe_acc1": linear_probe(fit, getattr(train, label), held, getattr(test, label))["acc1"]
+            for label in ("shape", "colour")
+        }
         print(f"probe {name}: {_fmt(results[name])}", flush=True)
     return results
 
@@ -223,7 +224,8 @@ def text_side(models: dict[str, nn.Module], data: dict[int, tuple], processor) -
         cosine = prompts @ prompts.t()
         off_diagonal = (cosine.sum() - cosine.diagonal().sum()) / (len(SHAPES) * (len(SHAPES) - 1))
         entry = {"shape_prompt_mean_cosine": off_diagonal.item()}
-        for key, wording in (("default_prompts", templates), ("caption_style", ["a large {}", "a big {}", "a small {}"])):
+        for key, wording in (("default_prompts", templates),
+                             ("caption_style", ["a large {}", "a big {}", "a small {}"])):
             classifier = zero_shot_classifier(model, processor, list(SHAPES), wording)
             correct = ((images @ classifier.t()).argmax(-1) == test.shape).float()
             entry.update({f"{key}_{k}": v for k, v in _split_accuracy(correct, test).items()})
@@ -253,8 +255,8 @@ def caption_ablation(args, config: LightClipConfig, data: dict[int, tuple], proc
                     for c, s in zip(train.colour.tolist(), train.shape.tolist())]
         torch.manual_seed(args.seed)
         model = LightClipModel(config)
-        trained = contrastive(args, {f"captions: {name}": model}, {size: (train.with_captions(captions, processor), test)},
-                              processor)
+        trained = contrastive(args, {f"captions: {name}": model},
+                              {size: (train.with_captions(captions, processor), test)}, processor)
         probed = probe({f"captions: {name}": model}, data)
         results[name] = {**trained[f"captions: {name}"], **probed[f"captions: {name}"]}
     return results
@@ -322,7 +324,8 @@ def main() -> dict:
         results["supervised"] = supervised(args, towers, data)
     if {"contrastive", "probe", "text"} & set(args.only):
         torch.manual_seed(args.seed)
-        models = {f"lightclip {VIT_PRESET}": LightClipModel(vit), "transformers CLIPModel (same dims)": HFClipAdapter(vit),
+        models = {f"lightclip {VIT_PRESET}": LightClipModel(vit),
+                  "transformers CLIPModel (same dims)": HFClipAdapter(vit),
                   f"lightclip {CNN_PRESET}": LightClipModel(cnn)}
         results["contrastive"] = contrastive(args, models, data, processor)
         if "probe" in args.only:

@@ -5,13 +5,12 @@
     python benchmarks/diagnose_soft.py runs/compare-seed0/soft --batch_size 64 --num_batches 200
 
 `SoftClipLoss(mode="similarity")` moves alpha of each target row onto the negatives, weighted by the model's own
-detached similarities, r_ij = softmax_{j != i}(s_ij) (`lightclip.losses.soft_negative_weights`, the loss's own code).
-For a trained model folder, on the shapes test split (one caption per picture), this draws random batches of the
-training batch size and sums r over four kinds of negative by the main object's labels: same colour and shape, same
-colour only, same shape only, neither. It prints each kind's mass next to its share of the negatives (the mass uniform
-softening would give it) and their ratio. A kind with a ratio well above 1 is one whose captions the loss asks the
-model to score closer to the picture: the loss then pushes less to tell that kind apart. The results are discussed in
-`docs/training.md` ("Why soft labels weighted by similarity cost shape").
+detached similarities, r_ij = softmax_{j != i}(s_ij) (`lightclip.objectives.contrastive.soft_negative_weights`, the
+loss's own code). For a trained model folder, on the shapes test split (one caption per picture), this draws random
+batches of the training batch size and sums r over four kinds of negative by the main object's labels: same colour and
+shape, same colour only, same shape only, neither. It prints each kind's mass next to its share of the negatives (the
+mass uniform softening would give it) and their ratio. A kind with a ratio well above 1 is one whose captions the loss
+asks the model to score closer to the picture: the loss then pushes less to tell that kind apart.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch
 
 from lightclip import LightClipModel, LightClipProcessor
 from lightclip.evaluation import encode_images, encode_texts
-from lightclip.losses import soft_negative_weights
+from lightclip.objectives.contrastive import soft_negative_weights
 from lightclip.shapes import make_shapes_dataset
 
 KINDS = ("same colour and shape", "same colour only", "same shape only", "neither")

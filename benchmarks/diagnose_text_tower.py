@@ -10,7 +10,6 @@ variant: zero-shot colour and shape top-1 on seen / held-out combinations, retri
 images/s of the run, and how additive the text embeddings of "a {colour} {shape}" are (R² of the best fit
 `mean + colour vector + shape vector` over all 64 combinations: 1.0 means the text side composes colour and shape
 perfectly). `--timing_steps N` also times N steps of each variant with the default `lightclip` objectives.
-The results are discussed in `docs/training.md` ("Where the held-out combinations fail").
 """
 
 from __future__ import annotations

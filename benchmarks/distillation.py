@@ -19,7 +19,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 from train_step import make_step  # noqa: E402
@@ -37,13 +36,14 @@ def default_teacher(folder: str, image_size: int) -> str:
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--student", default="lightclip-xxs-lite0")
-    p.add_argument("--teacher", default=None, help="A folder or hub id (default: a random lightclip-efficientnet-lite0)")
+    p.add_argument("--teacher", default=None,
+                   help="A folder or hub id (default: a random lightclip-efficientnet-lite0)")
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args()
     device = _common.setup(args, default_repeats=7, quick_repeats=3)
 
     from lightclip import LightClipConfig, LightClipForPreTraining, LightClipProcessor
-    from lightclip.data import ImageTextCollator
+    from lightclip.collate import ImageTextCollator
     from lightclip.distillation import DistillationTeacher, build_teacher_embeddings
     from lightclip.shapes import make_shapes_dataset
 

@@ -3,12 +3,14 @@
 Both models run in eval mode under `torch.no_grad()` in one process, timed round-robin (see `_common.py`). Each
 backend is a function `config, device, args -> Encoders` returning the two embedding callables, so another runtime
 (ONNX Runtime, torch.compile) is one more entry in `BACKENDS`. A CNN preset has no `CLIPModel` counterpart: its
-image tower runs eager in NCHW, eager as built (channels_last), eager fused (`LightClipModel.fuse`) and in ONNX
-Runtime on the exported graph of the same weights (`_common.image_encoders`), side by side.
+image tower runs eager in NCHW, eager as built (channels_last), eager fused (`LightClipModel.fuse`), in ONNX Runtime on
+the exported graph of the same weights (`_common.image_encoders`) and, with the executorch extra installed, in
+ExecuTorch's runtime on the XNNPACK program (`lightclip.export_executorch.export_towers_executorch`), side by side.
 
     python benchmarks/inference.py            # xxs at 32 and 64 px, xs at 64 and 224 px, the CNN presets at 224 px
     python benchmarks/inference.py --quick    # xxs 64 px and xs 64 px only, 3 rounds
     python benchmarks/inference.py --threads 1 --settings lightclip-mobilenetv2:224   # one CNN preset, batch 16
+    python benchmarks/inference.py --threads 1 --batch-size 1 16 --settings lightclip-efficientnet-lite0:224
     python benchmarks/inference.py --device cuda --bf16 --batch-size 256
 """
 
@@ -98,43 +100,73 @@ DEFAULT_SETTINGS = [("lightclip-xxs", 64), ("lightclip-xs", 64), ("lightclip-xxs
 
 
 def measure(preset: str, image_size: int, args, device) -> list[dict]:
-    """Items/s of every backend for both modalities at one setting."""
+    """Items/s of every backend for both modalities at one setting, at each `--batch-size`."""
     config = _common.lightclip_config(preset, image_size)
-    batch_size = args.batch_size or (32 if image_size >= 224 else 64)
-    batch = _common.make_batch(config, batch_size, device, seed=args.seed)
     encoders = {name: build(config, device, args) for name, build in BACKENDS.items()}
     encoders = {name: e for name, e in encoders.items() if e is not None}
     rows = []
-    for modality in ("image", "text"):
-        fns = {name: (lambda e=e: getattr(e, modality)(batch)) for name, e in encoders.items()}
-        with torch.no_grad(), _common.autocast(args, device):
-            times = _common.time_interleaved(fns, device, args.warmup, args.repeats)
-        for name in times:
-            rows.append(dict(preset=preset, image_size=image_size, modality=modality, backend=name,
-                             batch=batch_size, items_per_s=batch_size / times.median(name),
-                             speedup=1 / times.ratio(name, REFERENCE)))
+    for batch_size in args.batch_size or [32 if image_size >= 224 else 64]:
+        batch = _common.make_batch(config, batch_size, device, seed=args.seed)
+        for modality in ("image", "text"):
+            fns = {name: (lambda e=e: getattr(e, modality)(batch)) for name, e in encoders.items()}
+            with torch.no_grad(), _common.autocast(args, device):
+                times = _common.time_interleaved(fns, device, args.warmup, args.repeats)
+            for name in times:
+                rows.append(dict(preset=preset, image_size=image_size, modality=modality, backend=name,
+                                 batch=batch_size, items_per_s=batch_size / times.median(name),
+                                 speedup=1 / times.ratio(name, REFERENCE)))
     return rows
 
 
+EXECUTORCH = "ExecuTorch XNNPACK"
+
+
+def executorch_image_encoder(model, device) -> Callable[[torch.Tensor], object] | None:
+    """`encode_image` of `model` as the XNNPACK program of `lightclip.export_executorch.export_towers_executorch`
+    (written to a temporary folder, default batch bound) in ExecuTorch's runtime, with as many threads as torch uses.
+    CPU only; None (skipped) elsewhere or without executorch."""
+    if device.type != "cpu":
+        return None
+    try:
+        import executorch.runtime  # noqa: F401
+    except ImportError:
+        return None
+    import tempfile
+
+    from lightclip.export_executorch import ExecuTorchClip, export_towers_executorch
+
+    folder = tempfile.mkdtemp(prefix="lightclip-pte-")
+    export_towers_executorch(model, folder, towers=("image_encoder",))
+    clip = ExecuTorchClip(folder, threads=torch.get_num_threads())
+    return lambda pixel_values: clip.encode_image(pixel_values.numpy())
+
+
 def measure_cnn(preset: str, image_size: int, args, device) -> list[dict]:
-    """Images/s of a CNN preset's `encode_image` in each way of `_common.image_encoders` (NCHW included), with each
-    one's speed relative to eager NCHW and its time relative to ONNX Runtime fp32, paired in the same rounds."""
+    """Images/s of a CNN preset's `encode_image` in each way of `_common.image_encoders` (NCHW included) and in
+    ExecuTorch (`executorch_image_encoder`), at each `--batch-size`, with each one's speed relative to eager NCHW and
+    its time relative to ONNX Runtime fp32, paired in the same rounds."""
     from lightclip import LightClipModel
 
     config = _common.lightclip_config(preset, image_size)
-    batch_size = args.batch_size or 16
-    pixels = _common.make_batch(config, batch_size, device, seed=args.seed)["pixel_values"]
     torch.manual_seed(args.seed)
-    encoders = _common.image_encoders(LightClipModel(config).eval().to(device), device, nchw=True)
-    fns = {name: (lambda f=f: f(pixels)) for name, f in encoders.items()}
-    with torch.no_grad(), _common.autocast(args, device):
-        times = _common.time_interleaved(fns, device, args.warmup, args.repeats)
+    model = LightClipModel(config).eval().to(device)
+    encoders = _common.image_encoders(model, device, nchw=True)
+    pte_encoder = executorch_image_encoder(model, device)
+    if pte_encoder is not None:
+        encoders[EXECUTORCH] = pte_encoder
+    rows = []
     nan = float("nan")
-    return [dict(preset=preset, image_size=image_size, batch=batch_size, backend=name,
-                 items_per_s=batch_size / times.median(name),
-                 vs_nchw=times.ratio(_common.EAGER_NCHW, name),
-                 vs_onnx=times.ratio(name, _common.ONNX_FP32) if _common.ONNX_FP32 in times else nan)
-            for name in times]
+    for batch_size in args.batch_size or [16]:
+        pixels = _common.make_batch(config, batch_size, device, seed=args.seed)["pixel_values"]
+        fns = {name: (lambda f=f: f(pixels)) for name, f in encoders.items()}
+        with torch.no_grad(), _common.autocast(args, device):
+            times = _common.time_interleaved(fns, device, args.warmup, args.repeats)
+        rows += [dict(preset=preset, image_size=image_size, batch=batch_size, backend=name,
+                      items_per_s=batch_size / times.median(name),
+                      vs_nchw=times.ratio(_common.EAGER_NCHW, name),
+                      vs_onnx=times.ratio(name, _common.ONNX_FP32) if _common.ONNX_FP32 in times else nan)
+                 for name in times]
+    return rows
 
 
 def cnn_table(rows: list[dict]) -> str:
@@ -147,7 +179,8 @@ def cnn_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| preset | image px | embedding | batch | backend | items/s | speed vs CLIPModel |", "|---|---|---|---|---|---|---|"]
+    out = ["| preset | image px | embedding | batch | backend | items/s | speed vs CLIPModel |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['preset']} | {r['image_size']} | {r['modality']} | {r['batch']} | {r['backend']} | "
                    f"{r['items_per_s']:,.0f} | {r['speedup']:.2f}x |")
@@ -168,8 +201,9 @@ def onnx_summary(rows: list[dict], eager: str = "lightclip encode_*") -> str:
 
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0], "Runs xxs and xs at 64 px only.")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="default: 64 (32 at 224 px) for ViT presets, 16 for CNN presets")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None,
+                   help="one or more batch sizes, each timed in its own rounds (default: 64, or 32 at 224 px, for "
+                        "ViT presets; 16 for CNN presets)")
     p.add_argument("--settings", nargs="*", default=None, metavar="PRESET:PX",
                    help="e.g. lightclip-xs:224 lightclip-mobilenetv2:224 (default: xxs:64 xs:64 xxs:32 xs:224, then "
                         "mobilenetv2, efficientnet-b0 and efficientnet-lite0 at 224)")
@@ -201,8 +235,8 @@ def main() -> None:
         print(cnn_table(cnn_rows))
         print()
         print("CNN image towers, encode_image: eager (default) runs channels_last, eager fused adds "
-              "LightClipModel.fuse(); ONNX Runtime runs the export_towers graph. Ratios: median over rounds of the "
-              "paired time ratio (same round).")
+              "LightClipModel.fuse(); ONNX Runtime runs the export_towers graph, ExecuTorch XNNPACK the "
+              "export_towers_executorch program. Ratios: median over rounds of the paired time ratio (same round).")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def token_loss_steps(config, batch_sizes: list[int], negatives: list[int], text_
     on random unit tokens: the model's patches, `text_length - 2` valid words (start and end tokens are no words)."""
     import torch.nn.functional as F
 
-    from lightclip.losses import ClipLoss, TokenMatchingLoss
+    from lightclip.objectives.contrastive import ClipLoss
+    from lightclip.objectives.token_matching import TokenMatchingLoss
 
     vision, settings = config.vision_config, config.pretraining_config
     patches, dim = (vision.image_size // vision.patch_size) ** 2, settings.token_dim
@@ -124,7 +125,8 @@ def main() -> None:
     p.add_argument("--text-length", type=int, default=None, help="tokens per caption (default: the full context)")
     p.add_argument("--teacher-dim", type=int, default=384)
     p.add_argument("--flops", action="store_true",
-                   help="also count each step's FLOPs (FlopCounterMode: matmuls, convs, attention; one extra step each)")
+                   help="also count each step's FLOPs "
+                        "(FlopCounterMode: matmuls, convs, attention; one extra step each)")
     p.add_argument("--only", nargs="*", default=None, help=f"subset of {list(VARIANTS)} (clip is always run)")
     p.add_argument("--token-negatives", type=int, nargs="*", default=[],
                    help="also run clip,token with token_num_negatives=K for each K")
@@ -163,8 +165,8 @@ def main() -> None:
         target = variants[n][1]
         met = "" if target is None else ("yes" if ratio <= target else "no")
         extra = f" {flops[n] / 1e9:.1f} | {flops[n] / flops['clip']:.2f}x |" if flops else ""
-        print(f"| {n} ({variants[n][0]}) | {s:.3f} | {ratio:.2f}x | {'' if target is None else f'<= {target}x'} | {met} |"
-              + extra)
+        bound = "" if target is None else f"<= {target}x"
+        print(f"| {n} ({variants[n][0]}) | {s:.3f} | {ratio:.2f}x | {bound} | {met} |" + extra)
 
 
 if __name__ == "__main__":

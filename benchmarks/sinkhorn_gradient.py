@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lightclip.losses import sinkhorn_pair_scores
+from lightclip.objectives.token_matching import sinkhorn_pair_scores
 
 
 def gradients(image, text, mask, weights, args, unroll: bool) -> tuple[torch.Tensor, float]:

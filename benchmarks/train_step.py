@@ -2,9 +2,9 @@
 
 Same dims (default `lightclip-xs` at 64 px), same batch, one process, interleaved rounds. A third arm runs the same
 lightclip model with every token through both towers' last layers, as an objective that reads per-token states
-makes it (the `clip` step computes the pooled tokens alone there); a CNN preset has no `CLIPModel` arm. A large fp32 `torch.mm` is
-timed as a third variant in the same rounds, so "fraction of matmul FLOP/s" compares numbers taken under the same
-load. FLOPs of one step are counted with `torch.utils.flop_counter.FlopCounterMode`.
+makes it (the `clip` step computes the pooled tokens alone there); a CNN preset has no `CLIPModel` arm. A large fp32
+`torch.mm` is timed as a third variant in the same rounds, so "fraction of matmul FLOP/s" compares numbers taken under
+the same load. FLOPs of one step are counted with `torch.utils.flop_counter.FlopCounterMode`.
 
     python benchmarks/train_step.py                   # lightclip-xs, 64 px, batch 64 (about 1-2 minutes on 2 cores)
     python benchmarks/train_step.py --quick           # 3 rounds

@@ -42,7 +42,8 @@ import pretrain  # noqa: E402
 import train_step  # noqa: E402
 
 from lightclip import LightClipForPreTraining  # noqa: E402
-from lightclip.data import DecodedImageTextDataset, SkipCounter  # noqa: E402
+from lightclip.collate import SkipCounter  # noqa: E402
+from lightclip.data import DecodedImageTextDataset  # noqa: E402
 
 CLIP_TENSORS, LIGHTCLIP_TENSORS, LOADER = "CLIPModel, tensors", "lightclip, tensors", "data loader alone"
 NOT_MODEL_INPUTS = ("index", "skip_counts", "images", "texts")

@@ -40,7 +40,8 @@ class BankArguments:
     text_teacher: str = field(default=DEFAULT_TEXT_TEACHER, metadata={
         "help": "A transformers text model (hub id or folder; mean pooling + L2 norm), 'lightclip:<checkpoint>', or "
                 "a .safetensors/.npy file of precomputed features."})
-    caption_index: int = field(default=0, metadata={"help": "Which caption of each row is encoded by the text teacher."})
+    caption_index: int = field(default=0, metadata={
+        "help": "Which caption of each row is encoded by the text teacher."})
     k: int = field(default=8, metadata={"help": "Neighbours stored per row (training samples from top-k)."})
     batch_size: int = field(default=256, metadata={"help": "Teacher batch size."})
     backend: Literal["exact", "faiss"] = field(default="exact", metadata={

@@ -17,7 +17,7 @@ from pathlib import Path
 from lightclip.evaluation import load_results
 
 ROOT = Path(__file__).resolve().parents[1]
-SETS = ["clip", "soft", "token", "mlm", "lightclip", "clip-ping", "all"]
+SETS = ["clip", "soft", "siglip", "token", "mlm", "lightclip", "clip-ping", "all"]
 COLUMNS = [
     ("shape top-1 seen", "shapes/shape/acc1_seen"), ("shape top-1 unseen", "shapes/shape/acc1_unseen"),
     ("colour top-1 seen", "shapes/colour/acc1_seen"), ("colour top-1 unseen", "shapes/colour/acc1_unseen"),

@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Export a saved lightclip model to two ONNX graphs (image tower, text tower) with their preprocessing.
+"""Export a saved lightclip model's two towers (image, text) with their preprocessing, as ONNX graphs or ExecuTorch.
 
-    python examples/export_onnx.py --model checkpoints/lightclip-xxs-lite0-shapes --output exported/lightclip-xxs-lite0-shapes
+    python examples/export_onnx.py --model checkpoints/lightclip-xxs-lite0-shapes \
+        --output exported/lightclip-xxs-lite0-shapes
+    python examples/export_onnx.py --model checkpoints/lightclip-xxs-lite0-shapes --output exported/xxs-pte \
+        --format executorch
     python examples/export_onnx.py --model checkpoints/lightclip-xxs-lite0-shapes --output exported/xxs --int8 \
         --evaluate --threads 1
     python examples/export_onnx.py --model runs/my-model --output exported/my-model --int8 --calibration_data my_images/
@@ -13,7 +16,9 @@ difference from eager PyTorch. --int8 adds quantised graphs (static for a CNN im
 train_config.json, else of the shapes train split with a warning; dynamic otherwise; `--int8 dynamic` or
 `--int8 static` to choose). --evaluate scores eager PyTorch, the float32 graphs and the int8 graphs on the shapes test
 split with the protocol of `lightclip.shapes.evaluate_shapes` and times the float32 and int8 image graphs side by side.
-See docs/deployment.md.
+`--format executorch` writes image_encoder.pte and text_encoder.pte (lowered to XNNPACK, batch up to
+--max_batch_size; needs `pip install 'lightclip[executorch]'`) with the same preprocessing files, and verifies them in
+ExecuTorch's runtime. See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -23,13 +28,22 @@ import statistics
 import sys
 import time
 
+FORMATS = ("onnx", "executorch")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a saved lightclip folder (or a hub id in the local cache)")
-    parser.add_argument("--output", required=True, help="folder for the ONNX files")
+    parser.add_argument("--output", required=True, help="folder for the exported files")
+    parser.add_argument("--format", default="onnx", choices=FORMATS,
+                        help="onnx (default): ONNX graphs for onnxruntime; executorch: .pte programs lowered to "
+                             "XNNPACK, for ExecuTorch's phone runtimes")
+    parser.add_argument("--max_batch_size", type=int, default=None,
+                        help="executorch: the largest batch the programs take (default 32: "
+                             "lightclip.export_executorch.EXECUTORCH_MAX_BATCH)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
-    parser.add_argument("--no_verify", action="store_true", help="skip the onnxruntime parity check")
+    parser.add_argument("--no_verify", action="store_true",
+                        help="skip the parity check (in onnxruntime, or ExecuTorch's runtime)")
     parser.add_argument("--int8", nargs="?", const="auto", default=None, choices=["auto", "static", "dynamic"],
                         help="also write int8 graphs (*.int8.onnx); alone: static for a CNN image tower, dynamic "
                              "otherwise")
@@ -52,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--calibration_data calibrates int8 graphs: add --int8")
     if args.num_calibration_images is not None and args.num_calibration_images < 1:
         parser.error("--num_calibration_images must be at least 1")
+    if args.format == "executorch" and (args.int8 or args.evaluate):
+        parser.error("--int8 and --evaluate apply to ONNX graphs (--format onnx)")
+    if args.max_batch_size is not None and args.format != "executorch":
+        parser.error("--max_batch_size bounds ExecuTorch programs: add --format executorch")
     return args
 
 
@@ -109,12 +127,14 @@ def time_image_graphs(output_dir: str, pixel_values, threads: int | None, repeat
             "int8_speedup": speedup}
 
 
-def verify(model_dir: str, output_dir: str, batch: int = 3) -> dict[str, float]:
-    """Max abs difference of the ONNX Runtime embeddings from `LightClipModel.encode_*` on random inputs."""
+def verify(model_dir: str, output_dir: str, batch: int = 3, export_format: str = "onnx") -> dict[str, float]:
+    """Max abs difference of the exported towers' embeddings (ONNX Runtime, or ExecuTorch for `export_format`
+    "executorch") from `LightClipModel.encode_*` on random inputs."""
     import torch
 
     from lightclip import LightClipModel, LightClipProcessor
     from lightclip.export import OnnxClip
+    from lightclip.export_executorch import ExecuTorchClip
 
     model = LightClipModel.from_pretrained(model_dir).eval()
     tokenizer = LightClipProcessor.from_pretrained(model_dir).tokenizer
@@ -122,7 +142,7 @@ def verify(model_dir: str, output_dir: str, batch: int = 3) -> dict[str, float]:
     pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     texts = ["a shape", "a small red circle above a large blue square", "a green star"][:batch]
     text = tokenizer(texts, padding=True, return_tensors="pt")
-    clip = OnnxClip(output_dir)
+    clip = ExecuTorchClip(output_dir) if export_format == "executorch" else OnnxClip(output_dir)
     with torch.no_grad():
         image_ref = model.encode_image(pixels).numpy()
         text_ref = model.encode_text(text["input_ids"], text["attention_mask"]).numpy()
@@ -140,12 +160,16 @@ def main(argv=None) -> dict:
 
     import lightclip  # noqa: F401  (registers the model type)
     from lightclip.export import CALIBRATION_SIZE, export_onnx
+    from lightclip.export_executorch import EXECUTORCH_MAX_BATCH, export_executorch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = export_onnx(args.model, args.output, opset=args.opset, int8=args.int8 or False,
-                        calibration_data=args.calibration_data,
-                        num_calibration_images=args.num_calibration_images or CALIBRATION_SIZE)
+    if args.format == "executorch":
+        paths = export_executorch(args.model, args.output, max_batch_size=args.max_batch_size or EXECUTORCH_MAX_BATCH)
+    else:
+        paths = export_onnx(args.model, args.output, opset=args.opset, int8=args.int8 or False,
+                            calibration_data=args.calibration_data,
+                            num_calibration_images=args.num_calibration_images or CALIBRATION_SIZE)
     for name, path in paths.items():
         print(f"{name:15s} {path} ({path.stat().st_size / 1e6:.2f} MB)")
     result = {name: str(path) for name, path in paths.items()}
@@ -158,8 +182,9 @@ def main(argv=None) -> dict:
             print(f"int8 image graph calibrated on {calibration['num_images']} images of {calibration['data']} "
                   f"(split {calibration['split']}; {calibration['chosen_by']})")
     if not args.no_verify:
-        diffs = verify(args.model, args.output)
-        print(f"onnxruntime vs PyTorch: image max abs diff {diffs['image_max_abs_diff']:.2e}, "
+        diffs = verify(args.model, args.output, export_format=args.format)
+        runtime = "ExecuTorch" if args.format == "executorch" else "onnxruntime"
+        print(f"{runtime} vs PyTorch: image max abs diff {diffs['image_max_abs_diff']:.2e}, "
               f"text max abs diff {diffs['text_max_abs_diff']:.2e}")
         result.update(diffs)
         if max(diffs.values()) > 1e-4:
@@ -173,7 +198,7 @@ def main(argv=None) -> dict:
 def evaluate_and_time(args: argparse.Namespace, batch_size: int = 16) -> dict:
     """--evaluate: the accuracy table and, with int8 graphs, the image graphs' speed on `batch_size` test pictures."""
     from lightclip import LightClipProcessor
-    from lightclip.data import load_rgb_image
+    from lightclip.images import load_rgb_image
     from lightclip.shapes import make_shapes_dataset
 
     dataset = make_shapes_dataset("test", num_samples=args.num_samples)

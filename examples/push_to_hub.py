@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Upload a saved lightclip model folder to the Hugging Face Hub, after checking that it loads.
 
-    python examples/push_to_hub.py --folder checkpoints/lightclip-xxs-lite0-shapes --repo_id your-org/lightclip-xxs-lite0-shapes
+    python examples/push_to_hub.py --folder checkpoints/lightclip-xxs-lite0-shapes \
+        --repo_id your-org/lightclip-xxs-lite0-shapes
     python examples/push_to_hub.py --folder checkpoints/lightclip-xxs-lite0-shapes --repo_id your-org/x --dry_run
 
 The folder is validated first (its files, the zero-shot pipeline on a synthetic picture, the model card's
@@ -17,7 +18,8 @@ import argparse
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", required=True, help="a save_pretrained folder with a model card (README.md)")
-    parser.add_argument("--repo_id", required=True, help="target model repository, e.g. your-org/lightclip-xxs-lite0-shapes")
+    parser.add_argument("--repo_id", required=True,
+                        help="target model repository, e.g. your-org/lightclip-xxs-lite0-shapes")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--dry_run", action="store_true", help="validate and list the files; upload nothing")
     parser.add_argument("--commit_message", default=None)

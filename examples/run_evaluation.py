@@ -143,13 +143,13 @@ def zero_shot_prompts(args: argparse.Namespace, dataset, label_column: str) -> t
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from lightclip import LightClipModel, LightClipProcessor
-    from lightclip import evaluation
+    from lightclip import LightClipModel, LightClipProcessor, evaluation
+    from lightclip.data import builtin_benchmark
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LightClipModel.from_pretrained(args.model).to(device).eval()
     processor = LightClipProcessor.from_pretrained(args.model)
-    benchmark = evaluation.builtin_benchmark("shapes" if args.task == "shapes" else args.data)
+    benchmark = builtin_benchmark("shapes" if args.task == "shapes" else args.data)
     label_column = args.label_column or (benchmark.DEFAULT_LABEL_COLUMN if benchmark else "label")
     common = dict(image_column=args.image_column or "image", batch_size=args.batch_size)
 

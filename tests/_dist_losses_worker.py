@@ -1,9 +1,9 @@
-"""Two-process gloo check of `lightclip.losses`: run as `python _dist_losses_worker.py OUT.pt`.
+"""Two-process gloo check of the losses of `lightclip.objectives`: run as `python _dist_losses_worker.py OUT.pt`.
 
-Each rank runs a tiny shared "model" (linear maps, a learnable logit scale) on its slice of a fixed global batch,
-computes every loss with local rows against gathered columns, backpropagates, and averages loss and gradients over
-the ranks as DDP does. Rank 0 saves the averages; `test_losses_distributed.py` compares them with `run_case` on the
-whole batch in one process.
+Each rank runs a tiny shared "model" (linear maps, a learnable logit scale and bias) on its slice of a fixed global
+batch, computes every loss with local rows against gathered columns, backpropagates, and averages loss and gradients
+over the ranks as DDP does. Rank 0 saves the averages; `test_losses_distributed.py` compares them with `run_case` on
+the whole batch in one process.
 """
 
 from __future__ import annotations
@@ -17,21 +17,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lightclip.losses import (
-    AffinityDistillationLoss,
-    ClipLoss,
-    FeatureDistillationLoss,
-    NeighborContrastiveLoss,
-    SoftClipLoss,
-    TokenMatchingLoss,
-)
+from lightclip.objectives.contrastive import ClipLoss, SoftClipLoss
+from lightclip.objectives.distillation import AffinityDistillationLoss, FeatureDistillationLoss
+from lightclip.objectives.neighbors import NeighborContrastiveLoss
+from lightclip.objectives.siglip import SigLipLoss
+from lightclip.objectives.token_matching import TokenMatchingLoss
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 3
 GLOBAL_BATCH = WORLD_SIZE * LOCAL_BATCH
-CASES = ("clip", "soft", "token_sinkhorn", "token_hungarian", "token_hungarian_hard", "token_filip",
+CASES = ("clip", "soft", "siglip", "token_sinkhorn", "token_hungarian", "token_hungarian_hard", "token_filip",
          "token_sinkhorn_bounded", "token_hungarian_bounded", "token_filip_bounded", "nn", "kd", "kd_temperature",
-         "fd_cosine", "fd_mse", "pretraining_all")
+         "fd_cosine", "fd_mse", "pretraining_all", "pretraining_siglip")
 TEACHER_IMAGE_DIM, TEACHER_TEXT_DIM = 6, 5
 
 
@@ -52,7 +49,7 @@ def make_inputs() -> dict[str, torch.Tensor]:
 
 
 class TinyModel(nn.Module):
-    """Linear towers and heads with a learnable log logit scale, the same weights on every rank."""
+    """Linear towers and heads with a learnable log logit scale and a logit bias, the same weights on every rank."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,6 +58,7 @@ class TinyModel(nn.Module):
         self.text = nn.Linear(5, 4, dtype=torch.float64)
         self.head = nn.Linear(4, 4, dtype=torch.float64)
         self.log_scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+        self.logit_bias = nn.Parameter(torch.tensor(-1.0, dtype=torch.float64))
 
 
 def pretraining_inputs() -> dict:
@@ -85,13 +83,13 @@ def pretraining_inputs() -> dict:
                                  "image_xnn": unit(TEACHER_TEXT_DIM), "text_xnn": unit(TEACHER_IMAGE_DIM)}}
 
 
-def run_pretraining(rows: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`LightClipForPreTraining` with every objective that needs no distillation teacher (`all`: soft, token, mlm,
-    nn, xnn) on `rows` of the global batch, in float64."""
+def run_pretraining(rows: slice, objectives: str = "all") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`LightClipForPreTraining` with objectives that need no distillation teacher (`all`: soft, token, mlm, nn,
+    xnn; or siglip with those but soft) on `rows` of the global batch, in float64."""
     from lightclip import LightClipConfig, LightClipForPreTraining
 
     torch.manual_seed(0)
-    config = LightClipConfig.from_preset("lightclip-xxs", objectives="all", teacher_image_dim=TEACHER_IMAGE_DIM,
+    config = LightClipConfig.from_preset("lightclip-xxs", objectives=objectives, teacher_image_dim=TEACHER_IMAGE_DIM,
                                          teacher_text_dim=TEACHER_TEXT_DIM, sinkhorn_iterations=5)
     model = LightClipForPreTraining(config).double().train()
     model.set_progress(0.6)
@@ -99,9 +97,11 @@ def run_pretraining(rows: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     batch = {k: v[rows] for k, v in data.items() if k != "neighbor_targets"}
     targets = {k: v[rows] for k, v in data["neighbor_targets"].items()}
     out = model(**batch, neighbor_targets=targets)
-    assert {"contrastive_loss", "token_loss", "mlm_loss", "nn_loss", "xnn_loss"} <= set(out.losses), out.losses
+    contrastive = "siglip_loss" if "siglip" in objectives else "contrastive_loss"
+    assert {contrastive, "token_loss", "mlm_loss", "nn_loss", "xnn_loss"} <= set(out.losses), out.losses
     out.loss.backward()
-    grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()}
+    grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()
+             if p.requires_grad}
     return out.loss.detach(), grads
 
 
@@ -109,6 +109,8 @@ def run_case(name: str, rows: slice) -> tuple[torch.Tensor, dict[str, torch.Tens
     """Loss on `rows` of the global batch and the gradients of every model parameter."""
     if name == "pretraining_all":
         return run_pretraining(rows)
+    if name == "pretraining_siglip":
+        return run_pretraining(rows, "siglip,token,mlm,nn,xnn")
     data = {k: v[rows] for k, v in make_inputs().items()}
     model = TinyModel()
     scale = model.log_scale.exp()
@@ -116,6 +118,8 @@ def run_case(name: str, rows: slice) -> tuple[torch.Tensor, dict[str, torch.Tens
     txt = F.normalize(model.text(data["text"]), dim=-1)
     if name == "clip":
         loss = ClipLoss()(img, txt, scale)["contrastive_loss"]
+    elif name == "siglip":
+        loss = SigLipLoss()(img, txt, scale, model.logit_bias)["siglip_loss"]
     elif name == "soft":
         soft = SoftClipLoss(mode="similarity", alpha_max=0.5, temperature=0.5)
         soft.set_progress(0.7)

@@ -13,20 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_pipeline_matches_model
 from huggingface_hub import ModelCard
-
-import lightclip  # noqa: F401
 from PIL import Image
 
-from lightclip import LightClipModel, LightClipProcessor
-from lightclip.evaluation import builtin_benchmark
-from lightclip import openclipart
-from lightclip.shapes import evaluate_shapes, make_shapes_dataset
+import lightclip  # noqa: F401
+from lightclip import LightClipModel, LightClipProcessor, openclipart
+from lightclip.data import builtin_benchmark
 from lightclip.hub import (
-    CARD_KEYS, PICKLE_SUFFIXES, REMOTE_CODE_FILES, add_remote_code, validate_folder, weight_summary,
+    CARD_KEYS,
+    PICKLE_SUFFIXES,
+    REMOTE_CODE_FILES,
+    add_remote_code,
+    validate_folder,
+    weight_summary,
 )
-
-from conftest import assert_pipeline_matches_model
+from lightclip.shapes import evaluate_shapes, make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 200  # test pictures rendered for the shapes accuracy check (the full split has 500)
@@ -199,7 +201,8 @@ OFFLINE_SCRIPT = textwrap.dedent(
 )
 
 
-def hf_cache_with(folder: Path, hf_home: Path, repo_id: str, revision: str = "0123456789abcdef0123456789abcdef01234567"):
+def hf_cache_with(folder: Path, hf_home: Path, repo_id: str,
+                  revision: str = "0123456789abcdef0123456789abcdef01234567"):
     """Place `folder` in the standard hub cache layout: models--org--name/{refs/main, snapshots/<rev>/...}."""
     repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / revision

@@ -9,12 +9,21 @@ import pytest
 import torch
 from conftest import ROOT, make_config
 from transformers import (
-    AutoConfig, BertConfig, CLIPConfig, EfficientNetModel, MobileNetV2Model, PreTrainedConfig,
+    AutoConfig,
+    BertConfig,
+    CLIPConfig,
+    EfficientNetModel,
+    MobileNetV2Model,
+    PreTrainedConfig,
 )
 
 import lightclip
 from lightclip import (
-    LightClipConfig, LightClipModel, LightClipPretrainingConfig, LightClipTextConfig, LightClipVisionConfig,
+    LightClipConfig,
+    LightClipModel,
+    LightClipPretrainingConfig,
+    LightClipTextConfig,
+    LightClipVisionConfig,
     resolve_objectives,
 )
 from lightclip.configuration_lightclip import PRETRAINING_FIELDS
@@ -177,10 +186,19 @@ def test_foreign_sub_config_raises(clip_folder):
         ("kd", ["clip", "kd"]),  # distillation joins any group and keeps its contrastive term
         ("fd,clip-ping", ["clip", "nn", "xnn", "fd"]),
         ("lightclip,kd,fd", ["soft", "token", "mlm", "kd", "fd"]),
+        ("siglip", ["siglip"]),  # the sigmoid loss replaces clip
+        ("clip,siglip,clip-ping", ["siglip", "nn", "xnn"]),
+        ("siglip,token,mlm,kd", ["siglip", "token", "mlm", "kd"]),
     ],
 )
 def test_resolve_objectives(names, expected):
     assert resolve_objectives(names) == expected
+
+
+@pytest.mark.parametrize("names", ["soft,siglip", "lightclip,siglip", "all,siglip"])
+def test_two_contrastive_terms_are_refused(names):
+    with pytest.raises(ValueError, match=r"\['siglip', 'soft'\] are each an image-text contrastive term; choose one"):
+        resolve_objectives(names)
 
 
 def test_config_objectives_default_and_groups():
@@ -200,6 +218,7 @@ def _non_default_config() -> LightClipConfig:
         vision_config=dict(attention_dropout=0.1, initializer_range=0.01),
         projection_dim=48, logit_scale_init_value=1.5, logit_scale_max=4.0, objectives="all,kd,fd",
         soft_mode="uniform", soft_alpha_max=0.3, soft_schedule="cosine", soft_temperature=0.5,
+        siglip_logit_scale_init_value=1.0, siglip_logit_bias_init_value=-5.0,
         token_weight=0.5, token_dim=40, token_matching="hungarian", token_chunk_size=8, token_num_negatives=7,
         sinkhorn_epsilon=0.1,
         sinkhorn_iterations=5, sinkhorn_unroll=True, hungarian_capacity=3, hungarian_num_negatives=2, mlm_weight=0.25,
@@ -250,9 +269,10 @@ def test_cnn_config_round_trip_keeps_backbone(tmp_path):
 
 
 def test_objectives_resolve_when_set_after_construction(tmp_path):
-    """`from_pretrained(folder, objectives=...)` sets the attribute after `__post_init__`; it must still resolve."""
+    """`from_pretrained(folder, pretraining_config=dict(objectives=...))` and an assignment after construction
+    resolve the groups."""
     make_config().save_pretrained(tmp_path)
-    loaded = LightClipConfig.from_pretrained(tmp_path, objectives="lightclip")
+    loaded = LightClipConfig.from_pretrained(tmp_path, pretraining_config=dict(objectives="lightclip"))
     assert loaded.pretraining_config.objectives == ["soft", "token", "mlm"]
     loaded.pretraining_config.objectives = "clip-ping"
     assert loaded.pretraining_config.objectives == ["clip", "nn", "xnn"]
@@ -261,12 +281,12 @@ def test_objectives_resolve_when_set_after_construction(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# training-only settings: `pretraining_config`, and the flat layout of older files
+# training-only settings: `pretraining_config` only
 # ------------------------------------------------------------------------------------------------------------------
 
 
 def _save_flat(config: LightClipConfig, folder) -> None:
-    """Save `config` as files written before `pretraining_config` existed: its settings flat at the top level."""
+    """Save `config` with its training-only settings at the top level instead of in `pretraining_config`."""
     config.save_pretrained(folder)
     data = json.loads((folder / "config.json").read_text())
     settings = data.pop("pretraining_config")
@@ -274,23 +294,19 @@ def _save_flat(config: LightClipConfig, folder) -> None:
     (folder / "config.json").write_text(json.dumps({**data, **settings}))
 
 
-def test_a_flat_config_file_loads_into_pretraining_config(tmp_path):
-    config = _non_default_config()
-    _save_flat(config, tmp_path / "flat")
-    loaded = LightClipConfig.from_pretrained(tmp_path / "flat")
-    assert loaded.pretraining_config.settings_dict() == config.pretraining_config.settings_dict()
-    assert not set(vars(loaded)) & set(PRETRAINING_FIELDS)
-    loaded.save_pretrained(tmp_path / "again")  # written back nested, same values
-    again = LightClipConfig.from_pretrained(tmp_path / "again")
-    assert again.pretraining_config.settings_dict() == config.pretraining_config.settings_dict()
-    assert not set(json.loads((tmp_path / "again" / "config.json").read_text())) & set(PRETRAINING_FIELDS)
+def test_a_config_file_with_top_level_settings_is_refused_naming_where_they_go(tmp_path):
+    _save_flat(_non_default_config(), tmp_path / "flat")
+    for load in (LightClipConfig.from_pretrained, LightClipModel.from_pretrained):
+        with pytest.raises(ValueError, match=r"training-only setting\(s\) \[.*'token_weight'.*\] at the top level: "
+                                             r"they are fields of pretraining_config"):
+            load(tmp_path / "flat")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "checkpoints").glob("*/config.json")), ids=lambda p: p.parent.name)
 def test_shipped_config_files_load_with_their_values(path):
     data = json.loads(path.read_text())
-    stored = {**data.get("pretraining_config", {}), **{k: v for k, v in data.items() if k in PRETRAINING_FIELDS}}
-    assert stored  # the settings are somewhere in the file
+    assert not set(data) & set(PRETRAINING_FIELDS)  # every setting in pretraining_config
+    stored = data["pretraining_config"]
     settings = LightClipConfig.from_pretrained(path.parent).pretraining_config.settings_dict()
     defaults = LightClipPretrainingConfig().settings_dict()
     assert settings == {key: stored.get(key, default) for key, default in defaults.items()}
@@ -306,19 +322,29 @@ def test_a_saved_config_holds_the_settings_nested(tmp_path):
     assert config.to_dict()["pretraining_config"]["token_weight"] == 0.5
 
 
-def test_flat_settings_go_into_pretraining_config(tmp_path):
-    config = LightClipConfig(objectives=["lightclip"], token_weight=0.5,
-                             pretraining_config=dict(token_weight=0.1, mlm_weight=0.3))
+def test_settings_go_into_pretraining_config_and_a_top_level_one_is_refused(tmp_path):
+    config = LightClipConfig(pretraining_config=dict(objectives=["lightclip"], token_weight=0.1, mlm_weight=0.3))
     settings = config.pretraining_config
-    assert (settings.objectives, settings.token_weight, settings.mlm_weight) == (["soft", "token", "mlm"], 0.5, 0.3)
-    preset = make_config(objectives="clip-ping", mlm_weight=0.25)
+    assert (settings.objectives, settings.token_weight, settings.mlm_weight) == (["soft", "token", "mlm"], 0.1, 0.3)
+    refused = r"training-only setting\(s\) \['objectives', 'token_weight'\] at the top level.*pretraining_config=dict"
+    with pytest.raises(ValueError, match=refused):
+        LightClipConfig(objectives=["lightclip"], token_weight=0.5)
+    # from_preset, the builder of a run's config, takes them by name, over its pretraining_config dict
+    preset = make_config(objectives="clip-ping", mlm_weight=0.25, pretraining_config=dict(mlm_weight=0.1))
     assert (preset.pretraining_config.mlm_weight, preset.pretraining_config.token_dim) == (0.25, 64)  # preset's kept
     preset.save_pretrained(tmp_path)
-    loaded = LightClipConfig.from_pretrained(tmp_path, token_weight=0.5, fusion_word_attention=False)
+    loaded = LightClipConfig.from_pretrained(tmp_path, pretraining_config=dict(token_weight=0.5,
+                                                                                fusion_word_attention=False))
     assert (loaded.pretraining_config.token_weight, loaded.pretraining_config.mlm_weight) == (0.5, 0.25)
     assert loaded.pretraining_config.fusion_word_attention is False
-    model = LightClipModel.from_pretrained(ROOT / "checkpoints" / "lightclip-xxs-lite0-shapes", token_weight=0.5)
+    with pytest.raises(ValueError,
+                       match=r"\['token_weight'\] at the top level.*from_pretrained\(path, pretraining_config"):
+        LightClipConfig.from_pretrained(tmp_path, token_weight=0.5)
+    checkpoint = ROOT / "checkpoints" / "lightclip-xxs-lite0-shapes"
+    model = LightClipModel.from_pretrained(checkpoint, pretraining_config=dict(token_weight=0.5))
     assert model.config.pretraining_config.token_weight == 0.5
+    with pytest.raises(ValueError, match=r"\['token_weight'\] at the top level"):
+        LightClipModel.from_pretrained(checkpoint, token_weight=0.5)
 
 
 def test_a_setting_set_on_the_model_config_is_an_error():

@@ -11,11 +11,10 @@ import torch
 from PIL import Image
 from transformers import HfArgumentParser
 
-from lightclip import data
-from lightclip.data import (
-    DataArguments, DecodedImageTextDataset, ImageTextCollator, RandomResizedCrop, ResizeCenterCrop, SkipCounter,
-    UnreadableImageError, decode_images_once, load_image_text_dataset, load_rgb_image,
-)
+from lightclip import collate, data, shards
+from lightclip.collate import ImageTextCollator, RandomResizedCrop, ResizeCenterCrop, SkipCounter
+from lightclip.data import DataArguments, DecodedImageTextDataset, decode_images_once, load_image_text_dataset
+from lightclip.images import UnreadableImageError, load_rgb_image
 
 WORDS = "a an the red green blue photo of picture cat dog circle square big small on left right very long".split()
 
@@ -134,7 +133,7 @@ def test_tar_shards_brace_pattern(tmp_path):
         _write_shard(tmp_path / f"shards-{s:03d}.tar", samples)
     _write_shard(tmp_path / "shards-009.tar", [("other", {"jpg": _png_bytes(), "txt": b"not included"})])
     pattern = str(tmp_path / "shards-{000..002}.tar")
-    assert data.expand_braces(pattern)[-1].endswith("shards-002.tar")
+    assert shards.expand_braces(pattern)[-1].endswith("shards-002.tar")
     dataset = load_image_text_dataset(pattern)
     assert isinstance(dataset, datasets.IterableDataset)
     rows = list(dataset)
@@ -149,8 +148,8 @@ def test_tar_shards_brace_pattern(tmp_path):
 
 
 def test_expand_braces():
-    assert data.expand_braces("a-{08..10}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar"]
-    assert data.expand_braces("{x,y}/{1..2}") == ["x/1", "x/2", "y/1", "y/2"]
+    assert shards.expand_braces("a-{08..10}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar"]
+    assert shards.expand_braces("{x,y}/{1..2}") == ["x/1", "x/2", "y/1", "y/2"]
 
 
 def test_hub_dataset_via_load_dataset(monkeypatch):
@@ -359,7 +358,7 @@ def test_pad_token_ids_equals_tokenizer_pad(side):
     tokenizer.padding_side = side
     ids = tokenizer(["a red cat on the left", "a cat", "dog"])["input_ids"]
     reference = tokenizer.pad({"input_ids": ids}, padding=True, return_attention_mask=True, return_tensors="pt")
-    input_ids, attention_mask = data.pad_token_ids(ids, tokenizer.pad_token_id, side)
+    input_ids, attention_mask = collate.pad_token_ids(ids, tokenizer.pad_token_id, side)
     assert torch.equal(input_ids, reference["input_ids"]) and torch.equal(attention_mask, reference["attention_mask"])
     assert input_ids.dtype == attention_mask.dtype == torch.long
 

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CAPTIONS, load_script, make_config, make_model, save_clip_teacher
 from PIL import Image
 from safetensors import safe_open
 from torch import nn
 from transformers import CLIPModel, CLIPProcessor
 
-from conftest import CAPTIONS, load_script, make_config, make_model, save_clip_teacher
 from lightclip import LightClipForPreTraining, LightClipModel
-from lightclip.data import ImageTextCollator
+from lightclip.collate import ImageTextCollator
 from lightclip.distillation import DistillationTeacher, TeacherEmbeddingStore, build_teacher_embeddings
-from lightclip.losses import AffinityDistillationLoss, FeatureDistillationLoss
+from lightclip.objectives.distillation import AffinityDistillationLoss, FeatureDistillationLoss
 
 STUDENT_SIZE = 32  # the lightclip-xxs preset of conftest
 

@@ -19,7 +19,7 @@ from PIL import Image
 import lightclip
 from lightclip import LightClipConfig, LightClipModel, LightClipProcessor
 from lightclip.configuration_lightclip import EFFICIENTNET_LITE_VARIANTS, IMAGENET_LITE_MEAN, IMAGENET_LITE_STD
-from lightclip.modeling_lightclip import LightClipEfficientNetLite
+from lightclip.modeling_lightclip_convnet import LightClipEfficientNetLite
 from lightclip.pretrained_towers import efficientnet_lite_released_names, load_efficientnet_lite_imagenet
 
 PRESET = "lightclip-efficientnet-lite0"
@@ -83,7 +83,8 @@ def test_lite0_presets_pair_the_tower_with_a_wide_text_tower(name, size):
     tower and 256-d embeddings (a width-64 text tower lets the image tower tie colour to shape)."""
     config = LightClipConfig.from_preset(name)
     vision, text = config.vision_config, config.text_config
-    assert (vision.backbone, vision.image_size, vision.efficientnet_lite_variant()) == ("efficientnet-lite", size, "lite0")
+    assert (vision.backbone, vision.image_size, vision.efficientnet_lite_variant()) == (
+        "efficientnet-lite", size, "lite0")
     assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (256, 2, 8192)
     assert (config.projection_dim, config.pretraining_config.token_dim) == (256, 256)
     model = LightClipModel(config)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 
-from conftest import load_script
 from lightclip.evaluation import (
     DEFAULT_TEMPLATES,
     OPENAI_IMAGENET_TEMPLATES,

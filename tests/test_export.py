@@ -1,5 +1,5 @@
-"""ONNX export of a shipped checkpoint and of a ViT model: onnxruntime matches eager PyTorch, the graphs take any batch and text length,
-and preprocessing.json is enough to preprocess without transformers."""
+"""ONNX export of a shipped checkpoint and of a ViT model: onnxruntime matches eager PyTorch, the graphs take any
+batch and text length, and preprocessing.json is enough to preprocess without transformers."""
 
 from __future__ import annotations
 
@@ -13,19 +13,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
+from PIL import Image
 
+import lightclip  # noqa: F401
+from lightclip import LightClipConfig, LightClipModel, LightClipProcessor
+from lightclip.export import (
+    OnnxClip,
+    OnnxClipForEvaluation,
+    calibration_images_for,
+    export_onnx,
+    export_towers,
+    int8_methods,
+)
+from lightclip.shapes import evaluate_shapes, make_shapes_dataset
+
+# lightclip.export imports onnx and onnxruntime only where it uses them, so the imports above need neither; the
+# module's tests do
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
-
-from PIL import Image  # noqa: E402
-
-import lightclip  # noqa: E402,F401
-from conftest import load_script
-from lightclip import LightClipConfig, LightClipModel, LightClipProcessor  # noqa: E402
-from lightclip.export import (  # noqa: E402
-    OnnxClip, OnnxClipForEvaluation, calibration_images_for, export_onnx, export_towers, int8_methods,
-)
-from lightclip.shapes import evaluate_shapes, make_shapes_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # a shipped CNN checkpoint, and the ViT-XS preset at 64 px with its initial weights (seed 0), made by the tests: no

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from test_pretrain_script import run_script
 
-from lightclip.data import SkipCounter, default_validation_split, keep_readable_images, load_image_text_dataset
+from lightclip.collate import SkipCounter
+from lightclip.data import default_validation_split, keep_readable_images, load_image_text_dataset
 from lightclip.trainer_utils import prepare_output_dir, run_outputs
 
 
@@ -100,7 +101,7 @@ def test_soft_labels_are_computed_in_float32():
     import torch
     import torch.nn.functional as F
 
-    from lightclip.losses import SoftClipLoss
+    from lightclip.objectives.contrastive import SoftClipLoss
 
     g = torch.Generator().manual_seed(0)
     image, text = (F.normalize(torch.randn(16, 32, generator=g), dim=-1) for _ in range(2))
@@ -213,7 +214,7 @@ def test_two_processes_report_every_skip(tmp_path):
 
 def test_a_streamed_corrupt_image_is_skipped_and_counted(tmp_path):
     from lightclip import LightClipConfig, LightClipProcessor
-    from lightclip.data import ImageTextCollator
+    from lightclip.collate import ImageTextCollator
 
     _picture_folder(tmp_path / "data", ["a.png", "b.png", "c.png"], corrupt=("b.png",))
     dataset = load_image_text_dataset(str(tmp_path / "data"), "train", streaming=True)

@@ -13,18 +13,19 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import load_script, save_clip_teacher
 from PIL import Image
 from test_data import FakeProcessor
 from test_distillation import make_rows
 from test_neighbors import _tiny_dataset
 from test_pretrain_script import run_script
 
-from conftest import load_script, save_clip_teacher
 from lightclip import neighbors
-from lightclip.data import ImageTextCollator, SkipCounter, decode_images_once, load_image_text_dataset, load_rgb_image
+from lightclip.collate import ImageTextCollator, SkipCounter
+from lightclip.data import decode_images_once, load_image_text_dataset
 from lightclip.distillation import DistillationTeacher, build_teacher_embeddings
+from lightclip.images import load_rgb_image
 from lightclip.neighbors import FeatureBank, build_feature_bank
-
 
 # ---------------------------------------------------------------------------------------------- banks and stores
 
@@ -134,7 +135,7 @@ def test_a_teacher_store_names_the_rows_it_was_built_on(tmp_path, processor):
 
 
 def test_a_huge_picture_is_kept_at_a_bounded_size(tmp_path):
-    from lightclip.data import MAX_IMAGE_SIDE, _open_image
+    from lightclip.images import MAX_IMAGE_SIDE, _open_image
 
     Image.new("RGB", (6000, 4000), (200, 30, 30)).save(tmp_path / "huge.png")
     Image.new("RGB", (6000, 4000), (30, 200, 30)).save(tmp_path / "huge.jpg", quality=90)
@@ -193,12 +194,12 @@ def _cut(path, keep_samples: int) -> None:
 
 
 def test_a_truncated_shard_warns_and_counts_its_lost_tail(tmp_path, caplog):
-    from lightclip.data import TRUNCATED_SHARD
+    from lightclip.collate import TRUNCATED_SHARD
 
     _shard(tmp_path / "part-0.tar", 0, 8)
     _shard(tmp_path / "part-1.tar", 8, 4)
     _cut(tmp_path / "part-0.tar", keep_samples=5)
-    with caplog.at_level(logging.WARNING, logger="lightclip.data"):
+    with caplog.at_level(logging.WARNING, logger="lightclip.shards"):
         dataset = load_image_text_dataset(str(tmp_path / "part-{0..1}.tar"))
     assert "part-0.tar is cut short or corrupt after 5 samples" in caplog.text
     rows = list(dataset)

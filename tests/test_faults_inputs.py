@@ -159,7 +159,8 @@ def test_a_2d_uint8_array_is_a_grayscale_picture(processor):
     [
         (np.zeros((40, 50), dtype=np.float32), r"2-D image array .* uint8 or uint16, got float32 of shape \(40, 50\)"),
         (np.zeros((7,), dtype=np.uint8), r"got an array of shape \(7,\)"),
-        ([np.zeros((2, 3, 4, 5, 6), dtype=np.uint8)], r"got a list of 1, the first an array of shape \(2, 3, 4, 5, 6\)"),
+        ([np.zeros((2, 3, 4, 5, 6), dtype=np.uint8)],
+         r"got a list of 1, the first an array of shape \(2, 3, 4, 5, 6\)"),
     ],
 )
 def test_an_array_of_no_image_shape_is_named_by_its_shape_not_printed(images, message):

@@ -38,7 +38,8 @@ def tower_config(name: str) -> LightClipConfig:
 
 def trained_looking(config: LightClipConfig, seed: int = 0) -> LightClipModel:
     """A model in eval mode whose BatchNorm layers hold non-trivial statistics and affine parameters, so folding
-    them changes every convolution."""
+    them changes every convolution. Its inference runs the unfused layers (`auto_fuse` off): the reference that
+    every fused output here is compared with."""
     torch.manual_seed(seed)
     model = LightClipModel(config)
     size = config.vision_config.image_size
@@ -49,6 +50,7 @@ def trained_looking(config: LightClipConfig, seed: int = 0) -> LightClipModel:
                 module.bias.normal_(0, 0.1)
         for batch_seed in range(2):
             model.vision_model(random_pixels(8, size=size, seed=batch_seed))
+    model.vision_model.auto_fuse = False
     return model.eval()
 
 
@@ -105,6 +107,24 @@ def test_fuse_refuses_training_and_saving(pair, tmp_path):
     trainable = copy.deepcopy(fused).train()  # switching modes is allowed; a training forward is not
     with pytest.raises(RuntimeError, match="training mode"):
         trainable.encode_image(pixels)
+
+
+@pytest.mark.parametrize("name", ["convnet", "efficientnet-lite"])
+def test_fuse_folds_the_frozen_batch_norm_of_a_locked_tower(name):
+    from lightclip.modeling_lightclip_convnet import LightClipFrozenBatchNorm2d
+    from lightclip.trainer_utils import lock_image_tower
+
+    model = trained_looking(tower_config(name))
+    pixels = random_pixels(3, size=model.config.vision_config.image_size, seed=9)
+    with torch.no_grad():
+        reference = model.encode_image(pixels)
+    lock_image_tower(model, unlocked_groups=1, freeze_bn_stats=True)
+    assert any(isinstance(m, LightClipFrozenBatchNorm2d) for m in model.modules())
+    fused = copy.deepcopy(model).eval().fuse()
+    assert not any(isinstance(m, (nn.BatchNorm2d, LightClipFrozenBatchNorm2d)) for m in fused.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().encode_image(pixels), reference, rtol=0, atol=0)
+        torch.testing.assert_close(fused.encode_image(pixels), reference, rtol=0, atol=1e-5)
 
 
 def test_vit_has_nothing_to_fuse(model, tmp_path):

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script, make_model
 from huggingface_hub import ModelCard
 
 import lightclip  # noqa: F401
 from lightclip import LightClipModel
 from lightclip.hub import CARD_KEYS, REMOTE_CODE_FILES, push_folder, upload_files, write_model_card
-
-from conftest import load_script, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_lightclipTestSecret0123456789abcdef"
@@ -307,3 +306,72 @@ def test_pickle_only_folder_is_refused_unopened(run_folder, tmp_path, monkeypatc
         pipeline("zero-shot-image-classification", model=str(folder))
     with pytest.raises(ValueError, match="use_safetensors=False"):
         LightClipModel.from_pretrained(run_folder, use_safetensors=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# remote code
+# ------------------------------------------------------------------------------------------------------------------
+
+REMOTE_CNN_SCRIPT = """
+import importlib.abc, json, sys
+
+class BlockLightclip(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "lightclip" or name.startswith("lightclip."):
+            raise ImportError(f"{name} is blocked in this test")
+
+sys.meta_path.insert(0, BlockLightclip())
+import torch
+from transformers import AutoModel
+
+folder, inputs = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
+report = {}
+for name, kwargs in {"plain": {}, "fused": {"fuse": True}, "eager": {"attn_implementation": "eager"}}.items():
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, **kwargs).eval()
+    with torch.no_grad():
+        report[name] = {"image": model.encode_image(inputs["pixels"]).tolist(),
+                        "text": model.encode_text(inputs["input_ids"], inputs["attention_mask"]).tolist(),
+                        "tower": type(model.vision_model).__module__, "fused": model.vision_model.is_fused,
+                        "attn": model.config.text_config._attn_implementation}
+report["lightclip_loaded"] = sorted(m for m in sys.modules if m.split(".")[0] == "lightclip")
+print(json.dumps(report))
+"""
+
+
+def test_cnn_checkpoint_loads_with_remote_code_alone(tmp_path):
+    """A CNN tower's checkpoint carries the CNN module beside the weights and loads, fuses and switches attention
+    with transformers alone, the package unimportable, giving the package's embeddings."""
+    import subprocess
+    import sys
+
+    from lightclip import LightClipConfig
+
+    torch.manual_seed(2)
+    model = LightClipModel(LightClipConfig.from_preset("lightclip-xxs-cnn"))
+    with torch.no_grad():
+        for seed in range(2):  # BatchNorm statistics from training batches, so fusing folds something
+            model.train().vision_model(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+    model.eval().save_pretrained(tmp_path / "model")
+    saved = {path.name for path in (tmp_path / "model").iterdir()}
+    assert {"modeling_lightclip_convnet.py", "modeling_lightclip_outputs.py"} <= saved
+    inputs = {"pixels": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)),
+              "input_ids": torch.tensor([[2, 40, 41, 3, 0], [2, 50, 51, 52, 3]])}
+    inputs["attention_mask"] = (inputs["input_ids"] != 0).long()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", REMOTE_CNN_SCRIPT, str(tmp_path / "model"),
+                           str(tmp_path / "inputs.pt")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report.pop("lightclip_loaded") == []
+    with torch.no_grad():
+        image = model.encode_image(inputs["pixels"])
+        text = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
+    for name, loaded in report.items():
+        assert loaded["tower"].startswith("transformers_modules.") and loaded["tower"].endswith(
+            ".modeling_lightclip_convnet"), name
+        assert loaded["fused"] == (name == "fused") and loaded["attn"] == ("eager" if name == "eager" else "sdpa")
+        torch.testing.assert_close(torch.tensor(loaded["image"]), image, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(torch.tensor(loaded["text"]), text, rtol=0, atol=1e-5, msg=name)

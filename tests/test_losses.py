@@ -1,4 +1,4 @@
-"""Each objective of `lightclip.losses` against a brute-force reference written here with loops and dense formulas."""
+"""Each loss of `lightclip.objectives` against a brute-force reference written here with loops and dense formulas."""
 
 from __future__ import annotations
 
@@ -14,19 +14,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightclip import losses
-from lightclip.losses import (
-    ClipLoss,
-    MaskedLanguageModelingLoss,
-    NeighborContrastiveLoss,
-    SoftClipLoss,
+from lightclip.objectives import distributed
+from lightclip.objectives.contrastive import ClipLoss, SoftClipLoss
+from lightclip.objectives.mlm import MaskedLanguageModelingLoss, mask_tokens
+from lightclip.objectives.neighbors import NeighborContrastiveLoss
+from lightclip.objectives.siglip import SigLipLoss
+from lightclip.objectives.token_matching import (
     TokenMatchingLoss,
     filip_pair_scores,
     hungarian_pair_scores,
-    mask_tokens,
+    sinkhorn,
     sinkhorn_pair_scores,
     sinkhorn_plan,
 )
+from lightclip.objectives.token_matching import pairs as token_pairs
 
 DTYPE = torch.float64  # references are compared at float64 precision
 
@@ -162,7 +163,8 @@ def test_soft_clip_loss_matches_manual_soft_targets(mode):
     # the targets are stop-gradient: the gradient is that of CE against fixed q, not of a loss through q
     live = scale * img @ txt.T
     fixed = 0.5 * (
-        ref_ce(live, ref_soft_targets(logits, 0.3, mode, tau)) + ref_ce(live.T, ref_soft_targets(logits.T, 0.3, mode, tau))
+        ref_ce(live, ref_soft_targets(logits, 0.3, mode, tau))
+        + ref_ce(live.T, ref_soft_targets(logits.T, 0.3, mode, tau))
     )
     torch.testing.assert_close(torch.autograd.grad(value, img), torch.autograd.grad(fixed, img))
     assert not torch.allclose(value, ClipLoss()(img, txt, scale)["contrastive_loss"])
@@ -204,6 +206,46 @@ def test_soft_clip_loss_rejects_bad_arguments():
         SoftClipLoss(schedule="step")
 
 
+def ref_siglip(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """-(1/N) sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b)), z = +1 on the diagonal, written as a double loop."""
+    n = img.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            logit = scale * sum(img[i, d] * txt[j, d] for d in range(img.shape[1])) + bias
+            total = total - torch.log(1 / (1 + torch.exp(-z * logit)))
+    return total / n
+
+
+def test_siglip_loss_matches_the_double_loop_with_gradients():
+    img, txt = unit(5, 4, seed=41).requires_grad_(), unit(5, 4, seed=42).requires_grad_()
+    scale = torch.tensor(3.0, dtype=DTYPE, requires_grad=True)
+    bias = torch.tensor(-2.5, dtype=DTYPE, requires_grad=True)
+    out = SigLipLoss()(img, txt, scale, bias)
+    assert set(out) == {"siglip_loss"}
+    expected = ref_siglip(img, txt, scale, bias)
+    torch.testing.assert_close(out["siglip_loss"], expected)
+    inputs = (img, txt, scale, bias)
+    for got, want in zip(torch.autograd.grad(out["siglip_loss"], inputs), torch.autograd.grad(expected, inputs)):
+        torch.testing.assert_close(got, want)
+        assert got.abs().sum() > 0
+
+
+def test_siglip_loss_at_the_initial_scale_and_bias_and_in_bf16():
+    """At t = 10, b = -10 (Zhai et al.'s start) the positives dominate: about -log sigmoid(10 cos - 10) per image.
+    Under bf16 autocast the logits and their sum stay float32."""
+    img, txt = unit(8, 16, seed=43), unit(8, 16, seed=44)
+    scale, bias = torch.tensor(10.0, dtype=DTYPE), torch.tensor(-10.0, dtype=DTYPE)
+    loss = SigLipLoss()(img, txt, scale, bias)["siglip_loss"]
+    torch.testing.assert_close(loss, ref_siglip(img, txt, scale, bias))
+    positives = -F.logsigmoid(10 * (img * txt).sum(-1) - 10).mean()
+    assert positives <= loss <= positives + 7 * math.log(2)  # each of the 7 negatives adds at most log 2 (cos <= 1)
+    low = SigLipLoss()(img.bfloat16(), txt.bfloat16(), scale.float(), bias.float())["siglip_loss"]
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), loss, rtol=2e-2, atol=2e-2)
+
+
 # ---------------------------------------------------------------------------------------------------- token level
 
 
@@ -239,11 +281,11 @@ def test_sinkhorn_fast_path_equals_log_domain_path():
     sim = torch.einsum("ind,jmd->ijnm", img, txt)
     mask4 = mask.unsqueeze(0).expand(3, 3, 6)
     for eps in (0.5, 0.05):
-        fast = losses._sinkhorn_weights(sim, mask4, eps, 12, fast=True)
-        slow = losses._sinkhorn_weights(sim, mask4, eps, 12, fast=False)
+        fast = sinkhorn._sinkhorn_weights(sim, mask4, eps, 12, fast=True)
+        slow = sinkhorn._sinkhorn_weights(sim, mask4, eps, 12, fast=False)
         torch.testing.assert_close(fast, slow)
     # the automatic choice falls back to the log domain where exp would underflow
-    tiny_eps = losses._sinkhorn_weights(sim, mask4, 1e-3, 50)
+    tiny_eps = sinkhorn._sinkhorn_weights(sim, mask4, 1e-3, 50)
     assert torch.isfinite(tiny_eps).all()
     torch.testing.assert_close(tiny_eps.sum((-2, -1)), torch.ones(3, 3, dtype=DTYPE))
 
@@ -429,14 +471,14 @@ def test_pair_scores_of_keys_are_the_gathered_full_scores(method, dim):
 def test_bounded_token_loss_scores_a_linear_number_of_pairs(method, monkeypatch):
     """Every chunk scores (c, 1 + k) pairs: 2 B (1 + k) in all, against B^2 for every pair."""
     blocks = []
-    pair_similarities = losses._pair_similarities
+    pair_similarities = token_pairs.similarities
 
     def counted(*args):
         sim, mask = pair_similarities(*args)
         blocks.append(tuple(sim.shape[:2]))
         return sim, mask
 
-    monkeypatch.setattr(losses, "_pair_similarities", counted)
+    monkeypatch.setattr(token_pairs, "similarities", counted)
     k = 3
     for b in (8, 16):
         img, txt, mask = tokens(b=b, n=4, m=5, seed=34)
@@ -472,7 +514,7 @@ def test_token_scores_ignore_bf16_autocast(method):
 
 _PEAK_RSS_SCRIPT = """
 import resource, sys, torch, torch.nn.functional as F
-from lightclip.losses import TokenMatchingLoss
+from lightclip.objectives.token_matching import TokenMatchingLoss
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 img = F.normalize(torch.randn(256, 49, 256, generator=g), dim=-1).requires_grad_()
@@ -604,9 +646,9 @@ def test_gradients_reach_both_towers_and_the_scale():
 
 
 def test_world_info_without_process_group():
-    assert losses.world_info() == (0, 1)
+    assert distributed.world_info() == (0, 1)
     x = torch.randn(3, 2)
-    assert losses.gather_with_grad(x) is x
+    assert distributed.gather_with_grad(x) is x
 
 
 @pytest.mark.parametrize("method", ["sinkhorn", "filip", "hungarian"])

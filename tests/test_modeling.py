@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CAPTIONS, context_length, make_config, make_model, random_pixels
+from conftest import CAPTIONS, context_length, make_model, random_pixels
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -96,7 +96,9 @@ def test_saved_config_maps_auto_classes_for_remote_code(saved_dir):
         auto_map = json.load(f)["auto_map"]
     assert auto_map["AutoModel"] == auto_map["AutoModelForZeroShotImageClassification"] == \
         "modeling_lightclip.LightClipModel"
-    assert os.path.exists(os.path.join(saved_dir, "modeling_lightclip.py"))
+    # with the modules it imports, the CNN towers' included, whichever tower this model has
+    for name in ("modeling_lightclip.py", "modeling_lightclip_convnet.py", "modeling_lightclip_outputs.py"):
+        assert os.path.exists(os.path.join(saved_dir, name)), name
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -234,6 +236,44 @@ def test_encode_helpers_equal_full_forward(overrides):
         torch.testing.assert_close(model.encode_text(batch, mask, normalize=False), full_text, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.encode_text(batch, mask), F.normalize(full_text, dim=-1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.encode_image(pixels, normalize=False), full_image, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(causal=False)], ids=["causal", "bidirectional"])
+def test_eager_attention_equals_sdpa(overrides, monkeypatch):
+    """Both implementations on padded text, over-long text and images, full forward and pooled-only paths alike."""
+    sdpa = make_model(text_config=overrides)
+    eager = make_model(text_config=overrides, attn_implementation="eager")
+    assert [c._attn_implementation for c in (sdpa.config.text_config, sdpa.config.vision_config)] == ["sdpa"] * 2
+    assert [c._attn_implementation for c in (eager.config.text_config, eager.config.vision_config)] == ["eager"] * 2
+    limit = sdpa.config.text_config.max_position_embeddings
+    rows = [[BOS, 40, 41, EOS], [BOS, 60, 61, 62], [BOS] + list(range(100, 100 + limit)) + [EOS]]
+    batch = ids(*[r + [PAD] * (limit + 2 - len(r)) for r in rows])
+    mask = (batch != PAD).long()
+    pixels = random_pixels(3)
+
+    def outputs(model):
+        out = model(input_ids=batch, attention_mask=mask, pixel_values=pixels)
+        return (out.text_embeds, out.image_embeds, model.encode_text(batch, mask), model.encode_text(batch[:2, :4]),
+                model.encode_image(pixels))
+
+    with torch.no_grad():
+        expected = outputs(sdpa)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", None)  # eager must not reach it
+        for actual, reference in zip(outputs(eager), expected, strict=True):
+            torch.testing.assert_close(actual, reference, rtol=0, atol=1e-5)
+
+
+def test_from_pretrained_honours_attn_implementation(saved_dir, model, text_batch):
+    for implementation in ("eager", "sdpa"):
+        loaded = LightClipModel.from_pretrained(saved_dir, attn_implementation=implementation).eval()
+        configs = (loaded.config, loaded.config.text_config, loaded.config.vision_config)
+        assert [c._attn_implementation for c in configs] == [implementation] * 3
+        for x, y in zip(embeddings_of(loaded, text_batch), embeddings_of(model, text_batch)):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+    loaded = LightClipModel.from_pretrained(saved_dir)
+    assert loaded.config.text_config._attn_implementation == loaded.config.vision_config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="Flash Attention"):
+        LightClipModel.from_pretrained(saved_dir, attn_implementation="flash_attention_2")
 
 
 def test_return_dict_false_gives_tuple(model, text_batch):

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 from torch.nn import functional as F
 
-from conftest import load_script
 from lightclip.neighbors import (
     ActiveTeacherNeighbors,
     FeatureBank,
@@ -19,7 +19,6 @@ from lightclip.neighbors import (
     mine_neighbors,
 )
 from lightclip.teachers import ColorHogDescriptorTeacher, PrecomputedTeacher, Teacher, load_teacher
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Mining
@@ -186,7 +185,7 @@ def test_bank_round_trip_and_reuse(tmp_path, text_features_file):
 
 
 def test_bank_from_streamed_dataset(tmp_path, text_features_file):
-    from lightclip.neighbors import dataset_fingerprint
+    from lightclip.tables import dataset_fingerprint
 
     text_path, _ = text_features_file
     ds = _tiny_dataset()
@@ -418,7 +417,7 @@ class _TrainableLinearTeacher(Teacher):
 
 
 def test_nn_and_xnn_losses_match_reference_and_never_reach_teachers(hand_bank):
-    losses = pytest.importorskip("lightclip.losses")
+    losses = pytest.importorskip("lightclip.objectives.neighbors")
     torch.manual_seed(0)
     teachers = [_TrainableLinearTeacher("image", 6), _TrainableLinearTeacher("text", 8)]
     inputs = torch.randn(6, 4)  # one input per bank row, seen by both teachers

@@ -15,10 +15,19 @@ import pytest
 from PIL import Image
 
 from lightclip import openclipart
-from lightclip.data import detect_source_kind, load_image_text_dataset, load_rgb_image
+from lightclip.data import detect_source_kind, load_image_text_dataset
+from lightclip.images import load_rgb_image
 from lightclip.openclipart import (
-    ClipArtMetadata, clean_keywords, clean_title, find_root, folder_words, load_openclipart, make_captions,
-    openclipart_zero_shot_tasks, read_svg_metadata, split_of,
+    ClipArtMetadata,
+    clean_keywords,
+    clean_title,
+    find_root,
+    folder_words,
+    load_openclipart,
+    make_captions,
+    openclipart_zero_shot_tasks,
+    read_svg_metadata,
+    split_of,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +259,8 @@ def test_tiny_training_run_on_the_collection(collection, tmp_path, monkeypatch):
     assert saved["step"] == 2 and saved["train_runtime"] > 0 and saved["train_samples_per_second"] > 0
     assert saved["environment"]["torch"] and "openclipart/linear_probe/category/acc1" in saved
     train_config = json.loads((out / "train_config.json").read_text())
-    assert train_config["command"] == f"accelerate launch examples/pretrain.py --model lightclip-xxs --train_data {collection}"
+    assert train_config["command"] == (
+        f"accelerate launch examples/pretrain.py --model lightclip-xxs --train_data {collection}")
     card = (out / "README.md").read_text()
     assert "Open Clip Art Library 0.18" in card and "zero-shot category top-1" in card
 

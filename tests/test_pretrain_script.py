@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretrain.py"
 # the small CNN preset keeps these runs fast; a test's own --model comes later on the command line and wins
-TINY = ["--model", "lightclip-xxs-cnn", "--shapes_train_size", "96", "--shapes_test_size", "32", "--shapes_image_size", "32",
-        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--logging_steps", "1"]
+TINY = ["--model", "lightclip-xxs-cnn", "--shapes_train_size", "96", "--shapes_test_size", "32",
+        "--shapes_image_size", "32", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+        "--logging_steps", "1"]
 
 
 def run_script(args: list[str], launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -48,9 +49,10 @@ def test_all_local_objectives_train_save_and_load_in_pipeline(tmp_path):
     results = json.loads((out / "eval_results.json").read_text())
     assert 0.0 <= results["shapes/shape/acc1"] <= 1.0
 
-    import lightclip  # noqa: F401
     from PIL import Image
     from transformers import pipeline
+
+    import lightclip  # noqa: F401
 
     classifier = pipeline("zero-shot-image-classification", model=str(out))
     scores = classifier(Image.new("RGB", (32, 32), "red"), candidate_labels=["a red circle", "a blue square"])
@@ -72,11 +74,27 @@ def test_objectives_apply_to_a_config_folder_model(tmp_path):
     assert settings["objectives"] == ["soft", "token", "mlm"]
 
 
+def test_siglip_trains_in_place_of_clip_with_accumulation_and_its_card_row(tmp_path):
+    """`--objectives siglip`: the sigmoid term alone (no softmax contrastive term), its own scale and bias logged and
+    trained over two micro-batches per step, the model's own logit scale left as it was, and the card's row."""
+    out = tmp_path / "run"
+    run_script(["--output_dir", str(out), "--max_train_steps", "3", "--gradient_accumulation_steps", "2",
+                "--objectives", "siglip", "--eval_steps", "0"])
+    assert json.loads((out / "config.json").read_text())["pretraining_config"]["objectives"] == ["siglip"]
+    steps = [r for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["loss"] == pytest.approx(r["siglip_loss"]) and "contrastive_loss" not in r for r in steps)
+    assert steps[0]["siglip_logit_bias"] != steps[-1]["siglip_logit_bias"]  # trained
+    assert len({r["logit_scale"] for r in steps}) == 1  # no objective reads the model's own: frozen
+    assert "siglip: pairwise sigmoid image-text loss (replaces clip)" in (out / "README.md").read_text()
+
+
 @pytest.mark.parametrize("model", [[], ["--model", "lightclip-xxs-lite0", "--image_size", "32"]], ids=["cnn", "lite0"])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, model):
     """A run stopped after its first checkpoint and resumed with `latest` ends where an uninterrupted run ends, also
     with a tower that draws random numbers in training (EfficientNet-Lite's drop-connect)."""
-    common = ["--objectives", "lightclip", "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "3", *model]
+    common = ["--objectives", "lightclip", "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "3",
+              *model]
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_script(common + ["--output_dir", str(full)])
     # the interrupted run: same schedule (4 steps), killed right after the checkpoint at step 2
@@ -145,6 +163,27 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     assert "not a complete lightclip checkpoint" in proc.stderr
 
 
+def test_resume_restores_each_drawing_source_or_says_why_not():
+    """Each source that draws (a feature bank's top-k sampling) gets its own saved state back; a checkpoint from
+    before sources were keyed restores its one bank; a checkpoint of another set of sources is a clear error."""
+    from conftest import load_script
+
+    source_states = load_script("examples/pretrain.py").source_states
+
+    class Drawing:
+        def state_dict(self):
+            return {}
+
+    sources = {"neighbors": Drawing(), "distillation": object()}
+    assert source_states({"sources": {"neighbors": [1, 2]}}, sources) == {"neighbors": [1, 2]}
+    assert source_states({"skips": {}, "bank_generator": [3]}, sources) == {"neighbors": [3]}
+    assert source_states({"skips": {}}, {"distillation": object()}) == {}
+    with pytest.raises(ValueError, match="resume with the objectives and banks it was started with"):
+        source_states({"skips": {}}, sources)
+    with pytest.raises(ValueError, match="draws from none"):
+        source_states({"sources": {"neighbors": [1]}}, {})
+
+
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
 def test_two_process_cpu_run_completes(tmp_path):
     out = tmp_path / "ddp"
@@ -169,7 +208,8 @@ def test_imagenet_start_and_locked_tower(tmp_path):
                 "--lock_text", "--lock_text_freeze_layer_norm",
                 "--checkpointing_steps", "1"])
     trained = load_file(out / "model.safetensors")
-    reference = LightClipModel(LightClipConfig.from_preset("lightclip-efficientnet-lite0", vision_config=dict(image_size=32)))
+    reference = LightClipModel(
+        LightClipConfig.from_preset("lightclip-efficientnet-lite0", vision_config=dict(image_size=32)))
     load_efficientnet_lite_imagenet(reference)
     released = {k: v for k, v in reference.state_dict().items() if k.startswith("vision_model.")}
     locked = [k for k in released if ".stages.5." not in k and ".stages.6." not in k and ".head." not in k]
@@ -192,6 +232,7 @@ def test_distillation_with_an_online_teacher(tmp_path):
     """`--objectives clip,kd,fd --distill_model <CLIPModel folder>`: both terms train and are logged, the teacher's
     name and width reach the config and the card, and the saved student holds no teacher tensor."""
     from conftest import save_clip_teacher
+
     from lightclip import LightClipConfig, LightClipModel
 
     teacher = save_clip_teacher(tmp_path / "teacher")

@@ -14,12 +14,12 @@ from lightclip import LightClipConfig, LightClipForPreTraining, LightClipModel
 TEACHER_IMAGE_DIM, TEACHER_TEXT_DIM = 24, 40
 DISTILL_TEACHER_DIM = 48  # the distillation teacher's width, not the student's 64: fd trains projections
 WEIGHTS = dict(token_weight=0.7, mlm_weight=1.3, nn_weight=0.5, xnn_weight=2.0, kd_weight=0.8, fd_weight=1.7)
-LOSS_KEY = {"clip": "contrastive_loss", "soft": "contrastive_loss", "token": "token_loss", "mlm": "mlm_loss",
-            "nn": "nn_loss", "xnn": "xnn_loss", "kd": "kd_loss", "fd": "fd_loss"}
-WEIGHT_OF = {"contrastive_loss": None, "token_loss": "token_weight", "mlm_loss": "mlm_weight",
+LOSS_KEY = {"clip": "contrastive_loss", "soft": "contrastive_loss", "siglip": "siglip_loss", "token": "token_loss",
+            "mlm": "mlm_loss", "nn": "nn_loss", "xnn": "xnn_loss", "kd": "kd_loss", "fd": "fd_loss"}
+WEIGHT_OF = {"contrastive_loss": None, "siglip_loss": None, "token_loss": "token_weight", "mlm_loss": "mlm_weight",
              "nn_loss": "nn_weight", "xnn_loss": "xnn_weight", "kd_loss": "kd_weight", "fd_loss": "fd_weight"}
 # parameter owners each objective adds next to the inner `lightclip` model, in its own `objectives.<name>` module
-MODULES = {"clip": set(), "soft": set(),
+MODULES = {"clip": set(), "soft": set(), "siglip": {"objectives.siglip.logit_scale", "objectives.siglip.logit_bias"},
            "token": {"objectives.token.image_proj", "objectives.token.text_proj", "objectives.token.logit_scale"},
            "mlm": {"objectives.mlm.fusion"},
            "nn": {"objectives.nn.image_head", "objectives.nn.text_head", "objectives.nn.logit_scale"},
@@ -29,6 +29,8 @@ MODULES = {"clip": set(), "soft": set(),
 CASES = {
     "clip": dict(objectives="clip"),
     "soft": dict(objectives="soft"),
+    "siglip": dict(objectives="siglip"),
+    "siglip_all_kd_fd": dict(objectives="siglip,token,mlm,nn,xnn,kd,fd"),
     "token": dict(objectives="token"),
     "mlm": dict(objectives="mlm"),
     "nn": dict(objectives="nn"),
@@ -125,23 +127,31 @@ def test_inactive_objectives_build_nothing(case):
     expected = {"lightclip"}.union(*(MODULES[o] for o in model.config.pretraining_config.objectives))
     assert owners == expected
     assert list(model.objectives) == model.config.pretraining_config.objectives
-    contrastive = "soft" if "soft" in model.config.pretraining_config.objectives else "clip"
-    assert type(model.objectives[contrastive].loss).__name__ == ("SoftClipLoss" if contrastive == "soft" else "ClipLoss")
+    (contrastive,) = [name for name, objective in model.objectives.items() if objective.replaces_contrastive]
+    loss_class = {"soft": "SoftClipLoss", "siglip": "SigLipLoss"}.get(contrastive, "ClipLoss")
+    assert type(model.objectives[contrastive].loss).__name__ == loss_class
 
 
 def test_every_parameter_gets_a_gradient(case):
+    """Every trainable parameter; the model's own logit scale is frozen when no objective reads it (siglip alone),
+    since DDP refuses a trainable parameter without a gradient."""
     _, model, _ = case
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ([] if model.needs("needs_logit_scale") else ["lightclip.logit_scale"])
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    bad = [n for n, p in model.named_parameters()
+           if p.requires_grad and (not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)]
     assert bad == []
 
 
 def test_the_registry_serves_every_objective_name():
-    from lightclip.configuration_lightclip import OBJECTIVES
+    from lightclip.configuration_lightclip import CONTRASTIVE_OBJECTIVES, OBJECTIVES
     from lightclip.objectives import OBJECTIVE_CLASSES
 
     assert tuple(OBJECTIVE_CLASSES) == OBJECTIVES
+    # the inference config names the contrastive terms without importing the registry: the two must agree
+    assert tuple(n for n, cls in OBJECTIVE_CLASSES.items() if cls.replaces_contrastive) == CONTRASTIVE_OBJECTIVES
     assert {cls.loss_key for cls in OBJECTIVE_CLASSES.values()} == set(LOSS_KEY.values())
     assert {cls.weight_field for cls in OBJECTIVE_CLASSES.values()} - {None} == set(WEIGHTS)
 
@@ -306,7 +316,8 @@ def test_mlm_never_targets_or_draws_the_unknown_token(tokenizer):
     unk = tokenizer.unk_token_id
     ids = tokenizer(["a \u2603 red \u2603 circle \u2603"] * 64, return_tensors="pt")
     assert (ids["input_ids"] == unk).sum() == 3 * 64
-    masked, labels = model.mask_text(ids["input_ids"], ids["attention_mask"], generator=torch.Generator().manual_seed(0))
+    masked, labels = model.objectives["mlm"].mask_text(ids["input_ids"], ids["attention_mask"],
+                                                       generator=torch.Generator().manual_seed(0))
     assert not (labels == unk).any()
     assert (labels != -100).any()
     replaced = (masked != ids["input_ids"]) & (masked != model.config.text_config.mask_token_id)
@@ -328,7 +339,7 @@ def manual_contrastive(logits_per_image: torch.Tensor, alpha: float) -> float:
 
 
 def test_set_progress_drives_the_soft_labels(text_batch):
-    soft = build(objectives="soft", soft_alpha_max=0.4)
+    soft = build(objectives="soft", soft_alpha_max=0.4, soft_mode="similarity")
     clip = build(objectives="clip")
     batch = inputs(text_batch, with_mlm=False)
     with torch.no_grad():
@@ -398,3 +409,35 @@ def test_pretraining_resumes_from_plain_checkpoint(saved_all, text_batch):
         assert torch.isfinite(p).all() and p.abs().max() < 100, name
     out = resumed(**inputs(text_batch))
     assert torch.isfinite(out.loss)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SigLIP and the contract the trainer reads
+
+
+def test_siglip_starts_at_its_own_scale_and_bias_also_when_loaded(tmp_path, text_batch):
+    """Zhai et al.'s start, t = 10 and b = -10, on a fresh model and on one `from_pretrained` builds on the meta
+    device (the objective's `init_weights`); its scale is clamped like every other."""
+    model = build(objectives="siglip")
+    siglip = model.objectives["siglip"]
+    assert (siglip.scale().item(), siglip.logit_bias.item()) == (pytest.approx(10.0), -10.0)
+    model.save_pretrained(tmp_path)
+    loaded = LightClipForPreTraining.from_pretrained(tmp_path).objectives["siglip"]
+    assert (loaded.scale().item(), loaded.logit_bias.item()) == (pytest.approx(10.0), -10.0)
+    with torch.no_grad():
+        siglip.logit_scale.fill_(model.config.logit_scale_max + 2.0)
+    model.clamp_logit_scales_()
+    assert siglip.logit_scale.item() == pytest.approx(model.config.logit_scale_max)
+    out = model(**inputs(text_batch, with_mlm=False))
+    assert set(out.losses) == {"siglip_loss"} and set(model.log_values()) == {"siglip_logit_scale",
+                                                                             "siglip_logit_bias"}
+
+
+def test_sample_inputs_draw_the_masked_caption_only_for_an_objective_that_needs_it(text_batch):
+    ids, mask = text_batch["input_ids"], text_batch["attention_mask"]
+    assert build(objectives="siglip,token").sample_inputs(ids, mask, torch.Generator().manual_seed(0)) == {}
+    model = build(objectives="siglip,mlm")
+    drawn = [model.sample_inputs(ids, mask, torch.Generator().manual_seed(0)) for _ in range(2)]
+    assert set(drawn[0]) == {"mlm_input_ids", "mlm_labels"}
+    assert all(torch.equal(drawn[0][k], drawn[1][k]) for k in drawn[0])  # the generator decides the draw
+    assert (drawn[0]["mlm_labels"] != -100).any()

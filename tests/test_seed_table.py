@@ -47,7 +47,8 @@ def write_openclipart_run(path: Path, seed: int, category: float, seconds: float
     results.update({"openclipart/category/acc1": category, "train_runtime": seconds, "train_samples_per_second": 100.0,
                     "environment": {"commit": "abc1234", "device": "Some CPU, 2 cores", "date": "2026-12-06"}})
     (path / "eval_results.json").write_text(json.dumps(results))
-    command = f"accelerate launch examples/pretrain.py --train_data openclipart --seed {seed} --output_dir runs/c-seed{seed}"
+    command = (f"accelerate launch examples/pretrain.py --train_data openclipart --seed {seed} "
+               f"--output_dir runs/c-seed{seed}")
     (path / "train_config.json").write_text(json.dumps({"seed": seed, "command": command}))
     return path
 

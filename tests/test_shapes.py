@@ -10,7 +10,11 @@ from PIL import Image
 
 from lightclip import shapes
 from lightclip.shapes import (
-    COLOURS, HELD_OUT_COMBINATIONS, SHAPES, make_shapes_dataset, shapes_zero_shot_tasks,
+    COLOURS,
+    HELD_OUT_COMBINATIONS,
+    SHAPES,
+    make_shapes_dataset,
+    shapes_zero_shot_tasks,
 )
 
 
@@ -85,7 +89,8 @@ def test_captions_match_drawn_objects(test):
             if one:  # the main object by its size and one attribute
                 size, colour, shape_word = one.groups()
                 assert size_of[size] == objects[0]["size"], caption
-                assert colour == objects[0]["colour"] if colour else shape_of[shape_word] == objects[0]["shape"], caption
+                assert (colour == objects[0]["colour"] if colour
+                        else shape_of[shape_word] == objects[0]["shape"]), caption
                 one_attribute += 1
                 continue
             mentioned = re.findall(phrase, caption)
@@ -99,7 +104,8 @@ def test_captions_match_drawn_objects(test):
             for match in re.finditer(rf"{phrase} ({rel_re}) {phrase}", caption):
                 a, b = drawn[(match[2], shape_of[match[3]])], drawn[(match[6], shape_of[match[7]])]
                 dx, dy = a["x"] - b["x"], a["y"] - b["y"]
-                expected = ("above" if dy < 0 else "below") if abs(dy) > abs(dx) else ("left of" if dx < 0 else "right of")
+                expected = (("above" if dy < 0 else "below") if abs(dy) > abs(dx)
+                            else ("left of" if dx < 0 else "right of"))
                 assert relation_of[match[4]] == expected, caption
                 checked_relations += 1
             if len(objects) == 1 and "on the left" in caption:

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 from torch.nn import functional as F
 
-from conftest import load_script
 from lightclip import LightClipConfig, LightClipModel, teachers
 from lightclip.pretrained_towers import load_efficientnet_lite_imagenet
 from lightclip.teachers import (

@@ -6,10 +6,16 @@ import math
 import pytest
 import torch
 
-from lightclip import LightClipConfig, LightClipForPreTraining
+from lightclip import LightClipConfig, LightClipForPreTraining, LightClipModel
+from lightclip.modeling_lightclip_convnet import LightClipFrozenBatchNorm2d, freeze_batch_norm_2d
 from lightclip.pretraining import merge_features
 from lightclip.trainer_utils import (
-    cosine_with_warmup, list_checkpoints, lock_image_tower, lock_text_tower, param_groups, plot_log,
+    cosine_with_warmup,
+    list_checkpoints,
+    lock_image_tower,
+    lock_text_tower,
+    param_groups,
+    plot_log,
     resolve_checkpoint,
 )
 
@@ -131,6 +137,82 @@ def test_lock_image_tower_freezes_all_but_the_last_groups_and_their_statistics(u
     after = {k: v for g in locked for k, v in g.state_dict().items() if "running" in k}
     assert all(torch.equal(stats[k], after[k]) for k in stats)
     assert all(p.requires_grad for group in param_groups(model, 0.1, 1e-3) for p in group["params"])
+
+
+def _locked_lite0(unlocked: int = 2) -> tuple[LightClipForPreTraining, list[torch.nn.Module], list[torch.nn.Module]]:
+    """An EfficientNet-Lite0 model at 32 px, drop-connect on, with BatchNorm statistics from a few training batches,
+    locked with frozen BatchNorm: (model in train mode, locked groups, trainable groups)."""
+    torch.manual_seed(0)
+    config = LightClipConfig.from_preset("lightclip-efficientnet-lite0", objectives="clip",
+                                         vision_config=dict(image_size=32, backbone_kwargs=dict(drop_connect_rate=0.2)))
+    model = LightClipForPreTraining(config).train()
+    with torch.no_grad():
+        for seed in range(2):
+            model.lightclip.vision_model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+    groups = model.lightclip.vision_model.backbone.groups()
+    lock_image_tower(model, unlocked_groups=unlocked, freeze_bn_stats=True)
+    return model, groups[:len(groups) - unlocked], groups[len(groups) - unlocked:]
+
+
+def test_frozen_batch_norm_keeps_batch_norm_state_and_eval_output():
+    norm = torch.nn.BatchNorm2d(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.normal_(), norm(torch.randn(8, 6, 5, 5) * 3 + 1)
+    frozen = LightClipFrozenBatchNorm2d.from_batch_norm(norm.eval())
+    assert not list(frozen.parameters())
+    assert frozen.state_dict().keys() == norm.state_dict().keys()
+    assert all(torch.equal(frozen.state_dict()[k], v) for k, v in norm.state_dict().items())
+    x = torch.randn(2, 6, 5, 5)
+    torch.testing.assert_close(frozen.train()(x), norm(x), rtol=0, atol=0)  # training mode changes nothing
+    assert all(torch.equal(frozen.state_dict()[k], v) for k, v in norm.state_dict().items())
+    fresh = torch.nn.BatchNorm2d(6)
+    fresh.load_state_dict(frozen.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), norm(x), rtol=0, atol=0)
+    sequential = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), norm)
+    assert freeze_batch_norm_2d(sequential) is sequential and isinstance(sequential[1], LightClipFrozenBatchNorm2d)
+
+
+def test_locked_groups_keep_weights_and_statistics_through_training_steps():
+    model, locked, trainable = _locked_lite0()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for g in locked for m in g.modules())
+    assert any(isinstance(m, LightClipFrozenBatchNorm2d) for g in locked for m in g.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for g in trainable for m in g.modules())
+    before = [{k: v.clone() for k, v in g.state_dict().items()} for g in (*locked, *trainable)]
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1, 1e-2), lr=1e-2)
+    locked[0].train()  # even a locked group put in training mode by hand keeps its statistics
+    for seed in range(2):
+        batch = _batch(seed, size=4)
+        optimizer.zero_grad()
+        model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"]).loss.backward()
+        assert all(p.grad is None and not p.requires_grad for g in locked for p in g.parameters())
+        assert not any(b.requires_grad for g in locked for b in g.buffers())
+        optimizer.step()
+        model.train()
+    after = [g.state_dict() for g in (*locked, *trainable)]
+    for old, new in zip(before[:len(locked)], after):
+        assert all(torch.equal(old[k], new[k]) for k in old)
+    moved = [k for old, new in zip(before[len(locked):], after[len(locked):]) for k in old
+             if k.endswith(("weight", "running_mean")) and not torch.equal(old[k], new[k])]
+    assert moved  # the unlocked groups train, their statistics included
+
+
+def test_locked_model_saves_a_checkpoint_that_a_fresh_model_loads(tmp_path):
+    model, locked, _ = _locked_lite0()
+    batch = _batch(3, size=4)
+    model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"]).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    inner = model.lightclip.eval()
+    model.save_pretrained(tmp_path)
+    loaded, info = LightClipModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert not any(isinstance(m, LightClipFrozenBatchNorm2d) for m in loaded.modules())  # plain BatchNorm again
+    state, reloaded = inner.state_dict(), loaded.state_dict()
+    assert state.keys() == reloaded.keys() and all(torch.equal(state[k], reloaded[k]) for k in state)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().encode_image(pixels), inner.encode_image(pixels), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.encode_text(batch["input_ids"]), inner.encode_text(batch["input_ids"]),
+                                   rtol=0, atol=0)
 
 
 def test_lock_image_tower_needs_a_tower_with_groups():

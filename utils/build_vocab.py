@@ -36,7 +36,8 @@ def build(size: int) -> list[str]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=32768)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "src/lightclip/data_files/vocab.txt"))
+    parser.add_argument("--out",
+                        default=str(Path(__file__).resolve().parents[1] / "src/lightclip/data_files/vocab.txt"))
     args = parser.parse_args()
     vocab = build(args.size)
     Path(args.out).write_text("\n".join(vocab) + "\n", encoding="utf-8")

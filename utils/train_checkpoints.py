@@ -13,9 +13,9 @@ test split of their benchmark into `eval_results.json`, and writes the model car
 Choices (see docs/checkpoints.md):
 
 - `lightclip-xxs-lite0-shapes`: preset `lightclip-xxs-lite0` (EfficientNet-Lite0 at 64 px started from its ImageNet
-  weights, with the xxs text tower) at the default budget (500 steps of batch 64, seed 0), trained with `clip` and feature
-  distillation (`fd`) from a teacher trained first: preset `lightclip-efficientnet-lite0` at 64 px (the same image
-  tower with a 6-layer text tower and 256-d embeddings), `clip`, 1000 steps, whose embeddings
+  weights, with the xxs text tower) at the default budget (500 steps of batch 64, seed 0), trained with `clip` and
+  feature distillation (`fd`) from a teacher trained first: preset `lightclip-efficientnet-lite0` at 64 px (the same
+  image tower with a 6-layer text tower and 256-d embeddings), `clip`, 1000 steps, whose embeddings
   `examples/precompute_teacher.py` stores once. The teacher is a training aid and is not shipped. Stored in float16
   (7.7 MB; loads as float32).
 - `lightclip-lite0-clipart`: the training default `lightclip-lite0-56px` trained on the Open Clip Art Library
@@ -46,9 +46,11 @@ CHECKPOINTS: dict[str, dict] = {
              "--objectives", "clip", "--max_train_steps", "1000", "--cpu_threads", "1",
              "--output_dir", "runs/checkpoints/teacher-lite0-64px", "--overwrite_output_dir"],
             ["python", "examples/precompute_teacher.py", "--distill_model", "runs/checkpoints/teacher-lite0-64px",
-             "--model", "lightclip-xxs-lite0", "--output_dir", "runs/checkpoints/teacher-lite0-64px-embeddings", "--overwrite"],
+             "--model", "lightclip-xxs-lite0", "--output_dir", "runs/checkpoints/teacher-lite0-64px-embeddings",
+             "--overwrite"],
         ],
-        "args": ["--model", "lightclip-xxs-lite0", "--objectives", "clip,fd", "--distill_embeddings", "runs/checkpoints/teacher-lite0-64px-embeddings",
+        "args": ["--model", "lightclip-xxs-lite0", "--objectives", "clip,fd",
+                 "--distill_embeddings", "runs/checkpoints/teacher-lite0-64px-embeddings",
                  "--seed", "0", "--cpu_threads", "1"],
         "dtype": "float16",
     },
@@ -74,7 +76,8 @@ def command_text(name: str) -> str:
 
 
 def package_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
-                       train_command: str | None = None, evaluate: bool = True, eval_command: str | None = None) -> Path:
+                       train_command: str | None = None, evaluate: bool = True,
+                       eval_command: str | None = None) -> Path:
     """Copy a training run's model files into a clean folder to publish, optionally storing the weights in float16.
 
     Only the files `upload_files` selects are copied (no training checkpoints, logs or feature banks). With
@@ -110,7 +113,8 @@ def package_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         import json
 
         from lightclip import LightClipModel, LightClipProcessor
-        from lightclip.evaluation import builtin_benchmark, load_results, save_results
+        from lightclip.data import builtin_benchmark
+        from lightclip.evaluation import load_results, save_results
 
         data = json.loads((run_dir / "train_config.json").read_text()).get("train_data", "shapes")
         model = LightClipModel.from_pretrained(out_dir).eval()

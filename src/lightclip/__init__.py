@@ -2,7 +2,7 @@
 
 Importing the package registers its config, model, image processor and processor with the transformers Auto classes,
 so `pipeline("zero-shot-image-classification", model=path)` and `AutoModel.from_pretrained(path)` work.
-Training-only code (`lightclip.pretraining`, `lightclip.losses`, `lightclip.neighbors`) is imported on first use.
+Training-only code (`lightclip.pretraining`, `lightclip.objectives`, `lightclip.neighbors`) is imported on first use.
 """
 
 from transformers import (

@@ -3,14 +3,15 @@
 `LightClipConfig` is the single source of truth for a lightclip model: the two towers and the shared projection,
 which define `LightClipModel`, and `pretraining_config` (`LightClipPretrainingConfig`), the training-only objectives
 that `LightClipForPreTraining` builds. The inference model reads only the tower and projection fields, so a checkpoint
-trained with any mix of objectives loads as a plain dual encoder. Files written before `pretraining_config` existed
-hold the training-only keys flat at the top level; they load into it unchanged, and flat keyword arguments
-(`LightClipConfig(token_weight=0.5)`, `from_pretrained(path, objectives="lightclip")`) go there too.
+trained with any mix of objectives loads as a plain dual encoder. A training-only key at the top level (of a file or
+of `LightClipConfig(...)` / `from_pretrained(...)`) is refused, naming where it belongs; `from_preset` alone takes
+them by name, as the builder of a run's config.
 
 The configs are `huggingface_hub` strict dataclasses, as transformers' own are: every field's type (and the choices of a
 `Literal` field) and range (sizes positive, scales finite, dropout rates in [0, 1), the masking probability in
 [0, 1], weights >= 0) is checked on construction and on assignment, and the cross-field checks
-(`validate_architecture`) run after construction and again on save. A float field is declared `float | int` so that `mlm_weight=0` stays valid.
+(`validate_architecture`) run after construction and again on save. A float field is declared `float | int` so that
+`mlm_weight=0` stays valid.
 """
 
 import copy
@@ -20,11 +21,15 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, Literal, get_args
 
 from huggingface_hub.dataclasses import as_validated_field, strict
 from huggingface_hub.errors import (
-    GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, StrictDataclassError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    StrictDataclassError,
     StrictDataclassFieldValidationError,
 )
 from transformers.configuration_utils import PreTrainedConfig
@@ -56,7 +61,7 @@ def _reject_unknown_keys(config: PreTrainedConfig, kwargs: dict) -> None:
     unknown = [key for key in kwargs if key in vars(config) and key not in fields and not key.startswith("_")
                and key not in _REMOTE_CODE_KEYS]
     if unknown:
-        known = sorted(fields | set(getattr(config, "flat_keys", ())))
+        known = sorted(fields)
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, known, n=1)
@@ -190,7 +195,8 @@ class LightClipTextConfig(PreTrainedConfig):
     @property
     def special_token_ids(self) -> list[int]:
         """Ids that are never words (padding, start, end, mask, unknown): excluded from word tokens and from MLM masking
-        (never a target, never drawn as a random replacement), as transformers' MLM collator excludes every special id."""
+        (never a target, never drawn as a random replacement), as transformers' MLM collator excludes every special
+        id."""
         return [t for t in (self.pad_token_id, self.bos_token_id, self.eos_token_id, self.mask_token_id,
                             self.unk_token_id) if t is not None]
 
@@ -303,7 +309,6 @@ class LightClipVisionConfig(PreTrainedConfig):
         kwargs = dict(self.backbone_kwargs or {})
         if self.backbone == "mobilenetv2":
             from transformers import MobileNetV2Config
-
             from transformers.models.mobilenet_v2.modeling_mobilenet_v2 import apply_depth_multiplier
 
             cfg = MobileNetV2Config(image_size=self.image_size, num_channels=self.num_channels, **kwargs)
@@ -312,7 +317,6 @@ class LightClipVisionConfig(PreTrainedConfig):
             return cfg
         if self.backbone == "efficientnet":
             from transformers import EfficientNetConfig
-
             from transformers.models.efficientnet.modeling_efficientnet import round_filters
 
             cfg = EfficientNetConfig(image_size=self.image_size, num_channels=self.num_channels, **kwargs)
@@ -322,8 +326,13 @@ class LightClipVisionConfig(PreTrainedConfig):
         raise ValueError(f"backbone {self.backbone!r} has no transformers config")
 
 
+# every objective, in canonical order (the registry `lightclip.objectives.OBJECTIVE_CLASSES` holds their classes);
 # `kd` and `fd` (distillation from a frozen dual encoder) belong to no group: they combine with any of them
-OBJECTIVES = ("clip", "soft", "token", "mlm", "nn", "xnn", "kd", "fd")
+OBJECTIVES = ("clip", "soft", "siglip", "token", "mlm", "nn", "xnn", "kd", "fd")
+# the image-text contrastive terms, the objectives whose class declares `replaces_contrastive`: exactly one trains,
+# `clip` unless another is chosen. Named here because the inference config resolves objectives without importing
+# training code; the registry's test checks that the two agree.
+CONTRASTIVE_OBJECTIVES = ("clip", "soft", "siglip")
 OBJECTIVE_GROUPS = {
     "clip": ("clip",),
     "lightclip": ("soft", "token", "mlm"),
@@ -335,7 +344,8 @@ OBJECTIVE_GROUPS = {
 def resolve_objectives(names: str | list[str] | tuple[str, ...]) -> list[str]:
     """Expand group names (`lightclip`, `clip-ping`, `all`) into terms, in canonical order.
 
-    `soft` replaces `clip` as the contrastive term (it equals `clip` at alpha = 0), so asking for both keeps `soft`.
+    Exactly one image-text contrastive term trains (`CONTRASTIVE_OBJECTIVES`): `clip` when none is chosen, and any
+    other replaces it (`clip+soft` is `soft`); two others are an error.
     """
     if isinstance(names, str):
         names = [n for n in names.replace("+", ",").split(",") if n.strip()]
@@ -349,10 +359,14 @@ def resolve_objectives(names: str | list[str] | tuple[str, ...]) -> list[str]:
         else:
             choices = sorted(set(OBJECTIVES) | set(OBJECTIVE_GROUPS))
             raise ValueError(f"unknown objective {name!r}; choose from {choices}")
-    if "soft" in terms:
-        terms.discard("clip")
-    if not terms & {"clip", "soft"}:
-        terms.add("clip")
+    default = CONTRASTIVE_OBJECTIVES[0]
+    chosen = sorted(terms & set(CONTRASTIVE_OBJECTIVES) - {default})
+    if len(chosen) > 1:
+        raise ValueError(f"objectives {chosen} are each an image-text contrastive term; choose one")
+    if chosen:
+        terms.discard(default)
+    else:
+        terms.add(default)
     return [t for t in OBJECTIVES if t in terms]
 
 
@@ -363,18 +377,18 @@ class LightClipPretrainingConfig(PreTrainedConfig):
     `LightClipModel` reads none of them, so they sit apart in `LightClipConfig.pretraining_config` and the rest of a
     `config.json` reads as the inference model. See `docs/method.md` for each reading and its alternatives:
 
-    - `objectives`: terms to train, any of `clip`, `soft`, `token`, `mlm`, `nn`, `xnn`, `kd`, `fd`, or the groups
-      `lightclip`, `clip-ping`, `all`; a group or a comma list is resolved to terms on every assignment.
+    - `objectives`: terms to train, any of `clip`, `soft`, `siglip`, `token`, `mlm`, `nn`, `xnn`, `kd`, `fd`, or the
+      groups `lightclip`, `clip-ping`, `all`; a group or a comma list is resolved to terms on every assignment.
     - `soft_*`: progressively softened negative labels (LightCLIP, instance level).
+    - `siglip_*`: the pairwise sigmoid loss of SigLIP, in place of the softmax contrastive term.
     - `token_*`, `sinkhorn_*`, `hungarian_*`: patch-word relaxed bipartite matching (LightCLIP, token level).
     - `mlm_*`, `fusion_*`: masked language modelling through the auxiliary fusion module (LightCLIP).
     - `nn_*`, `xnn_*`, `neighbor_*`, `teacher_*`: nearest-neighbour guidance from frozen feature banks (CLIP-PING).
     - `kd_*`, `fd_*`, `distill_*`: affinity and feature distillation from a frozen dual encoder
       (`docs/distillation.md`).
 
-    A field declared here is all a new setting needs: `LightClipConfig` then also takes it flat
-    (`LightClipConfig(token_weight=0.5)`, `from_pretrained(path, token_weight=0.5)`), and `examples/pretrain.py`
-    makes it an option (`--token_weight 0.5`).
+    A field declared here is all a new setting needs: `LightClipConfig.from_preset` then takes it by name
+    (`from_preset(name, token_weight=0.5)`), and `examples/pretrain.py` makes it an option (`--token_weight 0.5`).
 
     Example:
 
@@ -391,10 +405,14 @@ class LightClipPretrainingConfig(PreTrainedConfig):
     # which objectives LightClipForPreTraining builds (None: clip)
     objectives: list[str] | tuple[str, ...] | str | None = None
     # instance level: progressively softened negatives
-    soft_mode: Literal["similarity", "uniform"] = "similarity"  # similarity: the model's own detached logits
+    # similarity (our reading of the paper): the model's detached logits; uniform: label smoothing over the negatives
+    soft_mode: Literal["similarity", "uniform"] = "similarity"
     soft_alpha_max: float | int = fraction(default=0.2)
     soft_schedule: Literal["linear", "cosine"] = "linear"
     soft_temperature: float | int = positive_number(default=1.0)
+    # SigLIP: its own logit scale (log) and bias, initialised as Zhai et al. (t = 10, b = -10)
+    siglip_logit_scale_init_value: float | int = finite_number(default=math.log(10.0))
+    siglip_logit_bias_init_value: float | int = finite_number(default=-10.0)
     # token level: relaxed bipartite matching
     token_weight: float | int = non_negative_number(default=1.0)
     token_dim: int = positive_int(default=256)
@@ -460,8 +478,21 @@ class LightClipPretrainingConfig(PreTrainedConfig):
         return {f.name: getattr(self, f.name) for f in self.own_fields()}
 
 
-# the keys `LightClipConfig` also takes flat and moves into `pretraining_config`
+# the training-only settings, by name: refused at the top level of a `LightClipConfig`, taken by `from_preset`
 PRETRAINING_FIELDS = tuple(f.name for f in LightClipPretrainingConfig.own_fields())
+
+
+def _reject_top_level_settings(kwargs: dict) -> None:
+    """A training-only setting given to the model config: refused, naming where it goes (a misspelt one is refused
+    by the unknown-key check)."""
+    settings = sorted(key for key in kwargs if key in PRETRAINING_FIELDS)
+    if settings:
+        raise ValueError(
+            f"LightClipConfig got training-only setting(s) {settings} at the top level: they are fields of "
+            f"pretraining_config (LightClipConfig(pretraining_config=dict({settings[0]}=...)), "
+            f"from_pretrained(path, pretraining_config=dict({settings[0]}=...)), or the \"pretraining_config\" of a "
+            "config.json)"
+        )
 
 
 @_strict_config
@@ -469,10 +500,10 @@ class LightClipConfig(PreTrainedConfig):
     r"""Configuration of a lightclip dual encoder: its towers and shared projection, which define `LightClipModel`,
     and `pretraining_config`, the training-only objectives of `LightClipForPreTraining` (`LightClipPretrainingConfig`).
 
-    The training-only settings are also taken flat, `LightClipConfig(objectives="lightclip", token_weight=0.5)`, as
-    they were stored in files written before `pretraining_config` existed: flat keys go into `pretraining_config`,
-    over a nested value of the same key. They are read and set on `config.pretraining_config` only; setting one on the
-    model config is an error, since it would be stored where nothing reads it.
+    The training-only settings live in `pretraining_config` only (`LightClipConfig(pretraining_config=dict(
+    token_weight=0.5))`, `config.pretraining_config.token_weight`): one at the top level, given to the constructor,
+    to `from_pretrained` or set on the model config, is an error naming where it belongs, since it would be stored
+    where nothing reads it. `from_preset` takes them by name and puts them there.
 
     Example:
 
@@ -489,9 +520,6 @@ class LightClipConfig(PreTrainedConfig):
         "vision_config": LightClipVisionConfig,
         "pretraining_config": LightClipPretrainingConfig,
     }
-    # keys also taken flat (and offered by the "did you mean" hint of a misspelt key)
-    flat_keys: ClassVar[tuple[str, ...]] = PRETRAINING_FIELDS
-
     text_config: dict | LightClipTextConfig | None = None
     vision_config: dict | LightClipVisionConfig | None = None
     projection_dim: int = positive_int(default=256)
@@ -500,12 +528,7 @@ class LightClipConfig(PreTrainedConfig):
     pretraining_config: dict | LightClipPretrainingConfig | None = None
 
     def __post_init__(self, **kwargs):
-        flat = {key: kwargs.pop(key) for key in list(kwargs) if key in PRETRAINING_FIELDS}
-        if flat:
-            nested = self.pretraining_config
-            if isinstance(nested, LightClipPretrainingConfig):
-                nested = nested.settings_dict()
-            self.pretraining_config = {**(nested or {}), **flat}
+        _reject_top_level_settings(kwargs)
         super().__post_init__(**kwargs)
 
     def __setattr__(self, key, value):
@@ -515,10 +538,11 @@ class LightClipConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        """`PreTrainedConfig.from_dict`, with training-only settings among `kwargs`
-        (`from_pretrained(path, token_weight=0.5)`) applied like flat keys of the file, not dropped as unknown."""
-        flat = {key: kwargs.pop(key) for key in list(kwargs) if key in PRETRAINING_FIELDS}
-        return super().from_dict({**config_dict, **flat}, **kwargs)
+        """`PreTrainedConfig.from_dict`, refusing a training-only setting among `kwargs`
+        (`from_pretrained(path, token_weight=0.5)`), which it would otherwise drop: `pretraining_config=dict(...)`
+        updates the file's settings."""
+        _reject_top_level_settings(kwargs)
+        return super().from_dict(config_dict, **kwargs)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
@@ -534,9 +558,9 @@ class LightClipConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LightClipConfig":
-        """Build a named preset (see `lightclip.list_presets()`); `overrides` replace top-level fields (training-only
-        settings flat or in a `pretraining_config` dict), and `text_config` / `vision_config` / `pretraining_config`
-        dicts update the preset's."""
+        """Build a named preset (see `lightclip.list_presets()`); `overrides` replace top-level fields, `text_config` /
+        `vision_config` / `pretraining_config` dicts update the preset's, and a training-only setting given by name
+        (`objectives="lightclip"`, `token_weight=0.5`) updates `pretraining_config` over such a dict."""
         from .presets import PRESETS
 
         if name not in PRESETS:
@@ -546,6 +570,8 @@ class LightClipConfig(PreTrainedConfig):
         preset = copy.deepcopy(PRESETS[name])
         for key in cls.sub_configs:
             preset.setdefault(key, {}).update(overrides.pop(key, None) or {})
+        settings = {key: overrides.pop(key) for key in list(overrides) if key in PRETRAINING_FIELDS}
+        preset["pretraining_config"].update(settings)
         preset.update(overrides)
         return cls(**preset)
 

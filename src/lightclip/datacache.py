@@ -1,14 +1,15 @@
 """The on-disk cache of the built-in datasets (`shapes`, `openclipart`): `save_to_disk` folders under `cache_root()`,
-each written to a temporary folder and renamed, with a marker file written last, so a killed build leaves nothing
-that loads as complete."""
+each written whole beside its place and renamed (`fileio.write_folder_atomic`), with a marker file that says it is
+complete, so a killed build leaves nothing that loads as complete."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
-import tempfile
+from pathlib import Path
+
+from .fileio import write_folder_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +45,16 @@ def read_marker(path: str) -> dict:
 
 
 def save_atomically(dataset, path: str, marker: dict) -> None:
-    """Saves to a temporary folder beside `path`, writes the marker, then renames it to `path` (replacing an
-    incomplete or stale folder there). A disk that refuses the write leaves no cache, and the caller keeps its
-    in-memory dataset."""
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    except OSError as error:
-        logger.warning("Not caching %s (%s)", path, error)
-        return
-    try:
-        dataset.save_to_disk(tmp)
-        with open(os.path.join(tmp, COMPLETE_MARKER), "w", encoding="utf-8") as f:
+    """Saves into a folder beside `path` with the marker, then renames it to `path` (`write_folder_atomic`),
+    replacing an incomplete or stale folder there but not a complete copy another process wrote meanwhile. A disk
+    that refuses the write leaves no cache, and the caller keeps its in-memory dataset."""
+
+    def write(folder: Path) -> None:
+        dataset.save_to_disk(str(folder))
+        with open(folder / COMPLETE_MARKER, "w", encoding="utf-8") as f:
             json.dump(marker, f)
-        if os.path.isdir(path):
-            if os.path.isfile(os.path.join(path, COMPLETE_MARKER)) and load_cached(path, dataset.features) is not None:
-                return  # another process wrote a complete copy meanwhile
-            shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    except OSError as error:  # another process won the race, or the disk is full
-        logger.debug("dataset cache not written at %s: %s", path, error)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        write_folder_atomic(path, write, keep=lambda: load_cached(path, dataset.features) is not None)
+    except OSError as error:  # a full or read-only disk
+        logger.warning("Not caching %s (%s)", path, error)

@@ -5,8 +5,9 @@
   student's normalisation into the teacher's size and normalisation in torch, and the same captions through the
   teacher's tokenizer.
 - `build_teacher_embeddings` runs it once over the training data on the evaluation view and stores one fp16 image and
-  text embedding per sample, fingerprinted like a feature bank; `TeacherEmbeddingStore.lookup` reads them back by the
-  batch's dataset indices, so a step costs a lookup instead of a teacher forward.
+  text embedding per sample in a fingerprinted table folder (`lightclip.tables`, as a feature bank);
+  `TeacherEmbeddingStore.lookup` reads them back by the batch's dataset indices, so a step costs a lookup instead of
+  a teacher forward.
 
 Training-only: neither `import lightclip` nor the inference model imports this module.
 """
@@ -16,15 +17,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .neighbors import (
+from .tables import (
     ImageTextTables,
-    _gather_rows,
     check_built_from,
     dataset_identity,
     load_safetensors,
@@ -33,6 +33,12 @@ from .neighbors import (
     renormalize_fp16_,
     write_table_folder,
 )
+from .tables import (
+    gather_rows as _gather_rows,
+)
+
+if TYPE_CHECKING:
+    from .configuration_lightclip import LightClipPretrainingConfig
 
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "teacher_embeddings.safetensors"
@@ -107,7 +113,12 @@ class DistillationTeacher:
         student_image_processor: the image processor that produced the student's `pixel_values` (its rescale and
             normalisation are undone before the teacher's are applied).
         name: what the teacher is called in a store's metadata (the hub id or folder).
+
+    A `TargetSource` of `lightclip.objectives`: the trainer reads each batch's `teacher_targets` through
+    `batch_targets`.
     """
+
+    target_key = "teacher_targets"
 
     def __init__(self, model: nn.Module, processor, student_image_processor, name: str = "teacher"):
         for method in ("get_image_features", "get_text_features"):
@@ -223,6 +234,12 @@ class DistillationTeacher:
             return empty, empty.clone(), self.logit_scale
         return self.embed_images(pixel_values), self.embed_texts(texts), self.logit_scale
 
+    def batch_targets(self, batch: Mapping[str, Any], settings: LightClipPretrainingConfig | None = None,
+                      device: str | torch.device | None = None) -> dict[str, Tensor]:
+        """`embed` of a collated batch, as `teacher_targets` on `device` (default: the teacher's)."""
+        image, text, scale = self.embed(batch)
+        return _teacher_targets(image, text, scale, device)
+
     def __repr__(self) -> str:
         return (f"DistillationTeacher(name={self.name!r}, model={type(self.model).__name__}, "
                 f"input={self.crop_side or self.resize_side}px, device={self.device})")
@@ -234,7 +251,10 @@ class TeacherEmbeddingStore(ImageTextTables):
     A folder written by `build_teacher_embeddings`: `teacher_embeddings.safetensors` (`image` (N, D), `text` (N, D),
     L2-normalised fp16; `present` (N,) uint8, 0 for the samples the collator skipped) and `teacher.json` (format
     version, N, the dataset fingerprint, the teacher and its embedding widths, the view, the teacher's logit scale).
+    A `TargetSource` of `lightclip.objectives`, as `DistillationTeacher`.
     """
+
+    target_key = "teacher_targets"
 
     def __init__(self, image_features: Tensor, text_features: Tensor, present: Tensor, metadata: dict,
                  path: str | None = None):
@@ -279,10 +299,23 @@ class TeacherEmbeddingStore(ImageTextTables):
         text = F.normalize(_gather_rows(self.text_features, rows), dim=-1)
         return image.to(device), text.to(device)
 
+    def batch_targets(self, batch: Mapping[str, Any], settings: LightClipPretrainingConfig | None = None,
+                      device: str | torch.device | None = None) -> dict[str, Tensor]:
+        """`lookup` of a collated batch's `index`, with the stored logit scale, as `teacher_targets`."""
+        image, text = self.lookup(batch["index"], device=device)
+        return _teacher_targets(image, text, self.logit_scale, device)
+
     def __repr__(self) -> str:
         teacher = self.metadata.get("teacher", {})
         return (f"TeacherEmbeddingStore(n={len(self)}, image_dim={self.image_dim}, text_dim={self.text_dim}, "
                 f"teacher={teacher.get('spec')!r}, path={self.path!r})")
+
+
+def _teacher_targets(image: Tensor, text: Tensor, logit_scale: Tensor, device: str | torch.device | None
+                     ) -> dict[str, Tensor]:
+    """The `teacher_targets` the distillation objectives read (`DistillationObjective.TARGET_KEYS`)."""
+    return {key: value.to(device) if device is not None else value
+            for key, value in (("image_embeds", image), ("text_embeds", text), ("logit_scale", logit_scale))}
 
 
 def build_teacher_embeddings(
@@ -312,7 +345,7 @@ def build_teacher_embeddings(
     """
     from tqdm.auto import tqdm
 
-    from .data import ImageTextCollator, SkipCounter
+    from .collate import ImageTextCollator, SkipCounter
 
     image_size = _square_side(processor.image_processor.crop_size)
     expected = {**dataset_identity(dataset, 0), "teacher": teacher.metadata(),

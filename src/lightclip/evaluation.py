@@ -52,16 +52,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import load_rgb_image
 from .fileio import write_text_atomic
+from .images import load_rgb_image
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "OPENAI_IMAGENET_TEMPLATES",
     "TEMPLATE_SETS",
     "as_map_dataset",
-    "builtin_benchmark",
-    "results_benchmark",
     "encode_images",
     "encode_texts",
     "evaluate_linear_probe",
@@ -563,31 +561,6 @@ def evaluate_linear_probe(
 # ----------------------------------------------------------------------------------------------------------------
 # Results files
 # ----------------------------------------------------------------------------------------------------------------
-
-
-# the data sources with a built-in benchmark; each also prefixes its metric names ("shapes/...", "openclipart/...")
-BUILTIN_BENCHMARK_SOURCES = ("shapes", "openclipart")
-
-
-def builtin_benchmark(source):
-    """The module of the built-in benchmark that a data argument names (`lightclip.shapes` for "shapes",
-    `lightclip.openclipart` for "openclipart" or its folder), else None. Each has `evaluate_benchmark`, its model-card
-    metrics (`CARD_METRICS`, `MODEL_INDEX_METRICS`, ...) and `describe_training_data`."""
-    from . import openclipart, shapes
-
-    if shapes.is_shapes_source(source):
-        return shapes
-    if openclipart.is_openclipart_source(source):
-        return openclipart
-    return None
-
-
-def results_benchmark(results: dict | None):
-    """The built-in benchmark whose metrics a results dict holds (keys under its source's name), else None."""
-    for source in BUILTIN_BENCHMARK_SOURCES:
-        if any(key.startswith(f"{source}/") for key in (results or {})):
-            return builtin_benchmark(source)
-    return None
 
 
 def _jsonable(value, digits: int):

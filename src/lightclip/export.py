@@ -17,6 +17,8 @@ torch 2.13's default exporter (`dynamo=True`) needs `onnxscript`, which lightcli
 exporter (`dynamo=False`) needs nothing beyond torch and gives graphs that match eager PyTorch to ~1e-6. The text
 graph is traced on a padded batch, so its attention masking is always in the graph (an unpadded batch gives the same
 result through it).
+
+The same two towers as ExecuTorch programs for phones: `lightclip.export_executorch`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ INT8_MODES = ("auto", "static", "dynamic")
 # Calibration images for static quantisation: a few hundred settle the activation ranges of the shipped CNN towers.
 CALIBRATION_SIZE = 256
 TRAIN_CONFIG_FILE = "train_config.json"  # the training arguments, written by examples/pretrain.py
+TOWERS = ("image_encoder", "text_encoder")
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class TextEncoder(nn.Module):
 
 def preprocessing_spec(model, processor) -> dict:
     """What a runtime must do to turn a picture and a string into the graphs' inputs (written as preprocessing.json)."""
-    image_processor, tokenizer = processor.image_processor, processor.tokenizer
+    image_processor = processor.image_processor
     text = model.config.text_config
     size = image_processor.size
     crop = image_processor.crop_size
@@ -119,7 +122,7 @@ def preprocessing_spec(model, processor) -> dict:
     }
 
 
-def _example_text(config, tokenizer=None) -> dict[str, torch.Tensor]:
+def example_text(config, tokenizer=None) -> dict[str, torch.Tensor]:
     """Two texts of different lengths, padded: the traced graph then carries the masking path."""
     text = config.text_config
     if tokenizer is not None:
@@ -134,6 +137,23 @@ def _example_text(config, tokenizer=None) -> dict[str, torch.Tensor]:
     if bool(mask.all()):
         raise AssertionError("the example text batch must contain padding")
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def example_pixels(config) -> torch.Tensor:
+    """A batch of two random pictures at the tower's size (more than one, so the batch axis stays symbolic)."""
+    vision = config.vision_config
+    return torch.randn(2, vision.num_channels, vision.image_size, vision.image_size,
+                       generator=torch.Generator().manual_seed(0))
+
+
+def inference_copy(model, memory_format: torch.memory_format | None = None):
+    """A float32, eval-mode, fused copy of `model` to export (`LightClipModel.fuse`: no BatchNorm or Pad nodes in a
+    CNN graph), so the caller's model stays trainable and savable; `memory_format` re-lays a CNN tower's weights."""
+    model = copy.deepcopy(model).float().eval().fuse()
+    if memory_format is not None and model.config.vision_config.backbone != "vit":
+        model.vision_model.memory_format = memory_format
+        model.vision_model.to(memory_format=memory_format)
+    return model
 
 
 def int8_methods(config, int8: bool | str) -> dict[str, str]:
@@ -197,13 +217,9 @@ def export_towers(model, output_dir: str | os.PathLike, opset: int = DEFAULT_OPS
         raise ValueError("opset must be >= 17 (LayerNormalization is an ONNX op from 17 on)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    # a fused copy (`LightClipModel.fuse`): no BatchNorm or Pad nodes in a CNN graph, and the caller's model stays
-    # trainable and savable
-    model = copy.deepcopy(model).float().eval().fuse()
-    size = model.config.vision_config.image_size
-    pixels = torch.randn(2, model.config.vision_config.num_channels, size, size,
-                         generator=torch.Generator().manual_seed(0))
-    text = _example_text(model.config, tokenizer)
+    model = inference_copy(model)
+    pixels = example_pixels(model.config)
+    text = example_text(model.config, tokenizer)
     paths = {"image_encoder": output_dir / IMAGE_FILE, "text_encoder": output_dir / TEXT_FILE}
     common = dict(dynamo=False, opset_version=opset, do_constant_folding=True)
     with warnings.catch_warnings(), torch.no_grad():
@@ -247,7 +263,8 @@ def load_calibration_images(source: str, num_images: int = CALIBRATION_SIZE, *, 
     `source` is anything `--train_data` takes (`lightclip.data.load_image_text_dataset`: "shapes", an image folder, a
     .csv / .jsonl file, tar shards, a hub dataset name); captions are not needed. For "shapes", the pictures of a
     `num_images`-picture train split."""
-    from .data import UnreadableImageError, load_image_text_dataset, load_rgb_image
+    from .data import load_image_text_dataset
+    from .images import UnreadableImageError, load_rgb_image
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, not {num_images}")
@@ -388,13 +405,20 @@ def export_onnx(model_dir: str | os.PathLike, output_dir: str | os.PathLike, ops
     spec = preprocessing_spec(model, processor)
     spec["source"] = {"model": str(model_dir), "opset": opset, "torch": torch.__version__}
     if methods:
-        spec["files"].update(image_encoder_int8=IMAGE_FILE[:-5] + INT8_SUFFIX, text_encoder_int8=TEXT_FILE[:-5] + INT8_SUFFIX)
+        spec["files"].update(image_encoder_int8=IMAGE_FILE[:-5] + INT8_SUFFIX,
+                             text_encoder_int8=TEXT_FILE[:-5] + INT8_SUFFIX)
         spec["quantization"] = quantization_spec(model.config, methods, calibration)
-    paths["preprocessing"] = output_dir / PREPROCESSING_FILE
-    paths["preprocessing"].write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    paths["preprocessing"] = save_preprocessing(spec, processor, output_dir)
+    return paths
+
+
+def save_preprocessing(spec: dict, processor, output_dir: Path) -> Path:
+    """Write preprocessing.json and the tokenizer and image processor files beside the exported towers."""
+    path = output_dir / PREPROCESSING_FILE
+    path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     processor.tokenizer.save_pretrained(output_dir)
     processor.image_processor.save_pretrained(output_dir)
-    return paths
+    return path
 
 
 class OnnxClip:
@@ -436,9 +460,9 @@ class OnnxClip:
 
 
 class OnnxClipForEvaluation:
-    """An `OnnxClip` behind `LightClipModel`'s `encode_image` / `encode_text` (tensors in and out), so that
-    `lightclip.evaluation` and `lightclip.shapes.evaluate_shapes` score exported graphs with the code and protocol
-    they score the eager model with.
+    """An `OnnxClip` (or `ExecuTorchClip`) behind `LightClipModel`'s `encode_image` / `encode_text` (tensors in and
+    out), so that `lightclip.evaluation` and `lightclip.shapes.evaluate_shapes` score exported graphs with the code and
+    protocol they score the eager model with.
 
     Example:
 
@@ -448,7 +472,7 @@ class OnnxClipForEvaluation:
     ```
     """
 
-    def __init__(self, clip: OnnxClip):
+    def __init__(self, clip: OnnxClip | Any):  # or `export_executorch.ExecuTorchClip`: the same interface
         self.clip = clip
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 # below this much free space a failed write is reported as a full disk (torch's zip writer says only "file write
@@ -89,12 +90,51 @@ def finish_interrupted_save(root: str | os.PathLike) -> None:
     if not (staging / COMPLETE_MARKER).exists():
         shutil.rmtree(staging, ignore_errors=True)
         return
-    for path in sorted(staging.iterdir()):
-        if path.name == COMPLETE_MARKER:
-            continue
-        target = root / path.name
-        if path.is_dir() and target.is_dir():
-            shutil.rmtree(target)
-        os.replace(path, target)
-    fsync_path(root)
+    _move_entries(staging, root, [path.name for path in sorted(staging.iterdir()) if path.name != COMPLETE_MARKER])
     shutil.rmtree(staging)
+
+
+def write_folder_atomic(folder: str | os.PathLike, write: Callable[[Path], None],
+                        keep: Callable[[], bool] | None = None, marker: str | None = None) -> bool:
+    """Write `folder` whole: `write(staging)` fills a new hidden folder beside it (`.<name>.<pid>.<random>.partial`, on
+    the same file system), which is flushed and renamed to `folder`, so no reader sees half of it and a failure leaves
+    `folder` as it was. Returns whether the new files are in place.
+
+    A `folder` that holds files already is left as it is when `keep()` says so (another writer finished it first):
+    the new files are dropped and False returned. Otherwise, with a `marker` (the file whose presence says the folder
+    is complete) the new files are moved over the old ones one by one, the old marker removed first and the new one
+    moved last, and the folder's other files stay; without one, the folder is replaced whole."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir()
+    try:
+        write(staging)
+        fsync_tree(staging)
+        try:
+            os.replace(staging, folder)  # succeeds only onto a missing or empty folder: of two writers, one wins
+        except OSError:
+            if keep is not None and keep():
+                return False
+            if marker is not None:
+                (folder / marker).unlink(missing_ok=True)
+                names = sorted(name for name in os.listdir(staging) if name != marker)
+                _move_entries(staging, folder, [*names, marker])
+                return True
+            shutil.rmtree(folder)
+            os.replace(staging, folder)
+        fsync_path(folder.parent)
+        return True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_entries(source: Path, root: Path, names: Iterable[str]) -> None:
+    """Move the named entries of `source` over `root`'s, in order (a folder replaces a folder whole), then flush
+    `root`."""
+    for name in names:
+        target = root / name
+        if (source / name).is_dir() and target.is_dir():
+            shutil.rmtree(target)
+        os.replace(source / name, target)
+    fsync_path(root)

@@ -21,9 +21,9 @@ import logging
 import os
 from pathlib import Path
 
-from .configuration_lightclip import LightClipConfig, LightClipVisionConfig
 from . import shapes
-from .evaluation import builtin_benchmark, results_benchmark
+from .configuration_lightclip import LightClipConfig, LightClipVisionConfig
+from .data import builtin_benchmark, results_benchmark
 from .modeling_lightclip import PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "
                   "tokenizer_config.json", "README.md")
 # the inference code `trust_remote_code` users load; the package is its single source, copied in when a folder is
 # packaged for upload (the shipped checkpoints in this repository keep only weights, JSON and the card)
-REMOTE_CODE_FILES = ("configuration_lightclip.py", "modeling_lightclip.py", "processing_lightclip.py", "presets.py")
+REMOTE_CODE_FILES = ("configuration_lightclip.py", "modeling_lightclip.py", "modeling_lightclip_convnet.py",
+                     "modeling_lightclip_outputs.py", "processing_lightclip.py", "presets.py")
 # metadata every card must have; `datasets` and `model-index` are added when the data and results are known
 CARD_KEYS = ("license", "library_name", "pipeline_tag", "tags")
 
@@ -142,8 +143,8 @@ def _fmt_count(n: int) -> str:
 
 
 def _objective_rows(config: dict) -> list[tuple[str, str]]:
-    """One row per objective, from the training-only settings of a `config.json` dict as loading reads them (nested
-    under `pretraining_config`, or flat in older files)."""
+    """One row per objective (its `card_row`), from the training-only settings of a `config.json` dict, under
+    `pretraining_config`."""
     from .objectives import OBJECTIVE_CLASSES
 
     settings = LightClipConfig.from_dict(config).pretraining_config.settings_dict()
@@ -189,7 +190,8 @@ def _eval_rows(eval_results: dict | None) -> list[tuple[str, str]]:
         if benchmark.NUM_IMAGES_KEY in eval_results:
             rows.append(("test pictures", str(eval_results[benchmark.NUM_IMAGES_KEY])))
         return rows
-    return [(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in sorted(eval_results.items())
+    return [(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            for key, value in sorted(eval_results.items())
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"]
 
 
@@ -300,7 +302,8 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
         ("embedding", f"{config['projection_dim']}-d, L2-normalised; learned logit scale"),
         ("weights on disk", f"{', '.join(weights['dtypes'])} safetensors, "
                             f"{human_size((folder / 'model.safetensors').stat().st_size)}"
-                            + ("; loads as float32 (`dtype` in config.json)" if "F32" not in weights["dtypes"] else "")),
+                            + ("; loads as float32 (`dtype` in config.json)"
+                               if "F32" not in weights["dtypes"] else "")),
         ("license", LICENSE),
     ]
     params = weights["params"]
@@ -325,7 +328,7 @@ def write_model_card(folder: str | os.PathLike, command: str | None = None, *, r
         model_card_data(folder, model_name),
         template_path=str(find_template(template_path)),
         model_name=model_name,
-        summary=(f"A small CLIP-style image-text model trained with the lightclip package"
+        summary=("A small CLIP-style image-text model trained with the lightclip package"
                  + (f", preset `{preset}`" if preset else "") + f": {_fmt_count(params['total'])} parameters."),
         details=details,
         param_rows=param_rows,

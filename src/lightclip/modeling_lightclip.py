@@ -1,15 +1,15 @@
 """LightClipModel: a lightweight CLIP dual encoder for transformers.
 
-This file holds the inference model only. Training-only modules (losses, the MLM fusion module, neighbour heads) live
-in `pretraining.py` and are never imported here, so a saved checkpoint is a plain dual encoder and this file can be
+This file holds the config-driven model (`LightClipPreTrainedModel`, `LightClipModel`), the text transformer and the
+ViT image tower; the CNN image towers live in `modeling_lightclip_convnet.py` and the outputs in
+`modeling_lightclip_outputs.py`. Training-only modules (losses, the MLM fusion module, neighbour heads) live in
+`pretraining.py` and are never imported here, so a saved checkpoint is a plain dual encoder and these files can be
 copied next to it for `trust_remote_code=True` users.
 """
 
 
-import math
 import os
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,74 +18,12 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_lightclip import (
-    EFFICIENTNET_LITE_HIDDEN_SIZE,
-    LightClipConfig,
-    LightClipTextConfig,
-    LightClipVisionConfig,
-)
-
-
-@dataclass
-class LightClipVisionModelOutput(ModelOutput):
-    """Output of an image tower.
-
-    Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
-            The tower's final token sequence: `[CLS] + patches` for the ViT, the flattened last feature map for CNNs.
-        pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-            Pooled image representation (normalised CLS for the ViT, global average for CNNs), before projection.
-        patch_tokens (`torch.FloatTensor` of shape `(batch_size, num_patches, hidden_size)`):
-            Normalised patch (ViT) or feature-map (CNN) tokens, without CLS: the image side of token-level objectives.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-            Token sequences `(batch_size, tokens_i, width_i)` after each layer (ViT) or stage (CNN), when
-            `output_hidden_states=True`.
-    """
-
-    last_hidden_state: torch.FloatTensor | None = None
-    pooler_output: torch.FloatTensor | None = None
-    patch_tokens: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-
-
-@dataclass
-class LightClipOutput(ModelOutput):
-    """Output of [`LightClipModel`].
-
-    Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            Symmetric image-text contrastive loss on this batch.
-        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
-            Scaled cosine similarities of every image with every text.
-        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
-            The transpose of `logits_per_image`.
-        text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`):
-            L2-normalised projected text embeddings.
-        image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
-            L2-normalised projected image embeddings.
-        text_model_output (`BaseModelOutputWithPooling`):
-            The text tower's output.
-        vision_model_output (`LightClipVisionModelOutput`):
-            The image tower's output.
-    """
-
-    loss: torch.FloatTensor | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    logits_per_text: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
-    text_model_output: BaseModelOutputWithPooling | None = None
-    vision_model_output: LightClipVisionModelOutput | None = None
-
-    def to_tuple(self) -> tuple:
-        return tuple(
-            self[k] if k not in ("text_model_output", "vision_model_output") else getattr(self, k).to_tuple()
-            for k in self.keys()
-        )
+from .configuration_lightclip import LightClipConfig, LightClipTextConfig, LightClipVisionConfig
+from .modeling_lightclip_convnet import LightClipConvVisionTower
+from .modeling_lightclip_outputs import LightClipOutput, LightClipVisionModelOutput, check_pixel_values
 
 
 def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
@@ -94,8 +32,40 @@ def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels))
 
 
+def causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    """`(length, length)` boolean, True where a query attends: itself and the positions before it. Built from
+    comparisons of positions (not `tril`), so the graph exports to ONNX Runtime, which has no boolean EyeLike kernel."""
+    positions = torch.arange(length, device=device)
+    return positions[None, :] <= positions[:, None]
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention in plain matmuls and softmax (`attn_implementation="eager"`), taking the masks the "sdpa" interface
+    takes: boolean, True where a query attends, or None, with `is_causal` then masking later keys."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is None and is_causal:
+        attention_mask = causal_mask(key.shape[-2], key.device)
+    if attention_mask is not None:
+        attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
 class LightClipAttention(nn.Module):
-    """Multi-head self-attention on `F.scaled_dot_product_attention` with one fused QKV projection."""
+    """Multi-head self-attention with one fused QKV projection, computed by the `config._attn_implementation`
+    function of transformers' `ALL_ATTENTION_FUNCTIONS` ("sdpa" unless the model was loaded with another)."""
 
     def __init__(self, config: LightClipTextConfig | LightClipVisionConfig):
         super().__init__()
@@ -103,6 +73,7 @@ class LightClipAttention(nn.Module):
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(self.embed_dim, 3 * self.embed_dim)
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
@@ -110,12 +81,7 @@ class LightClipAttention(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        dropout = self.config.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], attn_mask=attention_mask, dropout_p=dropout,
-            is_causal=is_causal and attention_mask is None,
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim))
+        return self._attend(qkv[0], qkv[1], qkv[2], attention_mask, is_causal)
 
     def forward_query(self, hidden_states: torch.Tensor, query: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,9 +94,19 @@ class LightClipAttention(nn.Module):
         kv = F.linear(hidden_states, self.qkv.weight[width:], self.qkv.bias[width:])
         kv = kv.view(batch, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = q.view(batch, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        dropout = self.config.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attention_mask, dropout_p=dropout)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, 1, width))
+        return self._attend(q, kv[0], kv[1], attention_mask, is_causal=False)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """Heads `(batch, heads, tokens, head_dim)` in; the output projection of their attention out."""
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self, query, key, value, attention_mask, scaling=self.scale, is_causal=is_causal,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+        )
+        return self.out_proj(attn_output.reshape(*attn_output.shape[:2], self.embed_dim))
 
 
 class LightClipMLP(nn.Module):
@@ -236,17 +212,15 @@ class LightClipTextTransformer(nn.Module):
         return input_ids, attention_mask
 
     def _attention_bias(self, attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-        """None when SDPA's own causal path is exact; else a boolean mask (True = attend)."""
+        """None when no mask (or the attention's own `is_causal`) is exact; else a boolean mask (True = attend)."""
         if attention_mask is None or bool(attention_mask.all()):
             return None
         keys = attention_mask.bool()[:, None, None, :]
         if self.config.causal:
-            # built from comparisons of positions (not tril / eye), so the graph exports to ONNX Runtime, which has
-            # no boolean EyeLike kernel
+            # a padded query row with no visible key would give NaN; let it see itself (a comparison, not `eye`, for
+            # ONNX Runtime's sake, as in `causal_mask`)
             positions = torch.arange(length, device=keys.device)
-            keys = keys & (positions[None, :] <= positions[:, None])
-            # a padded query row with no visible key would give NaN; let it see itself
-            keys = keys | (positions[None, :] == positions[:, None])
+            keys = (keys & causal_mask(length, keys.device)) | (positions[None, :] == positions[:, None])
         return keys
 
     def pool_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -307,16 +281,6 @@ class LightClipVisionEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding(self.position_ids)
 
 
-def _check_pixel_values(pixel_values: torch.Tensor, config: LightClipVisionConfig) -> None:
-    expected = (config.num_channels, config.image_size, config.image_size)
-    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-        raise ValueError(
-            f"pixel_values must have shape (batch, {', '.join(map(str, expected))}), got {tuple(pixel_values.shape)}. "
-            "Preprocess images with LightClipProcessor / LightClipImageProcessor, which converts RGBA, grayscale and "
-            "16-bit images and resizes them to the model's image_size."
-        )
-
-
 class LightClipVisionTransformer(nn.Module):
     """ViT image tower: patch embedding, CLS token, pre-LN transformer; pooled output is the normalised CLS state."""
 
@@ -330,7 +294,7 @@ class LightClipVisionTransformer(nn.Module):
 
     def forward_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False
                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        _check_pixel_values(pixel_values, self.config)
+        check_pixel_values(pixel_values, self.config)
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
         return self.encoder(hidden_states, None, False, output_hidden_states)
 
@@ -341,7 +305,7 @@ class LightClipVisionTransformer(nn.Module):
 
     def forward_pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`forward(...).pooler_output` `(batch, width)`, with the last layer run for the CLS token only."""
-        _check_pixel_values(pixel_values, self.config)
+        check_pixel_values(pixel_values, self.config)
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
         cls = torch.zeros(hidden_states.shape[0], dtype=torch.long, device=hidden_states.device)
         return self.post_layernorm(self.encoder.forward_pooled(hidden_states, cls))
@@ -351,366 +315,6 @@ class LightClipVisionTransformer(nn.Module):
         pooled, patches = self.forward_head(last_hidden_state)
         return LightClipVisionModelOutput(
             last_hidden_state=last_hidden_state, pooler_output=pooled, patch_tokens=patches, hidden_states=all_states
-        )
-
-
-def _run_groups(groups: list[nn.Module], pixel_values: torch.Tensor,
-                output_hidden_states: bool) -> BaseModelOutputWithPooling:
-    """The native CNNs' forward: the groups in order; the last feature map and, on request, the input and every
-    group's output, like transformers' CNNs."""
-    states, hidden = (pixel_values,) if output_hidden_states else None, pixel_values
-    for group in groups:
-        hidden = group(hidden)
-        if output_hidden_states:
-            states += (hidden,)
-    return BaseModelOutputWithPooling(last_hidden_state=hidden, hidden_states=states)
-
-
-class LightClipConvNet(nn.Module):
-    """The native small CNN (`backbone="convnet"`): per stage a 3x3 conv and a stride-2 3x3 conv, each followed by
-    BatchNorm and ReLU. Returns the last feature map and, on request, every stage's output, like transformers' CNNs.
-    """
-
-    def __init__(self, config: LightClipVisionConfig):
-        super().__init__()
-        stages, width = [], config.num_channels
-        for out in config.convnet_widths():
-            stages.append(nn.Sequential(*self._conv(width, out, stride=1), *self._conv(out, out, stride=2)))
-            width = out
-        self.stages = nn.ModuleList(stages)
-
-    def groups(self) -> list[nn.Module]:
-        """The stages in input-to-output order (for locking, as `LightClipEfficientNetLite.groups`)."""
-        return list(self.stages)
-
-    @staticmethod
-    def _conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
-        return _run_groups(self.groups(), pixel_values, output_hidden_states)
-
-
-class Conv2dSame(nn.Conv2d):
-    """A bias-free `nn.Conv2d` with TensorFlow's "SAME" padding, as the released EfficientNet-Lite weights expect.
-
-    The output has `ceil(size / stride)` pixels. Total padding per side pair is
-    `max((ceil(size / stride) - 1) * stride + kernel - size, 0)`, split floor / ceil with the extra pixel on the right
-    and bottom. At stride 1 (odd kernels) that is `(kernel - 1) / 2` on each side for every input size, so torch's own
-    padding does it; at stride 2 it depends on the input size and is computed at every call (any input size works).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1):
-        static = (kernel_size - 1) // 2 if stride == 1 else 0
-        super().__init__(in_channels, out_channels, kernel_size, stride, static, groups=groups, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride[0] > 1:
-            x = F.pad(x, self.same_padding(x.shape[-2:]))
-        return super().forward(x)
-
-    def same_padding(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
-        """The zero padding (left, right, top, bottom, as `F.pad` takes it) of an input of spatial `size` (H, W)."""
-        return (*tf_same_padding(size[1], self.kernel_size[1], self.stride[1]),
-                *tf_same_padding(size[0], self.kernel_size[0], self.stride[0]))
-
-
-def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TensorFlow "SAME" zero padding of one spatial dimension, (before, after): `ceil(size / stride)` outputs, the odd
-    pixel after."""
-    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
-def pad_into_conv(conv: nn.Conv2d, pads: tuple[int, int, int, int]) -> nn.Conv2d:
-    """One plain `nn.Conv2d` equal to zero padding `pads` (left, right, top, bottom) followed by `conv`.
-
-    Per dimension the new conv pads both sides by the larger amount and its kernel gains zero taps on the smaller side,
-    so a stride-2 "SAME" pad of (0, 1) becomes padding 1 and a 4x4 kernel whose first row and column are zero. In
-    eager PyTorch the pad copies the whole feature map: pad and 3x3 depthwise conv took about 5x the time of the
-    widened conv alone (channels_last, 96 x 112 x 112 maps, batch 16, one thread), whose extra taps cost little."""
-    if conv.dilation != (1, 1) or isinstance(conv.padding, str) and conv.padding != "valid":
-        raise ValueError(f"pad_into_conv needs an undilated convolution with numeric padding, got {conv}")
-    own = (0, 0) if isinstance(conv.padding, str) else conv.padding
-    left, right, top, bottom = pads[0] + own[1], pads[1] + own[1], pads[2] + own[0], pads[3] + own[0]
-    pad_h, pad_w = max(top, bottom), max(left, right)
-    weight = F.pad(conv.weight, (pad_w - left, pad_w - right, pad_h - top, pad_h - bottom))
-    folded = nn.Conv2d(conv.in_channels, conv.out_channels, tuple(weight.shape[-2:]), conv.stride, (pad_h, pad_w),
-                       groups=conv.groups, bias=conv.bias is not None, device=weight.device, dtype=weight.dtype)
-    folded.weight.copy_(weight)
-    if conv.bias is not None:
-        folded.bias.copy_(conv.bias)
-    return folded.train(conv.training)
-
-
-# activations that may overwrite their input once the BatchNorm before them is folded away: they then own the
-# convolution's fresh output, and an in-place activation saves allocating (and page-faulting) one more feature map
-_INPLACE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish)
-
-
-def fuse_conv_bn(module: nn.Module) -> int:
-    """Fold every `nn.BatchNorm2d` that directly follows an `nn.Conv2d` among the children of a module into that
-    convolution (eval-mode statistics, `torch.nn.utils.fusion.fuse_conv_bn_eval`) and replace it by `nn.Identity`;
-    the activation right after such a pair runs in place from then on. Returns the number of pairs folded.
-
-    Pairs are found by registration order, which is call order (conv, norm, activation) in each block of the four CNN
-    towers; `tests/test_fuse.py` checks every tower's outputs against the unfused model."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    folded = 0
-    for parent in list(module.modules()):
-        children = list(parent.named_children())
-        for index, ((conv_name, conv), (norm_name, norm)) in enumerate(zip(children, children[1:])):
-            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) \
-                    and norm.num_features == conv.out_channels:
-                setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
-                setattr(parent, norm_name, nn.Identity())
-                following = children[index + 2][1] if index + 2 < len(children) else None
-                if isinstance(following, _INPLACE_ACTIVATIONS):
-                    following.inplace = True
-                folded += 1
-    return folded
-
-
-def _conv_bn_act(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
-                 act: bool = True) -> nn.Sequential:
-    """Conv2dSame, BatchNorm with TensorFlow's momentum 0.99 (0.01 in torch) and eps 1e-3, then ReLU6 (if `act`)."""
-    layers = [("conv", Conv2dSame(in_channels, out_channels, kernel_size, stride, groups)),
-              ("bn", nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.01))]
-    if act:
-        layers.append(("act", nn.ReLU6(inplace=True)))
-    return nn.Sequential(OrderedDict(layers))
-
-
-class LightClipMBConv(nn.Module):
-    """EfficientNet-Lite's mobile inverted bottleneck (no squeeze-excite, ReLU6): 1x1 expansion (absent when
-    `expand_ratio` is 1), depthwise `kernel_size` conv at `stride`, linear 1x1 projection; a residual connection when
-    the shape is kept, with drop-connect (per-sample stochastic depth at `drop_rate`) on it in training."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int,
-                 drop_rate: float):
-        super().__init__()
-        mid = in_channels * expand_ratio
-        self.expand = _conv_bn_act(in_channels, mid, 1) if expand_ratio != 1 else None
-        self.depthwise = _conv_bn_act(mid, mid, kernel_size, stride, groups=mid)
-        self.project = _conv_bn_act(mid, out_channels, 1, act=False)
-        self.residual = stride == 1 and in_channels == out_channels
-        self.drop_rate = drop_rate
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        x = self.expand(inputs) if self.expand is not None else inputs
-        x = self.project(self.depthwise(x))
-        if not self.residual:
-            return x
-        if self.training and self.drop_rate > 0:
-            keep = 1 - self.drop_rate
-            mask = torch.rand(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device).add_(keep).floor_()
-            x = x * mask / keep
-        return x + inputs
-
-
-# EfficientNet-B0's block table, shared by Lite0..4: (repeats, kernel, stride, expand ratio, output channels) per stage
-EFFICIENTNET_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
-                       (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
-
-
-def efficientnet_round_filters(channels: int, width_multiplier: float, divisor: int = 8) -> int:
-    """Channels scaled by `width_multiplier`, rounded to the nearest multiple of `divisor`, never more than 10 % down
-    (TF EfficientNet's `round_filters`)."""
-    scaled = channels * width_multiplier
-    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
-    return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
-
-
-class LightClipEfficientNetLite(nn.Module):
-    """The native EfficientNet-Lite (`backbone="efficientnet-lite"`), layer for layer the released TF model, so its
-    ImageNet weights load (`lightclip.pretrained_towers.load_efficientnet_lite_imagenet`) and give the same outputs.
-
-    Stem (3x3 stride-2 conv to 32 channels, BatchNorm, ReLU6), the 7 MBConv stages of EfficientNet-B0's block table,
-    head (1x1 conv to 1280, BatchNorm, ReLU6). Lite differs from B0 by ReLU6 for swish, no squeeze-excite, and a stem,
-    head and first / last stage depth that `width_multiplier` / `depth_multiplier` do not scale; the other stage
-    widths are rounded to multiples of 8 and their depths rounded up. Convolutions pad as TensorFlow's "SAME".
-    Drop-connect grows linearly with the block index, from 0 to `drop_connect_rate` * (n - 1) / n.
-
-    Returns the head's feature map and, on request, the input and the output of each of `groups()`, in order.
-    """
-
-    def __init__(self, config: LightClipVisionConfig):
-        super().__init__()
-        self.config = config
-        kwargs = config.efficientnet_lite_kwargs()
-        width, depth = kwargs["width_multiplier"], kwargs["depth_multiplier"]
-        repeats = [r if i in (0, len(EFFICIENTNET_STAGES) - 1) else math.ceil(r * depth)
-                   for i, (r, *_) in enumerate(EFFICIENTNET_STAGES)]
-        total, index, channels = sum(repeats), 0, 32
-        self.stem = _conv_bn_act(config.num_channels, channels, 3, stride=2)
-        stages = []
-        for (_, kernel, stride, expand, out), count in zip(EFFICIENTNET_STAGES, repeats):
-            out = efficientnet_round_filters(out, width)
-            blocks = []
-            for i in range(count):
-                rate = kwargs["drop_connect_rate"] * index / total
-                blocks.append(LightClipMBConv(channels, out, kernel, stride if i == 0 else 1, expand, rate))
-                channels, index = out, index + 1
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
-        self.head = _conv_bn_act(channels, EFFICIENTNET_LITE_HIDDEN_SIZE, 1)
-
-    def groups(self) -> list[nn.Module]:
-        """The layer groups in input-to-output order: stem, the 7 stages, head. Freezing all but the last N of them is
-        open_clip's `lock_image_tower(unlocked_groups=N)`."""
-        return [self.stem, *self.stages, self.head]
-
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
-        return _run_groups(self.groups(), pixel_values, output_hidden_states)
-
-
-class LightClipConvVisionTower(nn.Module):
-    """A CNN as image tower: the native `LightClipConvNet` or `LightClipEfficientNetLite`, or a transformers CNN
-    (MobileNetV2 or EfficientNet, no torchvision).
-
-    The last feature map, flattened, gives the tokens; their mean is the pooled output.
-
-    The convolutions run in `memory_format`, `torch.channels_last` by default, in training as in inference: on one CPU
-    thread it speeds up eager inference of every CNN preset (`benchmarks/RESULTS.md`) and made a training step about
-    1.35x faster (MobileNetV2 at 224 px, EfficientNet-Lite0 at 64 px, BatchNorm in train mode), and it is the layout of
-    tensor-core convolutions on GPUs. Set the attribute to `torch.contiguous_format` to opt out. `fuse()` prepares the
-    tower for inference only.
-    """
-
-    memory_format: torch.memory_format = torch.channels_last
-    is_fused: bool = False
-
-    def __init__(self, config: LightClipVisionConfig):
-        super().__init__()
-        self.config = config
-        if config.backbone == "convnet":
-            self.backbone = LightClipConvNet(config)
-        elif config.backbone == "efficientnet-lite":
-            self.backbone = LightClipEfficientNetLite(config)
-        elif config.backbone == "mobilenetv2":
-            from transformers import MobileNetV2Model
-
-            self.backbone = MobileNetV2Model(config.backbone_config(), add_pooling_layer=False)
-        else:
-            from transformers import EfficientNetModel
-
-            self.backbone = EfficientNetModel(config.backbone_config())
-            self.backbone.pooler = None  # we pool ourselves; keeps the checkpoint free of an unused layer
-        self.apply_memory_format()  # before any optimiser or DDP wrapper sees the parameters
-
-    def forward_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False
-                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        _check_pixel_values(pixel_values, self.config)
-        if self.training and self.is_fused:
-            raise RuntimeError("this image tower was fused for inference (fuse() folded its BatchNorm layers away) and "
-                               "cannot run in training mode; call .eval(), or load the unfused checkpoint to train")
-        self.apply_memory_format()
-        pixel_values = pixel_values.contiguous(memory_format=self.memory_format)
-        if self.config.backbone == "efficientnet":
-            embeddings = self.backbone.embeddings(pixel_values)
-            out = self.backbone.encoder(embeddings, output_hidden_states=output_hidden_states, return_dict=True)
-        elif self.config.backbone in ("convnet", "efficientnet-lite"):  # the native CNNs
-            out = self.backbone(pixel_values, output_hidden_states)
-        else:
-            out = self.backbone(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
-        tokens = out.last_hidden_state.flatten(2).transpose(1, 2)
-        stages = tuple(h.flatten(2).transpose(1, 2) for h in out.hidden_states) if output_hidden_states else None
-        return tokens, stages
-
-    def apply_memory_format(self) -> None:
-        """Lay the convolution weights out in `memory_format`, unless they already are. Loading a checkpoint gives
-        contiguous tensors, so `from_pretrained` and every forward call this (a stride check when nothing changes)."""
-        first = next(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d))
-        if not first.weight.is_contiguous(memory_format=self.memory_format):
-            self.backbone.to(memory_format=self.memory_format)
-
-    @torch.no_grad()
-    def fuse(self) -> "LightClipConvVisionTower":
-        """Reparameterise the tower for inference, in place: TensorFlow "SAME" zero padding moves into the
-        convolutions (`pad_into_conv`), every BatchNorm folds into the convolution before it (`fuse_conv_bn`), and the
-        activations after them run in place. The outputs stay equal to float rounding; eager inference gets faster
-        (`benchmarks/RESULTS.md`). A fused tower can no longer train."""
-        if self.training:
-            raise RuntimeError("fuse() folds BatchNorm's running statistics into the convolutions: call .eval() first")
-        if not self.is_fused:
-            self._fold_same_padding()
-            fuse_conv_bn(self.backbone)
-            self.is_fused = True
-            self.apply_memory_format()
-        return self
-
-    def _fold_same_padding(self) -> None:
-        """Move each explicit zero padding before a strided convolution into that convolution. Where the padding
-        depends on the input size (MobileNetV2's `tf_padding`, `Conv2dSame`), the sizes come from one forward of a
-        blank picture at `image_size`, the only size the tower accepts."""
-        backbone = self.backbone
-        if self.config.backbone == "efficientnet":
-            from transformers.models.efficientnet.modeling_efficientnet import (
-                EfficientNetDepthwiseLayer,
-                EfficientNetEmbeddings,
-            )
-
-            for module in backbone.modules():
-                if isinstance(module, EfficientNetEmbeddings):
-                    module.convolution = pad_into_conv(module.convolution, module.padding.padding)
-                    module.padding = nn.Identity()
-                elif isinstance(module, EfficientNetDepthwiseLayer) and module.stride == 2:  # only then it pads
-                    module.depthwise_conv = pad_into_conv(module.depthwise_conv, module.depthwise_conv_pad.padding)
-                    module.depthwise_conv_pad = nn.Identity()
-            return
-        if self.config.backbone == "efficientnet-lite":
-            targets = {name: m for name, m in backbone.named_modules() if isinstance(m, Conv2dSame) and m.stride[0] > 1}
-        elif self.config.backbone == "mobilenetv2" and backbone.config.tf_padding:
-            from transformers.models.mobilenet_v2.modeling_mobilenet_v2 import MobileNetV2ConvLayer
-
-            targets = {name: m for name, m in backbone.named_modules() if isinstance(m, MobileNetV2ConvLayer)}
-            if any(m.convolution.dilation != (1, 1) or m.config is not backbone.config for m in targets.values()):
-                return  # a dilated MobileNetV2 (output_stride < 32) keeps its padding
-        else:
-            return
-        sizes = self._input_sizes(list(targets.values()))
-        for name, module in targets.items():
-            if isinstance(module, Conv2dSame):
-                backbone.set_submodule(name, pad_into_conv(module, module.same_padding(sizes[module])))
-            else:
-                conv = module.convolution
-                pads = (*tf_same_padding(sizes[module][1], conv.kernel_size[1], conv.stride[1]),
-                        *tf_same_padding(sizes[module][0], conv.kernel_size[0], conv.stride[0]))
-                module.convolution = pad_into_conv(conv, pads)
-        if self.config.backbone == "mobilenetv2":
-            backbone.config.tf_padding = False  # the padding is in every convolution now
-
-    def _input_sizes(self, modules: list[nn.Module]) -> dict[nn.Module, tuple[int, int]]:
-        """The spatial size (H, W) of each module's input in a forward of a blank batch-1 picture."""
-        sizes = {}
-
-        def record(module: nn.Module, args: tuple) -> None:
-            sizes[module] = tuple(args[0].shape[-2:])
-
-        hooks = [m.register_forward_pre_hook(record) for m in modules]
-        weight = next(self.backbone.parameters())
-        size = self.config.image_size
-        try:
-            self.forward_features(torch.zeros(1, self.config.num_channels, size, size, dtype=weight.dtype,
-                                              device=weight.device))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return sizes
-
-    def forward_head(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return last_hidden_state.mean(dim=1), last_hidden_state
-
-    def forward_pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`forward(...).pooler_output` `(batch, width)`, as the ViT tower's (a CNN computes nothing extra for it)."""
-        return self.forward_head(self.forward_features(pixel_values)[0])[0]
-
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> LightClipVisionModelOutput:
-        tokens, stages = self.forward_features(pixel_values, output_hidden_states)
-        pooled, patches = self.forward_head(tokens)
-        return LightClipVisionModelOutput(
-            last_hidden_state=tokens, pooler_output=pooled, patch_tokens=patches, hidden_states=stages
         )
 
 
@@ -740,7 +344,11 @@ class LightClipPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # attention runs through `ALL_ATTENTION_FUNCTIONS`: "sdpa" by default, "eager" on request. The towers pass
+    # boolean masks of shape (batch, 1, queries, keys) (a padded or pooled row always sees itself), which the flash
+    # kernels, taking a padding mask per key only, cannot express.
     _supports_sdpa = True
+    _supports_flash_attn = False
     _no_split_modules = ["LightClipEncoderLayer", "LightClipTextEmbeddings", "LightClipVisionEmbeddings"]
 
     @classmethod
@@ -849,6 +457,9 @@ class LightClipModel(LightClipPreTrainedModel):
 
     def __init__(self, config: LightClipConfig):
         super().__init__(config)
+        # the towers are plain modules reading their own config: give them the implementation chosen for the model
+        for tower_config in (config.text_config, config.vision_config):
+            tower_config._attn_implementation = tower_config._attn_implementation or config._attn_implementation
         self.text_embed_dim = config.text_config.hidden_size
         self.vision_embed_dim = config.vision_config.hidden_size
         self.text_model = LightClipTextTransformer(config.text_config)
@@ -861,8 +472,10 @@ class LightClipModel(LightClipPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, fuse: bool = False, **kwargs):
         """`LightClipPreTrainedModel.from_pretrained`; with `fuse=True` the loaded model (in eval mode) comes back
-        fused for inference (`fuse()`). The zero-shot pipeline passes it on: `pipeline(...,
-        model_kwargs={"fuse": True})`."""
+        fused in place (`fuse()`). Inference is as fast without it: an eval-mode forward without autograd runs a fused
+        copy of the CNN tower (`LightClipConvVisionTower.inference_tower`). `fuse=True` saves that copy's memory by
+        dropping the unfused weights, for a model that will neither train nor be saved. The zero-shot pipeline passes
+        it on: `pipeline(..., model_kwargs={"fuse": True})`."""
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if fuse:
             (loaded[0] if isinstance(loaded, tuple) else loaded).fuse()
@@ -871,9 +484,10 @@ class LightClipModel(LightClipPreTrainedModel):
     def fuse(self) -> "LightClipModel":
         """Reparameterise a CNN image tower for inference, in place, and return the model: BatchNorm folded into the
         convolutions, zero padding into the convolutions' own, activations in place
-        (`LightClipConvVisionTower.fuse`). Embeddings stay equal to float rounding and eager `encode_image` gets
-        faster; `export_towers` exports a fused copy. Needs eval mode. A fused model refuses a training-mode forward
-        and `save_pretrained()`: the checkpoint stays unfused, reload it for those. A ViT tower has nothing to fold."""
+        (`LightClipConvVisionTower.fuse`). Embeddings stay equal to float rounding. An unfused model already runs a
+        fused copy at inference (eval mode, autograd off); fusing in place only drops the unfused weights.
+        `export_towers` exports a fused copy. Needs eval mode. A fused model refuses a training-mode forward and
+        `save_pretrained()`: the checkpoint stays unfused, reload it for those. A ViT tower has nothing to fold."""
         if isinstance(self.vision_model, LightClipConvVisionTower):
             self.vision_model.fuse()
         return self

@@ -14,19 +14,32 @@ targets are derived from the two unimodal neighbour lists (no cross-modal search
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import shutil
-import uuid
-from typing import Any, Iterable
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from .fileio import fsync_tree
+from .tables import (
+    ImageTextTables,
+    check_built_from,
+    dataset_identity,
+    iter_rows,
+    load_safetensors,
+    read_folder_metadata,
+    read_matching_metadata,
+    renormalize_fp16_,
+    row_caption,
+    write_table_folder,
+)
+from .tables import (
+    gather_rows as _gather_rows,
+)
+
+if TYPE_CHECKING:
+    from .configuration_lightclip import LightClipPretrainingConfig
 
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.safetensors"
@@ -37,8 +50,6 @@ __all__ = [
     "ActiveTeacherNeighbors",
     "FeatureBank",
     "build_feature_bank",
-    "dataset_fingerprint",
-    "dataset_identity",
     "duplicate_groups",
     "mine_neighbors",
 ]
@@ -272,204 +283,6 @@ def mine_neighbors(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _mmap_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file as a copy-on-write memory map (pages are read on first access)."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    dtypes = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64, "BF16": None}
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = dtypes.get(info["dtype"])
-        start, end = info["data_offsets"]
-        if dtype is None or end == start:  # unsupported dtype or empty tensor: read normally
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                tensors[name] = f.get_tensor(name)
-            continue
-        array = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_len + start, shape=tuple(info["shape"]))
-        tensors[name] = torch.from_numpy(array)
-    return tensors
-
-
-def _captions_of(row: dict, caption_index: int) -> str:
-    captions = row.get("captions")
-    if captions is None:
-        captions = row.get("caption", row.get("text"))
-    if isinstance(captions, (list, tuple)):
-        if not captions:
-            return ""
-        return str(captions[min(caption_index, len(captions) - 1)])
-    return "" if captions is None else str(captions)
-
-
-def _image_identity(image: Any) -> bytes:
-    """Bytes that identify an image without decoding it: its path when it has one, else its content."""
-    if isinstance(image, str):
-        return image.encode()
-    if isinstance(image, dict):
-        if image.get("path"):
-            return str(image["path"]).encode()
-        return hashlib.sha256(image.get("bytes") or b"").digest()
-    if hasattr(image, "tobytes"):  # PIL image or array
-        filename = getattr(image, "filename", "")
-        return filename.encode() if filename else hashlib.sha256(image.tobytes()).digest()
-    return repr(image).encode()
-
-
-def _iter_rows(dataset, batch_size: int, decode: bool = True) -> Iterable[dict]:
-    """Rows of a `datasets.Dataset` (batched, images optionally left undecoded), of an `IterableDataset` (tar shards,
-    streaming) or of any sequence of dicts."""
-    import datasets
-
-    features = getattr(dataset, "features", None) or {}
-    if not decode and isinstance(features.get("image"), datasets.Image) and features["image"].decode:
-        dataset = dataset.cast_column("image", datasets.Image(decode=False))  # identify images by path or bytes
-    if isinstance(dataset, datasets.Dataset):
-        for batch in dataset.iter(batch_size=batch_size):
-            keys = list(batch)
-            for values in zip(*(batch[k] for k in keys)):
-                yield dict(zip(keys, values))
-    elif hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-        for i in range(len(dataset)):
-            yield dataset[i]
-    else:
-        yield from dataset
-
-
-def _fingerprint_and_len(dataset, caption_index: int, batch_size: int = 1024) -> tuple[str, int]:
-    rows = hashlib.sha256()
-    n = 0
-    for row in _iter_rows(dataset, batch_size, decode=False):
-        rows.update(_captions_of(row, caption_index).encode() + b"\x00")
-        rows.update(_image_identity(row.get("image")) + b"\x01")
-        n += 1
-    h = hashlib.sha256(str(n).encode())
-    h.update(rows.digest())
-    return h.hexdigest(), n
-
-
-def dataset_fingerprint(dataset, caption_index: int = 0, batch_size: int = 1024) -> str:
-    """sha256 over N, each row's encoded caption (`captions[caption_index]`) and its image identity (path when the
-    image has one, else a hash of its bytes). Independent of how the dataset was loaded, and computed without
-    decoding images (one pass over the rows; streamed datasets are read once for it). `datasets`' own
-    `_fingerprint` is recorded in bank.json too, for information only (it changes with every transform even when
-    the content does not)."""
-    return _fingerprint_and_len(dataset, caption_index, batch_size)[0]
-
-
-def dataset_identity(dataset, caption_index: int = 0) -> dict:
-    """What a bank or store records of the rows it is built from, to refuse other data later: N and
-    `dataset_fingerprint`."""
-    fingerprint, n = _fingerprint_and_len(dataset, caption_index)
-    return {"n": n, "fingerprint": fingerprint}
-
-
-def _rows(metadata: dict) -> str:
-    n, fingerprint = metadata.get("n"), metadata.get("fingerprint")
-    if n is None and fingerprint is None:
-        return "rows it does not record"
-    return f"{'?' if n is None else n} rows (fingerprint {(fingerprint or 'not recorded')[:12]})"
-
-
-def _teacher_summary(meta: dict | None) -> str:
-    if not meta:
-        return "a teacher it does not record"
-    details = [f"{meta['dim']}-d" if meta.get("dim") is not None else None, meta.get("model_type"),
-               f"weights {meta['weights'][:12]}" if meta.get("weights") else None]
-    details = [d for d in details if d]
-    return f"{meta.get('spec')!r}" + (f" ({', '.join(details)})" if details else "")
-
-
-def _identity_mismatches(found: dict, expected: dict) -> list[str]:
-    """One line per difference between the stored metadata `found` and the `expected` identity: the rows and
-    fingerprint of the dataset, each teacher (spec, width, weights) and any other expected key."""
-    problems = []
-    if any(found.get(key) != expected[key] for key in ("n", "fingerprint") if key in expected):
-        problems.append(f"it was built on {_rows(found)} of another dataset; this data has {_rows(expected)}")
-    for key, value in expected.items():
-        if key in ("n", "fingerprint") or found.get(key) == value:
-            continue
-        if key == "teachers":  # {"image": {...}, "text": {...}}: only the modalities asked for are compared
-            stored = found.get("teachers") or {}
-            problems += [f"{modality} teacher: built with {_teacher_summary(stored.get(modality))}, requested "
-                         f"{_teacher_summary(meta)}"
-                         for modality, meta in value.items() if stored.get(modality) != meta]
-        elif key == "teacher":
-            problems.append(f"teacher: built with {_teacher_summary(found.get(key))}, requested "
-                            f"{_teacher_summary(value)}")
-        else:
-            problems.append(f"{key}: stored {found.get(key)!r}, requested {value!r}")
-    return problems
-
-
-def check_built_from(found: dict, expected: dict, folder: str | None, what: str, rebuild: str) -> None:
-    """Raise `ValueError` naming each difference between a folder's metadata and what this run needs, and how to
-    rebuild it (`rebuild`, a sentence), so a folder built for other data or other teachers is never silently used.
-    Metadata without the rows or the fingerprint counts as built for another dataset."""
-    problems = _identity_mismatches(found, expected)
-    if problems:
-        raise ValueError(f"The {what} in {folder or '.'} was built for another dataset or other teachers:\n  "
-                         + "\n  ".join(problems) + f"\n{rebuild}")
-
-
-def read_matching_metadata(meta_path: str, expected: dict, format_version: int, what: str,
-                           rebuild: str = "Pass overwrite=True (--overwrite) to rebuild it, or choose another output "
-                                          "folder.") -> dict | None:
-    """The metadata stored at `meta_path` when every key of `expected` and the format version match it; None when
-    there is none. A mismatch raises `ValueError` naming each difference (`check_built_from`)."""
-    if not os.path.isfile(meta_path):
-        return None
-    with open(meta_path, encoding="utf-8") as f:
-        found = json.load(f)
-    expected = {**expected, "format_version": format_version}
-    check_built_from(found, expected, os.path.dirname(meta_path), what, rebuild)
-    return found
-
-
-def write_table_folder(out_dir: str, tables: dict[str, dict[str, torch.Tensor]], metadata_file: str,
-                       metadata: dict, replace: bool = False) -> bool:
-    """Write a bank's or store's safetensors `tables` ({file name: tensors}) and its metadata as one folder.
-
-    Everything is written into a temporary folder beside `out_dir` and then moved into place, so no reader ever sees
-    half a folder and, of two builders of the same new folder, only the first to finish writes it: the other gets
-    False (its files are dropped) and should read the winner's. `replace=True` (rebuilding a folder on purpose)
-    replaces a folder that holds metadata already. A folder holding other files gets ours file by file, the metadata
-    removed first and written last.
-    """
-    from safetensors.torch import save_file
-
-    out_dir = os.path.abspath(out_dir)
-    meta_path = os.path.join(out_dir, metadata_file)
-    staging = os.path.join(os.path.dirname(out_dir),
-                           f".{os.path.basename(out_dir)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-    os.makedirs(staging)
-    try:
-        for name, tensors in tables.items():
-            save_file(tensors, os.path.join(staging, name), metadata={"format": "pt"})
-        with open(os.path.join(staging, metadata_file), "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=2)
-        fsync_tree(staging)
-        if not replace and os.path.exists(meta_path):
-            return False
-        try:
-            os.replace(staging, out_dir)  # succeeds only onto a missing or empty folder: one builder wins
-            return True
-        except OSError:
-            if not replace and os.path.exists(meta_path):
-                return False
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
-        for name in [*tables, metadata_file]:
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-        return True
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _as_teacher(teacher, modality: str, device=None):
     """A `Teacher` as it is, or a spec (str or None for the default) loaded with `load_teacher`."""
     if teacher is None or isinstance(teacher, (str, os.PathLike)):
@@ -483,57 +296,6 @@ def _teacher_meta(teacher) -> dict:
     return {"spec": teacher.name, "dim": teacher.dim}
 
 
-def _gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """table[rows] (float32 or int64) for a CPU table, through numpy: a single-threaded gather of a few hundred rows. torch's indexing
-    kernels go parallel on such sizes and, on a busy machine, wait for OpenMP threads (measured 20-25 ms per call on
-    2 loaded cores against 0.05 ms here)."""
-    if table.device.type != "cpu":
-        return table.index_select(0, rows.to(table.device))
-    out = table.numpy()[rows.numpy()]
-    return torch.from_numpy(out.astype(np.float32) if out.dtype.kind == "f" else out.astype(np.int64))
-
-
-def load_safetensors(path: str, mmap: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, memory-mapped (read on first access) or read whole."""
-    if mmap:
-        return _mmap_safetensors(path)
-    from safetensors.torch import load_file
-
-    return load_file(path)
-
-
-def read_folder_metadata(folder: str, file_name: str, format_version: int, what: str, build_hint: str) -> dict:
-    """The metadata of a folder of stored features, after checking that it exists and has the format this code
-    reads."""
-    meta_path = os.path.join(folder, file_name)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{folder} is not a {what} (no {file_name}); build it with {build_hint}")
-    with open(meta_path, encoding="utf-8") as f:
-        metadata = json.load(f)
-    if metadata.get("format_version") != format_version:
-        raise ValueError(f"{folder}: {what} format version {metadata.get('format_version')}, this lightclip reads "
-                         f"version {format_version}; rebuild the {what} with --overwrite")
-    return metadata
-
-
-class ImageTextTables:
-    """Row-aligned image and text tables (row i = dataset index i): their length and widths."""
-
-    image_features: torch.Tensor
-    text_features: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.image_features.shape[0]
-
-    @property
-    def image_dim(self) -> int:
-        return self.image_features.shape[1]
-
-    @property
-    def text_dim(self) -> int:
-        return self.text_features.shape[1]
-
-
 class FeatureBank(ImageTextTables):
     """A frozen feature bank with its neighbour lists, read-only and shared by every process (no all-gather).
 
@@ -541,7 +303,12 @@ class FeatureBank(ImageTextTables):
     >>> targets = bank.lookup(batch["index"])                         # doctest: +SKIP
     >>> targets["image_nn"].shape, targets["image_xnn"].shape         # doctest: +SKIP
     (torch.Size([64, 208]), torch.Size([64, 384]))
+
+    A `TargetSource` of `lightclip.objectives`: the trainer reads each batch's `neighbor_targets` through
+    `batch_targets`.
     """
+
+    target_key = "neighbor_targets"
 
     def __init__(self, image_features: torch.Tensor, text_features: torch.Tensor, image_nn: torch.Tensor,
                  text_nn: torch.Tensor, metadata: dict | None = None, path: str | None = None, seed: int = 0):
@@ -635,6 +402,11 @@ class FeatureBank(ImageTextTables):
         }
         return {key: value.to(device) for key, value in out.items()}
 
+    def batch_targets(self, batch: Mapping[str, Any], settings: LightClipPretrainingConfig,
+                      device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """`lookup` of a collated batch's `index`, with the run's `xnn_mode` and `neighbor_top_k`."""
+        return self.lookup(batch["index"], xnn_mode=settings.xnn_mode, top_k=settings.neighbor_top_k, device=device)
+
     def state_dict(self) -> dict:
         """The sampling RNG state, so `accelerator.register_for_checkpointing(bank)` resumes top-k sampling."""
         return {"generator_state": self.generator.get_state()}
@@ -655,7 +427,7 @@ def _encode_dataset(dataset, n, image_teacher, text_teacher, batch_size, caption
     image = torch.empty(n, image_teacher.dim, dtype=torch.float16)
     text = torch.empty(n, text_teacher.dim, dtype=torch.float16)
     seen = torch.zeros(n, dtype=torch.bool)
-    rows = _iter_rows(dataset, batch_size, decode=not image_teacher.needs_indices)
+    rows = iter_rows(dataset, batch_size, decode=not image_teacher.needs_indices)
     bar = tqdm(total=n, desc="teacher features", unit="pair", disable=not show_progress)
     position = 0
     while position < n:
@@ -664,7 +436,7 @@ def _encode_dataset(dataset, n, image_teacher, text_teacher, batch_size, caption
         if idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"dataset 'index' values must lie in [0, {n}), got {idx.min()}..{idx.max()}")
         images = None if image_teacher.needs_indices else [r["image"] for r in batch]
-        texts = [_captions_of(r, caption_index) for r in batch]
+        texts = [row_caption(r, caption_index) for r in batch]
         image[idx] = image_teacher.encode(images or [None] * len(idx), indices=idx).cpu().half()
         text[idx] = text_teacher.encode(texts, indices=idx).cpu().half()
         seen[idx] = True
@@ -676,13 +448,6 @@ def _encode_dataset(dataset, n, image_teacher, text_teacher, batch_size, caption
     for table in (image, text):
         renormalize_fp16_(table)
     return image, text
-
-
-def renormalize_fp16_(table: torch.Tensor, block_size: int = 65536) -> torch.Tensor:
-    """L2-normalise the rows of an fp16 table again after the cast, in place and blockwise (no fp32 copy of it)."""
-    for start in range(0, len(table), block_size):
-        table[start:start + block_size] = F.normalize(table[start:start + block_size].float(), dim=-1).half()
-    return table
 
 
 def _mine_bank(image, text, k, backend, block_size, nprobe, show_progress):
@@ -718,8 +483,9 @@ def build_feature_bank(
     Args:
         dataset: a `datasets.Dataset` or `IterableDataset` (tar shards, streaming; read twice: once for the
             fingerprint, once for the features) or a sequence of dicts, with the standard lightclip columns `image`,
-            `captions` (list[str]) and `index` (row i of the bank = dataset index i; must cover 0..N-1). The caption encoded for row i is `captions[caption_index]`
-            (the first caption by default; the last one when a row has fewer).
+            `captions` (list[str]) and `index` (row i of the bank = dataset index i; must cover 0..N-1). The caption
+            encoded for row i is `captions[caption_index]` (the first caption by default; the last one when a row has
+            fewer).
         image_teacher, text_teacher: `Teacher` objects or specs for `load_teacher` (None = the default teacher).
         out_dir: the bank folder. An existing bank is reused when the dataset (N and fingerprint), the teachers (spec
             and dim) and the caption index match; a mismatch raises `ValueError` naming it unless `overwrite=True`.
@@ -785,6 +551,8 @@ class ActiveTeacherNeighbors:
     fit in `max_cache_bytes` (2 GiB by default), else against the (memory-mapped) fp16 bank.
     """
 
+    target_key = "neighbor_targets"
+
     def __init__(self, bank: FeatureBank, image_teacher, text_teacher, block_size: int = 4096,
                  max_cache_bytes: int = 2 * 2**30):
         self.bank = bank
@@ -825,6 +593,13 @@ class ActiveTeacherNeighbors:
         n_t = self.search(q_t, self.text_keys, self.text_groups, indices, top_k, generator)
         self.rows_searched += len(indices)
         return self.bank.lookup(indices, xnn_mode=xnn_mode, device=device, neighbors=(n_i, n_t))
+
+    def batch_targets(self, batch: Mapping[str, Any], settings: LightClipPretrainingConfig,
+                      device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """`lookup` of a collated batch's `index` and raw `images` / `texts` (`ImageTextCollator(...,
+        return_raw=True)`), with the run's `xnn_mode` and `neighbor_top_k`."""
+        return self.lookup(batch["index"], batch["images"], batch["texts"], xnn_mode=settings.xnn_mode,
+                           top_k=settings.neighbor_top_k, device=device)
 
     def state_dict(self) -> dict:
         return self.bank.state_dict()

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from .datacache import cache_root, load_cached, read_marker, save_atomically
+from .images import UnreadableImageError, load_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +263,6 @@ def prepare_image(data: bytes, size: int) -> bytes:
     tiny (under `MIN_SIDE` px) or blank (one colour) picture."""
     import warnings
 
-    from .data import UnreadableImageError, load_rgb_image
-
     try:
         with warnings.catch_warnings():  # a few renders are over 100 megapixels: decoded once, then shrunk
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -479,7 +478,11 @@ def evaluate_openclipart(model, processor, *, dataset=None, train_dataset=None, 
       skip it).
     """
     from .evaluation import (
-        as_map_dataset, encode_images, evaluate_linear_probe, grouped_zero_shot, retrieval_from_image_embeds,
+        as_map_dataset,
+        encode_images,
+        evaluate_linear_probe,
+        grouped_zero_shot,
+        retrieval_from_image_embeds,
         zero_shot_classifier,
     )
 
@@ -547,7 +550,7 @@ NUM_IMAGES_KEY = "openclipart/num_images"
 BENCHMARK_TITLE = "Zero-shot classification, linear probe and retrieval on the Open Clip Art test split"
 SYNTHETIC = False
 
-# how every built-in benchmark is called (`lightclip.evaluation.builtin_benchmark`)
+# how every built-in benchmark is called (`lightclip.data.builtin_benchmark`)
 evaluate_benchmark = evaluate_openclipart
 
 def describe_training_data(train: dict) -> str:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .configuration_lightclip import EFFICIENTNET_LITE_VARIANTS, IMAGENET_LITE_MEAN, IMAGENET_LITE_STD
-from .modeling_lightclip import LightClipEfficientNetLite
+from .modeling_lightclip_convnet import LightClipEfficientNetLite
 
 # native module path -> released name: stem and head, then the parts of each MBConv block
 _STEM_HEAD_NAMES = {"stem.conv": "_conv_stem", "stem.bn": "_bn0", "head.conv": "_conv_head", "head.bn": "_bn1"}

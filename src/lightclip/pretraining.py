@@ -1,9 +1,10 @@
 """LightClipForPreTraining: `LightClipModel` plus the training-only objectives selected by the config.
 
-Each objective in `config.pretraining_config.objectives` is one module of `lightclip.objectives`, held in
-`self.objectives` (an `nn.ModuleDict` keyed by name) with its own parameters, features step and loss; an objective
-that is off builds and runs nothing. `save_pretrained` writes only the inner `LightClipModel`, so inference costs
-nothing extra.
+Each objective in `config.pretraining_config.objectives` is one `Objective` of the registry
+`lightclip.objectives.OBJECTIVE_CLASSES`, held in `self.objectives` (an `nn.ModuleDict` keyed by name) with its own
+parameters, initialisation, drawn inputs, features step and loss; an objective that is off builds and runs nothing.
+This module reads only what `Objective` declares, never an objective by name. `save_pretrained` writes only the inner
+`LightClipModel`, so inference costs nothing extra.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_lightclip import LightClipConfig
-from .fusion import LightClipFusion
 from .modeling_lightclip import LightClipModel, LightClipPreTrainedModel
-from .objectives import Objective, TowerOutputs, build_objective, mask_text
+from .objectives import TowerOutputs, build_objective
 
 
 @dataclass
@@ -28,8 +27,7 @@ class LightClipForPreTrainingOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`): weighted sum of the active objectives.
-        losses (`dict[str, torch.FloatTensor]`): each active term, unweighted: `contrastive_loss`, `token_loss`,
-            `mlm_loss`, `nn_loss`, `xnn_loss`, `kd_loss`, `fd_loss`.
+        losses (`dict[str, torch.FloatTensor]`): each active term, unweighted, under its objective's `loss_key`.
         logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`): local image-text logits.
         logits_per_text (`torch.FloatTensor` of shape `(batch_size, batch_size)`): their transpose.
         image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): normalised image embeddings.
@@ -45,13 +43,13 @@ class LightClipForPreTrainingOutput(ModelOutput):
 
 
 class LightClipForPreTraining(LightClipPreTrainedModel):
-    r"""`LightClipModel` with the LightCLIP and CLIP-PING training objectives selected by
-    `config.pretraining_config.objectives`.
+    r"""`LightClipModel` with the training objectives selected by `config.pretraining_config.objectives`.
 
-    The trainer calls `set_progress(step / total_steps)` every step (the softened-label schedule reads it) and
-    `clamp_logit_scales_()` after every optimiser step. For the CLIP-PING terms, pass `neighbor_targets`: the frozen
-    teacher features of each sample's neighbours, as returned by `lightclip.neighbors.FeatureBank.lookup(batch["index"])`.
-    For the distillation terms (`kd`, `fd`), pass `teacher_targets`: the frozen teacher's embeddings of the batch.
+    The trainer calls `set_progress(step / total_steps)` every step (schedules read it), `sample_inputs` for every
+    batch (the inputs objectives draw, such as a masked caption) and `clamp_logit_scales_()` after every optimiser
+    step. An objective that `needs_neighbor_targets` or `needs_teacher_targets` reads `neighbor_targets` /
+    `teacher_targets`, from the `TargetSource` of that `target_key` (a feature bank, a distillation teacher):
+    `source.batch_targets(batch, config.pretraining_config)`.
 
     Example:
 
@@ -59,8 +57,6 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
     >>> import torch
     >>> from lightclip import LightClipConfig, LightClipForPreTraining
     >>> model = LightClipForPreTraining(LightClipConfig.from_preset("lightclip-xxs", objectives="lightclip"))
-    >>> list(model.objectives)
-    ['soft', 'token', 'mlm']
     >>> ids = torch.tensor([[2, 40, 41, 42, 3], [2, 50, 51, 3, 0]])
     >>> out = model(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=torch.randn(2, 3, 32, 32))
     >>> sorted(out.losses)
@@ -76,23 +72,35 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
         self.objectives = nn.ModuleDict(
             {name: build_objective(name, config, self.lightclip) for name in config.pretraining_config.objectives}
         )
+        contrastive = [name for name, objective in self.objectives.items() if objective.replaces_contrastive]
+        if len(contrastive) != 1:
+            raise ValueError(f"objectives {list(self.objectives)} hold {len(contrastive)} image-text contrastive terms "
+                             f"{contrastive}; exactly one trains (configuration_lightclip.CONTRASTIVE_OBJECTIVES must "
+                             "name every objective that declares replaces_contrastive)")
+        # DDP refuses a trainable parameter that gets no gradient: the model's scale trains only if an objective
+        # reads it
+        self.lightclip.logit_scale.requires_grad_(self.needs("needs_logit_scale"))
         self.post_init()
+
+    def needs(self, need: str) -> bool:
+        """Whether an active objective declares `need` (an `Objective.needs_*` attribute)."""
+        return any(getattr(objective, need) for objective in self.objectives.values())
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, Objective) and module.logit_scale_init is not None:
-            init.constant_(module.logit_scale, module.logit_scale_init_value())
-        elif isinstance(module, LightClipFusion):
-            init.zeros_(module.head_bias)
+        for objective in self.objectives.values():  # each initialises what it owns of the module
+            objective.init_weights(module)
 
-    def mask_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """BERT masking of the text for the MLM objective: (masked ids, labels with -100 where not masked)."""
-        return mask_text(self.config, input_ids, attention_mask, generator)
+    def sample_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The inputs the active objectives draw for a batch (a masked caption), as keyword arguments of `forward`;
+        an objective that needs them and is not given them draws its own, unseeded."""
+        return {key: value for objective in self.objectives.values()
+                for key, value in objective.sample_inputs(input_ids, attention_mask, generator).items()}
 
     def set_progress(self, progress: float) -> None:
-        """Training progress in [0, 1] (step / total steps); drives the softened-label schedule."""
+        """Training progress in [0, 1] (step / total steps); drives the objectives' schedules."""
         for objective in self.objectives.values():
             objective.set_progress(progress)
 
@@ -104,7 +112,7 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
             objective.clamp_logit_scale_()
 
     def log_values(self) -> dict[str, float]:
-        """The objectives' scalars worth logging besides their losses (e.g. the soft-label alpha)."""
+        """The objectives' scalars worth logging besides their losses (e.g. a schedule's current value)."""
         return {k: v for objective in self.objectives.values() for k, v in objective.log_values().items()}
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -119,12 +127,13 @@ class LightClipForPreTraining(LightClipPreTrainedModel):
         r"""Compute every active objective on one (local) batch.
 
         Args:
-            mlm_input_ids, mlm_labels: a pre-masked copy of `input_ids` and its labels (-100 = not masked). When
-                absent and `mlm` is on, BERT masking is applied here.
-            neighbor_targets: `image_nn`, `text_nn`, `image_xnn`, `text_xnn` teacher-space targets `(batch, dim)`.
-            teacher_targets: for `kd` / `fd`, the frozen teacher's `image_embeds` and `text_embeds` of the batch
-                `(batch, teacher_dim)` and its exponentiated `logit_scale` `()` (`DistillationTeacher.embed` or
-                `TeacherEmbeddingStore.lookup` with its `logit_scale`).
+            mlm_input_ids, mlm_labels: a masked copy of `input_ids` and its labels (-100 = not masked), as
+                `sample_inputs` draws them, for an objective that `needs_masked_text`; drawn here when absent.
+            neighbor_targets: for an objective that `needs_neighbor_targets`, the teacher-space targets `(batch, dim)`
+                of a feature bank's `batch_targets` (`image_nn`, `text_nn`, `image_xnn`, `text_xnn`).
+            teacher_targets: for an objective that `needs_teacher_targets`, the frozen teacher's `image_embeds` and
+                `text_embeds` of the batch `(batch, teacher_dim)` and its exponentiated `logit_scale` `()`, as
+                `DistillationTeacher.batch_targets` or `TeacherEmbeddingStore.batch_targets` return them.
             return_features: return the per-sample features dict of `forward_features` instead of the losses;
                 gradient accumulation caches these and calls `compute_losses` on the merged set.
         """

