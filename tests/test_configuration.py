@@ -217,7 +217,7 @@ def _non_default_config() -> LightClipConfig:
         text_config=dict(causal=False, eos_token_id=3, layer_norm_eps=1e-6, hidden_act="quick_gelu"),
         vision_config=dict(attention_dropout=0.1, initializer_range=0.01),
         projection_dim=48, logit_scale_init_value=1.5, logit_scale_max=4.0, objectives="all,kd,fd",
-        soft_mode="uniform", soft_alpha_max=0.3, soft_schedule="cosine", soft_temperature=0.5,
+        soft_mode="similarity", soft_alpha_max=0.3, soft_schedule="cosine", soft_temperature=0.5,
         siglip_logit_scale_init_value=1.0, siglip_logit_bias_init_value=-5.0,
         token_weight=0.5, token_dim=40, token_matching="hungarian", token_chunk_size=8, token_num_negatives=7,
         sinkhorn_epsilon=0.1,

@@ -405,8 +405,8 @@ class LightClipPretrainingConfig(PreTrainedConfig):
     # which objectives LightClipForPreTraining builds (None: clip)
     objectives: list[str] | tuple[str, ...] | str | None = None
     # instance level: progressively softened negatives
-    # similarity (our reading of the paper): the model's detached logits; uniform: label smoothing over the negatives
-    soft_mode: Literal["similarity", "uniform"] = "similarity"
+    # uniform: label smoothing over the negatives; similarity (our reading of the paper): the model's detached logits
+    soft_mode: Literal["similarity", "uniform"] = "uniform"
     soft_alpha_max: float | int = fraction(default=0.2)
     soft_schedule: Literal["linear", "cosine"] = "linear"
     soft_temperature: float | int = positive_number(default=1.0)
