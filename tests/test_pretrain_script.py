@@ -87,6 +87,14 @@ def test_siglip_trains_in_place_of_clip_with_accumulation_and_its_card_row(tmp_p
     assert steps[0]["siglip_logit_bias"] != steps[-1]["siglip_logit_bias"]  # trained
     assert len({r["logit_scale"] for r in steps}) == 1  # no objective reads the model's own: frozen
     assert "siglip: pairwise sigmoid image-text loss (replaces clip)" in (out / "README.md").read_text()
+    # the saved model is a plain dual encoder: the zero-shot pipeline scores it (a softmax over the candidates)
+    from PIL import Image
+    from transformers import pipeline
+
+    classifier = pipeline("zero-shot-image-classification", model=str(out))
+    scores = classifier(Image.new("RGB", (64, 64), (200, 30, 30)), candidate_labels=["circle", "square", "star"])
+    assert sorted(s["label"] for s in scores) == ["circle", "square", "star"]
+    assert sum(s["score"] for s in scores) == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("model", [[], ["--model", "lightclip-xxs-lite0", "--image_size", "32"]], ids=["cnn", "lite0"])
