@@ -252,6 +252,36 @@ def test_skip_counter_merge_and_state():
     assert SkipCounter().warn() is None
 
 
+def test_over_long_captions_are_counted_without_a_tokenizer_warning():
+    """The collator tokenises captions untruncated to count the ones it cuts: transformers' warning about ids longer
+    than the model's maximum (meant for ids fed to the model as they are) must not reach the user."""
+    import logging
+
+    from lightclip import LightClipProcessor
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    library_logger = logging.getLogger("transformers")  # transformers' handler sits on it; records reach it
+    library_logger.addHandler(records)
+    try:
+        processor = LightClipProcessor.from_preset("lightclip-lite0-56px")  # the package tokenizer, context 64
+        collator = ImageTextCollator(processor, train=False, image_size=16)
+        image = Image.new("RGB", (20, 20))
+        batch = collator([{"image": image, "captions": [" ".join(["a red cat"] * 40)], "index": 0}])
+    finally:
+        library_logger.removeHandler(records)
+    assert batch["input_ids"].shape == (1, 64)
+    assert collator.skip_counter.summary() == {"truncated caption": 1}
+    assert not [m for m in records.messages if "longer than the specified maximum" in m], records.messages
+
+
 def test_truncated_captions_keep_end_token():
     processor = FakeProcessor()
     collator = ImageTextCollator(processor, train=False, image_size=16, max_length=6)

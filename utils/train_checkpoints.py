@@ -43,7 +43,7 @@ CHECKPOINTS: dict[str, dict] = {
         # the teacher, then its stored embeddings; each a command run before the checkpoint's own training
         "before": [
             ["python", "examples/pretrain.py", "--model", "lightclip-efficientnet-lite0", "--image_size", "64",
-             "--objectives", "clip", "--max_train_steps", "1000", "--cpu_threads", "1",
+             "--objectives", "clip", "--max_train_steps", "1000", "--learning_rate", "2e-3", "--cpu_threads", "1",
              "--output_dir", "runs/checkpoints/teacher-lite0-64px", "--overwrite_output_dir"],
             ["python", "examples/precompute_teacher.py", "--distill_model", "runs/checkpoints/teacher-lite0-64px",
              "--model", "lightclip-xxs-lite0", "--output_dir", "runs/checkpoints/teacher-lite0-64px-embeddings",
@@ -51,12 +51,12 @@ CHECKPOINTS: dict[str, dict] = {
         ],
         "args": ["--model", "lightclip-xxs-lite0", "--objectives", "clip,fd",
                  "--distill_embeddings", "runs/checkpoints/teacher-lite0-64px-embeddings",
-                 "--seed", "0", "--cpu_threads", "1"],
+                 "--learning_rate", "2e-3", "--seed", "0", "--cpu_threads", "1"],
         "dtype": "float16",
     },
     "lightclip-lite0-clipart": {
         "args": ["--train_data", "openclipart", "--max_train_steps", "300", "--objectives", "clip-ping",
-                 "--neighbors", "runs/checkpoints/openclipart-bank", "--seed", "0"],
+                 "--neighbors", "runs/checkpoints/openclipart-bank", "--learning_rate", "2e-3", "--seed", "0"],
         "dtype": "float16",
     },
 }

@@ -290,6 +290,9 @@ class ImageTextCollator:
         and tokenising them is a third of a small model's batch preparation. The cache stops growing at
         `TOKEN_CACHE_SIZE` captions (a data loader worker keeps its own)."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._token_cache))
+        # over-long captions are expected here (they are counted, then cut): not transformers' "longer than the
+        # specified maximum sequence length" warning, which is meant for ids fed to the model as they are
+        getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
         fresh = dict(zip(missing, tokenizer(missing, truncation=False)["input_ids"])) if missing else {}
         room = self.TOKEN_CACHE_SIZE - len(self._token_cache)
         self._token_cache.update(list(fresh.items())[:max(room, 0)])
