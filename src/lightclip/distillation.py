@@ -27,14 +27,12 @@ from .tables import (
     ImageTextTables,
     check_built_from,
     dataset_identity,
+    gather_rows,
     load_safetensors,
     read_folder_metadata,
     read_matching_metadata,
     renormalize_fp16_,
     write_table_folder,
-)
-from .tables import (
-    gather_rows as _gather_rows,
 )
 
 if TYPE_CHECKING:
@@ -295,8 +293,8 @@ class TeacherEmbeddingStore(ImageTextTables):
         if len(missing):
             raise ValueError(f"no teacher embedding for dataset row(s) {missing[:5].tolist()}: the store skipped them "
                              "(unreadable image or empty caption) when it was built")
-        image = F.normalize(_gather_rows(self.image_features, rows), dim=-1)
-        text = F.normalize(_gather_rows(self.text_features, rows), dim=-1)
+        image = F.normalize(gather_rows(self.image_features, rows), dim=-1)
+        text = F.normalize(gather_rows(self.text_features, rows), dim=-1)
         return image.to(device), text.to(device)
 
     def batch_targets(self, batch: Mapping[str, Any], settings: LightClipPretrainingConfig | None = None,

@@ -26,6 +26,7 @@ from .tables import (
     ImageTextTables,
     check_built_from,
     dataset_identity,
+    gather_rows,
     iter_rows,
     load_safetensors,
     read_folder_metadata,
@@ -33,9 +34,6 @@ from .tables import (
     renormalize_fp16_,
     row_caption,
     write_table_folder,
-)
-from .tables import (
-    gather_rows as _gather_rows,
 )
 
 if TYPE_CHECKING:
@@ -351,7 +349,7 @@ class FeatureBank(ImageTextTables):
         if top_k > table.shape[1]:
             raise ValueError(f"top_k={top_k} but the bank stores only k={table.shape[1]} neighbours; rebuild with "
                              f"--k {top_k}")
-        candidates = _gather_rows(table, indices)
+        candidates = gather_rows(table, indices)
         if top_k == 1:
             return candidates[:, 0]
         column = torch.randint(top_k, (len(indices),), generator=generator or self.generator)
@@ -390,8 +388,8 @@ class FeatureBank(ImageTextTables):
                     f"{' ...' if len(missing) > 5 else ''}: every other sample is excluded as its duplicate. Rebuild "
                     "the bank from data with distinct samples, or drop the nn/xnn objectives."
                 )
-        z_i = lambda n: _gather_rows(self.image_features, n).float()  # noqa: E731  (float32 already on CPU)
-        z_t = lambda n: _gather_rows(self.text_features, n).float()  # noqa: E731
+        z_i = lambda n: gather_rows(self.image_features, n).float()  # noqa: E731  (float32 already on CPU)
+        z_t = lambda n: gather_rows(self.text_features, n).float()  # noqa: E731
         out = {
             "image_nn": z_i(n_i),
             "text_nn": z_t(n_t),
