@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import math
 import os
 import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -203,21 +205,27 @@ def make_batch(config, batch_size: int, device: torch.device, seed: int = 0, len
     }
 
 
+def cpu_runtime_folder(device: torch.device, runtime: str) -> str | None:
+    """A fresh temporary folder for an exported model to run in the CPU runtime `runtime` (a module name), or None
+    (that backend is skipped) off the CPU or when the runtime is not installed."""
+    if device.type != "cpu":
+        return None
+    try:
+        importlib.import_module(runtime)
+    except ImportError:
+        return None
+    return tempfile.mkdtemp(prefix=f"lightclip-{runtime.partition('.')[0]}-")
+
+
 def onnx_runtime(model, device: torch.device, int8: bool = False):
     """`lightclip.export.OnnxClip` on the `export_towers` graphs of `model` (written to a temporary folder), with as
     many intra-op threads as torch uses; `int8`: the dynamically quantised graphs. None (skipped) off the CPU or
     without onnxruntime."""
-    if device.type != "cpu":
+    folder = cpu_runtime_folder(device, "onnxruntime")
+    if folder is None:
         return None
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return None
-    import tempfile
-
     from lightclip.export import OnnxClip, export_towers
 
-    folder = tempfile.mkdtemp(prefix="lightclip-onnx-")
     export_towers(model, folder, check=False, int8="dynamic" if int8 else False)
     return OnnxClip(folder, threads=torch.get_num_threads(), int8=int8)
 

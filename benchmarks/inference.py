@@ -125,17 +125,11 @@ def executorch_image_encoder(model, device) -> Callable[[torch.Tensor], object] 
     """`encode_image` of `model` as the XNNPACK program of `lightclip.export_executorch.export_towers_executorch`
     (written to a temporary folder, default batch bound) in ExecuTorch's runtime, with as many threads as torch uses.
     CPU only; None (skipped) elsewhere or without executorch."""
-    if device.type != "cpu":
+    folder = _common.cpu_runtime_folder(device, "executorch.runtime")
+    if folder is None:
         return None
-    try:
-        import executorch.runtime  # noqa: F401
-    except ImportError:
-        return None
-    import tempfile
-
     from lightclip.export_executorch import ExecuTorchClip, export_towers_executorch
 
-    folder = tempfile.mkdtemp(prefix="lightclip-pte-")
     export_towers_executorch(model, folder, towers=("image_encoder",))
     clip = ExecuTorchClip(folder, threads=torch.get_num_threads())
     return lambda pixel_values: clip.encode_image(pixel_values.numpy())
