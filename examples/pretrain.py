@@ -657,11 +657,16 @@ def resume(accelerator: Accelerator, run: Run, checkpoint: Path) -> None:
     logger.info("resumed from %s at step %d", checkpoint, run.step)
 
 
+def drawing_sources(sources: dict) -> dict:
+    """The sources whose targets are drawn at random (a bank's top-k sampling): those with a random state to keep."""
+    return {key: source for key, source in sources.items() if hasattr(source, "state_dict")}
+
+
 def source_states(own: dict, sources: dict) -> dict:
     """The saved random state of each source that draws, keyed as `run.sources`; a checkpoint written before sources
     were keyed holds its one feature bank's state as `bank_generator`. A source the checkpoint does not know, or a
     state for a source this run does not have, is a clear error rather than a silently different run."""
-    drawing = [key for key, source in sources.items() if hasattr(source, "state_dict")]
+    drawing = list(drawing_sources(sources))
     states = own.get("sources")
     if states is None:
         states = {drawing[0]: own["bank_generator"]} if "bank_generator" in own and len(drawing) == 1 else {}
@@ -918,8 +923,8 @@ def save_run_checkpoint(args, accelerator: Accelerator, run: Run, epoch: int, ep
     """A resumable checkpoint: Accelerate's state, the data position, and per process its skip counts and the random
     state of each source that draws (a bank's top-k sampling)."""
     own = {"skips": run.skips.state_dict(),
-           "sources": {key: source.state_dict()["generator_state"].tolist() for key, source in run.sources.items()
-                       if hasattr(source, "state_dict")}}
+           "sources": {key: source.state_dict()["generator_state"].tolist()
+                       for key, source in drawing_sources(run.sources).items()}}
     save_checkpoint(accelerator, run.output_dir, run.step,
                     {"step": run.step, "epoch": epoch, "epoch_batches": epoch_batches},
                     keep=args.checkpoints_total_limit, process_state=own)
