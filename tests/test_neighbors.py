@@ -111,6 +111,54 @@ def test_faiss_backend_recall():
     assert (approx[:, 0] == exact[:, 0]).float().mean() > 0.95
 
 
+def _faiss_reference(x, k, nlist, nprobe, extra=8, seed=0):
+    """The IVF search done the plain way: `index.add` of every row at once, one search, exclusions after."""
+    faiss = pytest.importorskip("faiss")
+    n, d = x.shape
+    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_INNER_PRODUCT)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 40 * nlist), replace=False))
+    index.cp.niter = 10
+    index.train(x[torch.from_numpy(rows)].float().numpy())
+    index.add(x.float().numpy())
+    index.nprobe = nprobe
+    scores, idx = (torch.from_numpy(a) for a in index.search(x.float().numpy(), k + 1 + extra))
+    groups = duplicate_groups(x)
+    invalid = (idx < 0) | (idx == torch.arange(n)[:, None]) | (groups[idx.clamp(min=0)] == groups[:, None])
+    out = []
+    for row in range(n):  # best score first, lowest index among equal scores
+        kept = sorted((-s, i) for s, i, bad in zip(scores[row].tolist(), idx[row].tolist(), invalid[row]) if not bad)
+        out.append([i for _, i in kept[:k]] + [-1] * (k - len(kept[:k])))
+    return torch.tensor(out)
+
+
+def test_faiss_backend_matches_a_plain_index_add_and_search_in_any_chunking(monkeypatch):
+    """The lists sized before the rows are added, and each query chunk cut to k at once, change no neighbour."""
+    pytest.importorskip("faiss")
+    import lightclip.neighbors as neighbors
+
+    g = torch.Generator().manual_seed(1)
+    centers = F.normalize(torch.randn(12, 16, generator=g), dim=-1)
+    x = F.normalize(centers.repeat(60, 1) + 0.4 * torch.randn(720, 16, generator=g), dim=-1).half()
+    x[5] = x[9]  # a duplicate: neither may be the other's neighbour
+    expected = _faiss_reference(x, k=3, nlist=8, nprobe=4)
+    assert (expected != -1).all()
+    for chunk in (100, 720, 4096):
+        original = neighbors._mine_faiss
+        monkeypatch.setattr(neighbors, "_mine_faiss", lambda *a, chunk=chunk, **kw: original(*a, **kw, chunk=chunk))
+        _, idx = mine_neighbors(x, k=3, backend="faiss", nlist=8, nprobe=4)
+        monkeypatch.undo()
+        assert torch.equal(idx, expected), chunk
+
+
+def test_faiss_backend_reads_bf16_and_fp32_banks_as_their_values():
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(2)
+    x = F.normalize(torch.randn(400, 16, generator=g), dim=-1).bfloat16()
+    bf16 = mine_neighbors(x, k=2, backend="faiss", nlist=4, nprobe=4)
+    fp32 = mine_neighbors(x.float(), k=2, backend="faiss", nlist=4, nprobe=4)
+    assert torch.equal(bf16[1], fp32[1]) and torch.equal(bf16[0], fp32[0])
+
 # ---------------------------------------------------------------------------------------------------------------
 # Banks
 
