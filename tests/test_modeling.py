@@ -180,6 +180,100 @@ def test_truncation_uses_configured_eos_id():
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# text tower: padding is packed out, not computed
+
+
+def ragged_batch(pad_id: int = PAD, left: bool = False) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    rows = [[BOS, 40, EOS], [BOS] + list(range(50, 58)) + [EOS], [BOS, 41, 42, 43, EOS]]
+    width = max(map(len, rows))
+    padded = [([pad_id] * (width - len(r)) + r) if left else (r + [pad_id] * (width - len(r))) for r in rows]
+    mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r))) for r in rows]
+    return rows, torch.tensor(padded), torch.tensor(mask)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padded_batch_equals_each_row_alone_in_every_hidden_state(causal):
+    """Packing is exact: each row's states at its real positions, and its pooled output, are those of the row run
+    alone without padding; padding positions hold zeros."""
+    tower = make_model(text_config=dict(causal=causal)).text_model
+    rows, batch, mask = ragged_batch()
+    with torch.no_grad():
+        out = tower(batch, mask, output_hidden_states=True)
+        for b, row in enumerate(rows):
+            alone = tower(ids(row), output_hidden_states=True)
+            n = len(row)
+            torch.testing.assert_close(out.pooler_output[b], alone.pooler_output[0], rtol=1e-5, atol=1e-5)
+            for got, expected in zip(out.hidden_states + (out.last_hidden_state,),
+                                     alone.hidden_states + (alone.last_hidden_state,)):
+                torch.testing.assert_close(got[b, :n], expected[0], rtol=1e-5, atol=1e-5)
+                assert not got[b, n:].any()
+        torch.testing.assert_close(tower.forward_pooled(batch, mask), out.pooler_output, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_never_reaches_the_per_token_layers():
+    tower = make_model().text_model
+    rows, batch, mask = ragged_batch()
+    seen = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+             for layer in tower.encoder.layers]
+    with torch.no_grad():
+        tower(batch, mask)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [sum(map(len, rows))] * len(tower.encoder.layers)
+
+
+def test_packed_gradients_equal_the_padded_grid(monkeypatch):
+    """The same loss through packed rows and through the full padded grid gives the same gradient everywhere."""
+    from lightclip.modeling_lightclip import PackedTokens
+
+    _, batch, mask = ragged_batch()
+
+    def grads(model):
+        out = model.text_model(batch, mask)
+        (out.pooler_output.square().sum() + (out.last_hidden_state * mask[..., None]).sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed = grads(make_model().train())
+    monkeypatch.setattr(PackedTokens, "of", classmethod(lambda cls, attention_mask: None))
+    grid = grads(make_model().train())
+    assert packed.keys() == grid.keys() and len(packed) > 10
+    for name in packed:
+        torch.testing.assert_close(packed[name], grid[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_left_padding_packs_as_the_padded_grid_computes(monkeypatch):
+    """Left padding moves the real tokens' positions (as in CLIP), so the reference is the unpacked padded grid."""
+    from lightclip.modeling_lightclip import PackedTokens
+
+    _, batch, mask = ragged_batch(left=True)
+    model = make_model()
+    with torch.no_grad():
+        packed = model.text_model(batch, mask)
+        pooled = model.text_model.forward_pooled(batch, mask)
+        monkeypatch.setattr(PackedTokens, "of", classmethod(lambda cls, attention_mask: None))
+        grid = model.text_model(batch, mask)
+    torch.testing.assert_close(packed.last_hidden_state, grid.last_hidden_state * mask[..., None], rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(packed.pooler_output, grid.pooler_output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, grid.pooler_output, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_with_the_end_of_text_id_pools_at_the_real_one():
+    """CLIP's tokenizer pads with end-of-text: only an unmasked end-of-text token is one."""
+    model = make_model()
+    rows, batch, mask = ragged_batch(pad_id=EOS)
+    no_eos = [BOS, 44, 45]  # a row truncated before its end of text pools at its last real token
+    batch = torch.cat([batch, torch.tensor([no_eos + [EOS] * (batch.shape[1] - 3)])])
+    mask = torch.cat([mask, torch.tensor([[1] * 3 + [0] * (batch.shape[1] - 3)])])
+    assert model.text_model.pool_index(batch, mask).tolist() == [2, 9, 4, 2]
+    with torch.no_grad():
+        in_batch = model.encode_text(batch, mask)
+        for b, row in enumerate(rows + [no_eos]):
+            torch.testing.assert_close(in_batch[b], model.encode_text(ids(row))[0], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # outputs
 
 

@@ -310,6 +310,38 @@ def test_mlm_word_attention_ignores_padding():
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("select", [True, False])
+@pytest.mark.parametrize("word_attention", [True, False])
+def test_mlm_fusion_of_a_padded_batch_equals_each_caption_alone(word_attention, select):
+    """The fusion blocks run on packed words: a padded batch gives each caption the logits it gets alone, and zeros
+    at padding when every word's logits come out."""
+    model = build(objectives="mlm", fusion_word_attention=word_attention).double().eval()
+    inner, fusion = model.lightclip, model.objectives["mlm"].fusion
+    embedding = inner.text_model.embeddings.token_embedding.weight
+    rows = [[2, 4, 40, 3], [2, 40, 4, 41, 42, 4, 43, 3], [2, 41, 4, 3]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = (ids != 0).long()
+    pixels = random_pixels(3).double()
+
+    def logits(ids, mask, pixels):
+        vision = inner.vision_model(pixels)
+        sources = [torch.cat([vision.pooler_output[:, None], vision.patch_tokens], dim=1)]
+        states = inner.text_model(ids, mask, output_hidden_states=True).hidden_states
+        return fusion(states, sources, embedding, positions=(ids == 4) if select else None, attention_mask=mask)
+
+    with torch.no_grad():
+        batch = logits(ids, mask, pixels)
+        alone = [logits(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long), pixels[b:b + 1])
+                 for b, r in enumerate(rows)]
+    if select:
+        torch.testing.assert_close(batch, torch.cat(alone), rtol=0, atol=1e-10)
+    else:
+        for b, r in enumerate(rows):
+            torch.testing.assert_close(batch[b, :len(r)], alone[b][0], rtol=0, atol=1e-10)
+            assert not batch[b, len(r):].any()
+
+
 def test_mlm_never_targets_or_draws_the_unknown_token(tokenizer):
     """[UNK] is a special id: never an MLM target, never a random replacement (it once was both)."""
     model = build(objectives="mlm", mlm_probability=1.0)

@@ -20,13 +20,15 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 from ..configuration_lightclip import LightClipConfig
-from ..modeling_lightclip import LightClipModel
+from ..modeling_lightclip import LightClipModel, PackedTokens
 from .base import Features, Objective, TowerOutputs
 
 
 class LightClipCrossAttention(nn.Module):
     """Queries attend to keys/values of another (or the same) sequence (SDPA); `key_mask` (batch, keys) marks the
-    keys that may be attended (padding excluded)."""
+    keys that may be attended (padding excluded). Queries or keys given as the packed rows of a `PackedTokens`
+    (`query_packing`, `key_packing`) are projected as rows and attend on its grid; the output comes back like the
+    queries."""
 
     def __init__(self, width: int, num_heads: int):
         super().__init__()
@@ -36,13 +38,17 @@ class LightClipCrossAttention(nn.Module):
         self.kv_proj = nn.Linear(width, 2 * width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, text: Tensor, image: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        batch, length, width = text.shape
-        q = self.q_proj(text).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv_proj(image).view(batch, image.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    def forward(self, text: Tensor, image: Tensor, key_mask: Tensor | None = None,
+                query_packing: PackedTokens | None = None, key_packing: PackedTokens | None = None) -> Tensor:
+        q, kv = self.q_proj(text), self.kv_proj(image)
+        q = q if query_packing is None else query_packing.unpack(q)
+        kv = kv if key_packing is None else key_packing.unpack(kv)
+        (batch, length, width), keys = q.shape, kv.shape[1]
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = kv.view(batch, keys, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask).transpose(1, 2).reshape(-1, length, width)
+        return self.out_proj(out if query_packing is None else query_packing.pack(out))
 
 
 class LightClipFusionBlock(nn.Module):
@@ -72,26 +78,23 @@ class LightClipFusionBlock(nn.Module):
         self.act = ACT2FN[text.hidden_act]
         self.fc2 = nn.Linear(text.intermediate_size, width)
 
-    def forward(self, state: Tensor, image_tokens: Tensor, word_mask: Tensor | None = None,
-                query_index: Tensor | None = None) -> Tensor:
-        """`query_index` (batch, n): only these words come out (all words are still read by word attention)."""
+    def forward(self, state: Tensor, image_tokens: Tensor, words: PackedTokens, word_mask: Tensor | None = None,
+                queries: PackedTokens | None = None) -> Tensor:
+        """`state`: `(tokens, width)`, the packed rows of `words`. Only the words of `queries` (a subset) come out
+        when given; word attention still reads all of `words`."""
+        out = words if queries is None else queries
         if hasattr(self, "self_attn"):
-            words = self.norm_self(state)
-            queries = words if query_index is None else _gather_words(words, query_index)
-            state = state if query_index is None else _gather_words(state, query_index)
-            state = state + self.self_attn(queries, words, word_mask)
-        elif query_index is not None:
-            state = _gather_words(state, query_index)
-        if self.additive:
-            state = state + self.norm_attn(image_tokens[:, :1])  # the pooled image embedding, broadcast over words
+            normed = self.norm_self(state)
+            picked = normed if queries is None else normed[words.rows_of(queries)]
+            state = state if queries is None else state[words.rows_of(queries)]
+            state = state + self.self_attn(picked, normed, word_mask, query_packing=out, key_packing=words)
+        elif queries is not None:
+            state = state[words.rows_of(queries)]
+        if self.additive:  # the pooled image embedding of each word's caption
+            state = state + self.norm_attn(image_tokens[:, 0])[out.batch_index]
         else:
-            state = state + self.cross_attn(self.norm_attn(state), image_tokens)
+            state = state + self.cross_attn(self.norm_attn(state), image_tokens, query_packing=out)
         return state + self.fc2(self.act(self.fc1(self.norm_mlp(state))))
-
-
-def _gather_words(states: Tensor, index: Tensor) -> Tensor:
-    """`states[b, index[b]]` for every row b: (batch, length, width) -> (batch, n, width)."""
-    return torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
 
 
 class LightClipFusion(nn.Module):
@@ -118,7 +121,10 @@ class LightClipFusion(nn.Module):
     def forward(self, text_hidden_states: tuple[Tensor, ...], image_sources: list[Tensor],
                 token_embedding: Tensor, positions: Tensor | None = None,
                 attention_mask: Tensor | None = None) -> Tensor:
-        """MLM logits `(batch, length, vocab)`, or `(positions.sum(), vocab)` when `positions` is given.
+        """MLM logits `(batch, length, vocab)` (zeros at padding), or `(positions.sum(), vocab)` when
+        `positions` is given.
+
+        Every block runs on packed words (`PackedTokens`), so padding costs nothing.
 
         Args:
             text_hidden_states: the masked pass's states, index 0 = embeddings, index i = after text layer i.
@@ -131,29 +137,27 @@ class LightClipFusion(nn.Module):
                 blocks never mix words, so only these words go through any block.
             attention_mask: `(batch, length)`, 1 for words and 0 for padding, which word attention never reads.
         """
-        keep = index = None
+        grid = text_hidden_states[0].shape[:2]
+        real = (torch.ones(grid, dtype=torch.bool, device=text_hidden_states[0].device) if attention_mask is None
+                else attention_mask.bool())
+        words = PackedTokens(real if positions is None else real | positions)
+        chosen = None if positions is None else PackedTokens(positions)
         word_attention = hasattr(self.blocks[0], "self_attn")
-        if positions is not None:
-            # each row's selected words first (stable sort keeps their order), cut to the longest row's count
-            width = int(positions.sum(-1).max()) if positions.numel() else 0
-            index = torch.sort((~positions).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-            keep = torch.gather(positions, 1, index)
+        rows = words if word_attention or chosen is None else chosen  # the words the blocks run on
         state = None
         for k, (layer, block) in enumerate(zip(self.layers, self.blocks)):
-            text = text_hidden_states[layer]
-            if index is not None and not word_attention:
-                text = _gather_words(text, index)
+            text = rows.pack(text_hidden_states[layer])
             state = text if state is None else state + text
             source = image_sources[min(k, len(image_sources) - 1)]
             source = source.detach() if self.detach_image else source
             image = self.image_norm(self.image_proj[min(k, len(self.image_proj) - 1)](source))
-            # the last block's output is read at the selected words only
-            last_block_index = index if word_attention and k == len(self.blocks) - 1 else None
-            state = block(state, image, attention_mask if word_attention else None, query_index=last_block_index)
-        if keep is not None:
-            state = state[keep]
+            # the last block's output is read at the chosen words only
+            last = word_attention and k == len(self.blocks) - 1
+            state = block(state, image, rows, attention_mask if word_attention else None,
+                          queries=chosen if last else None)
         hidden = self.head_norm(self.head_act(self.head_transform(state)))
-        return F.linear(hidden, token_embedding, self.head_bias)
+        logits = F.linear(hidden, token_embedding, self.head_bias)
+        return logits if chosen is not None else words.unpack(logits)
 
 
 def mask_tokens(
