@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 
@@ -187,22 +188,56 @@ def lightclip_config(preset: str, image_size: int | None = None, **overrides):
     return LightClipConfig.from_preset(preset, **overrides)
 
 
-def make_batch(config, batch_size: int, device: torch.device, seed: int = 0, length: int | None = None
-               ) -> dict[str, torch.Tensor]:
-    """Random images and texts `[bos, words..., eos]` of `length` tokens (default: the full context; attention mask
-    all ones), on `device`."""
+def make_batch(config, batch_size: int, device: torch.device, seed: int = 0, length: int | None = None,
+               captions: str = "random") -> dict[str, torch.Tensor]:
+    """Random images and texts on `device`. `captions="random"`: `[bos, words..., eos]` of `length` tokens (default:
+    the full context; attention mask all ones). `captions="openclipart"`: one caption of each of `batch_size` random
+    Open Clip Art training drawings, tokenised by the preset's tokenizer and padded to the longest, as the training
+    collator pads them."""
     g = torch.Generator().manual_seed(seed)
     text, vision = config.text_config, config.vision_config
-    length = length or text.max_position_embeddings
-    ids = torch.randint(10, text.vocab_size, (batch_size, length), generator=g)
-    ids[:, 0] = text.bos_token_id
-    ids[:, -1] = text.eos_token_id
+    if captions == "openclipart":
+        ids, mask = openclipart_tokens(config, batch_size, seed)
+    elif captions == "random":
+        length = length or text.max_position_embeddings
+        ids = torch.randint(10, text.vocab_size, (batch_size, length), generator=g)
+        ids[:, 0] = text.bos_token_id
+        ids[:, -1] = text.eos_token_id
+        mask = torch.ones_like(ids)
+    else:
+        raise ValueError(f"captions must be 'random' or 'openclipart', got {captions!r}")
     size = vision.image_size
     return {
         "input_ids": ids.to(device),
-        "attention_mask": torch.ones_like(ids).to(device),
+        "attention_mask": mask.to(device),
         "pixel_values": torch.randn(batch_size, vision.num_channels, size, size, generator=g).to(device),
     }
+
+
+def openclipart_tokens(config, batch_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of one random caption of each of `batch_size` random Open Clip Art training
+    drawings (the library must be installed; see `lightclip.openclipart`)."""
+    from lightclip import LightClipProcessor
+    from lightclip.collate import pad_token_ids
+    from lightclip.openclipart import load_openclipart
+
+    captions = load_openclipart("train", progress=False)["captions"]
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(captions), size=batch_size, replace=len(captions) < batch_size)
+    chosen = [captions[r][rng.integers(len(captions[r]))] for r in rows]
+    tokenizer = LightClipProcessor.from_config(config).tokenizer
+    ids = tokenizer(chosen, truncation=True, max_length=config.text_config.max_position_embeddings)["input_ids"]
+    return pad_token_ids(ids, config.text_config.pad_token_id)
+
+
+def describe_text(attention_mask: torch.Tensor, captions: str) -> str:
+    """One line on a batch's captions: their real lengths and how much of the padded grid they fill."""
+    lengths = attention_mask.sum(-1).float()
+    if captions == "random":
+        return f"{attention_mask.shape[1]}-token random captions, no padding"
+    return (f"{captions} captions, real length median {lengths.median():.0f} tokens (p90 "
+            f"{lengths.quantile(0.9):.0f}), padded to {attention_mask.shape[1]}: "
+            f"{float(lengths.sum() / attention_mask.numel()):.0%} of the grid is real tokens")
 
 
 def cpu_runtime_folder(device: torch.device, runtime: str) -> str | None:

@@ -36,6 +36,7 @@ VARIANTS = {
     "token": ("clip,token", 1.25),
     "mlm": ("clip,mlm", 1.50),
     "clip-ping (nn+xnn)": ("clip-ping", 1.05),
+    "lightclip": ("lightclip", 1.70),
     "all": ("all", None),
 }
 
@@ -123,6 +124,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--text-length", type=int, default=None, help="tokens per caption (default: the full context)")
+    p.add_argument("--captions", choices=["random", "openclipart"], default="random",
+                   help="random: --text-length tokens, no padding; openclipart: real captions padded to the longest")
     p.add_argument("--teacher-dim", type=int, default=384)
     p.add_argument("--flops", action="store_true",
                    help="also count each step's FLOPs "
@@ -137,7 +140,8 @@ def main() -> None:
     if args.token_loss_batches:
         args.batch_size = max(args.token_loss_batches)
     config = _common.lightclip_config(args.preset, args.image_size)
-    batch = _common.make_batch(config, args.batch_size, device, seed=args.seed, length=args.text_length)
+    batch = _common.make_batch(config, args.batch_size, device, seed=args.seed, length=args.text_length,
+                               captions=args.captions)
     g = torch.Generator().manual_seed(args.seed + 1)
     targets = {k: torch.randn(args.batch_size, args.teacher_dim, generator=g).to(device)
                for k in ("image_nn", "text_nn", "image_xnn", "text_xnn")}
@@ -153,8 +157,8 @@ def main() -> None:
     times = _common.time_interleaved(steps, device, args.warmup, args.repeats)
 
     print(_common.machine(args))
-    print(f"- model: {args.preset} dims, {args.image_size} px, batch {args.batch_size}, "
-          f"{batch['input_ids'].shape[1]}-token text, AdamW")
+    print(f"- model: {args.preset} dims, {args.image_size} px, batch {args.batch_size}, AdamW; text: "
+          f"{_common.describe_text(batch['attention_mask'], args.captions)}")
     print("- step: median round; vs clip: median over rounds of the paired time ratio (same round)")
     print()
     extra_head, extra_sep = (" GFLOP/step | FLOPs vs clip |", "---|---|") if flops else ("", "")
