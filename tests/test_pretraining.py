@@ -342,6 +342,38 @@ def test_mlm_fusion_of_a_padded_batch_equals_each_caption_alone(word_attention, 
             assert not batch[b, len(r):].any()
 
 
+def test_mlm_fusion_projects_a_shared_image_source_once():
+    """With one source and one projection ("last") every stage reads one projected copy: the same logits and
+    gradients as projecting it again at each stage (the source given once per stage), one projection call."""
+    model = build(objectives="mlm").double().train()
+    inner, fusion = model.lightclip, model.objectives["mlm"].fusion
+    assert len(fusion.image_proj) == 1 and len(fusion.blocks) > 1
+    ids = torch.tensor([[2, 4, 40, 41, 3, 0], [2, 40, 4, 41, 42, 3]])
+    mask, pixels = (ids != 0).long(), random_pixels(2).double()
+    calls = []
+    fusion.image_proj[0].register_forward_hook(lambda *_: calls.append(1))
+
+    def logits_and_grads(copies: int):
+        model.zero_grad()
+        calls.clear()
+        vision = inner.vision_model(pixels)
+        source = torch.cat([vision.pooler_output[:, None], vision.patch_tokens], dim=1)
+        states = inner.text_model(ids, mask, output_hidden_states=True).hidden_states
+        logits = fusion(states, [source] * copies, inner.text_model.embeddings.token_embedding.weight,
+                        positions=ids == 4, attention_mask=mask)
+        logits.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), len(calls), grads
+
+    (shared, shared_calls, shared_grads) = logits_and_grads(1)
+    (again, again_calls, again_grads) = logits_and_grads(len(fusion.blocks))
+    assert (shared_calls, again_calls) == (1, len(fusion.blocks))
+    torch.testing.assert_close(shared, again, rtol=0, atol=1e-12)
+    assert shared_grads.keys() == again_grads.keys()
+    for name in shared_grads:
+        torch.testing.assert_close(shared_grads[name], again_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_mlm_never_targets_or_draws_the_unknown_token(tokenizer):
     """[UNK] is a special id: never an MLM target, never a random replacement (it once was both)."""
     model = build(objectives="mlm", mlm_probability=1.0)

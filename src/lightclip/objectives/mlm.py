@@ -144,13 +144,16 @@ class LightClipFusion(nn.Module):
         chosen = None if positions is None else PackedTokens(positions)
         word_attention = hasattr(self.blocks[0], "self_attn")
         rows = words if word_attention or chosen is None else chosen  # the words the blocks run on
-        state = None
+        state, images = None, {}
         for k, (layer, block) in enumerate(zip(self.layers, self.blocks)):
             text = rows.pack(text_hidden_states[layer])
             state = text if state is None else state + text
-            source = image_sources[min(k, len(image_sources) - 1)]
-            source = source.detach() if self.detach_image else source
-            image = self.image_norm(self.image_proj[min(k, len(self.image_proj) - 1)](source))
+            # stages that share a source and its projection ("last") share one projected copy
+            key = (min(k, len(image_sources) - 1), min(k, len(self.image_proj) - 1))
+            if key not in images:
+                source = image_sources[key[0]].detach() if self.detach_image else image_sources[key[0]]
+                images[key] = self.image_norm(self.image_proj[key[1]](source))
+            image = images[key]
             # the last block's output is read at the chosen words only
             last = word_attention and k == len(self.blocks) - 1
             state = block(state, image, rows, attention_mask if word_attention else None,
