@@ -54,6 +54,25 @@ def objective_step(name: str, objectives: str, args, device, batch, targets, **s
     return make_step(model, lambda: model(**kwargs).loss, args, device)
 
 
+def pass_flops(args, device, batch) -> dict[str, int]:
+    """FLOPs (forward + backward) of the passes inside the steps: the image tower and the pooled text tower of a clip
+    step, and the MLM's second text pass over the masked captions (every layer's states, which the fusion reads)."""
+    from lightclip import LightClipForPreTraining
+
+    config = _common.lightclip_config(args.preset, args.image_size, objectives="clip,mlm")
+    torch.manual_seed(args.seed)
+    model = LightClipForPreTraining(config).train().to(device)
+    text, ids, mask = model.lightclip.text_model, batch["input_ids"], batch["attention_mask"]
+    masked, _ = model.objectives["mlm"].mask_text(ids, mask, torch.Generator(device).manual_seed(args.seed))
+    passes = {
+        "image tower": lambda: model.lightclip.vision_model.forward_pooled(batch["pixel_values"]).sum().backward(),
+        "text tower, pooled (clip)": lambda: text.forward_pooled(ids, mask).sum().backward(),
+        "text tower, masked captions (mlm)": lambda: sum(
+            h.sum() for h in text(masked, mask, output_hidden_states=True).hidden_states).backward(),
+    }
+    return {name: _common.count_flops(run) for name, run in passes.items()}
+
+
 def token_loss_steps(config, batch_sizes: list[int], negatives: list[int], text_length: int, device, seed: int):
     """Forward + backward of `TokenMatchingLoss` (every pair and each k) and of `ClipLoss` alone at each batch size,
     on random unit tokens: the model's patches, `text_length - 2` valid words (start and end tokens are no words)."""
@@ -128,7 +147,7 @@ def main() -> None:
                    help="random: --text-length tokens, no padding; openclipart: real captions padded to the longest")
     p.add_argument("--teacher-dim", type=int, default=384)
     p.add_argument("--flops", action="store_true",
-                   help="also count each step's FLOPs "
+                   help="also count each step's FLOPs, and those of the towers' passes inside them "
                         "(FlopCounterMode: matmuls, convs, attention; one extra step each)")
     p.add_argument("--only", nargs="*", default=None, help=f"subset of {list(VARIANTS)} (clip is always run)")
     p.add_argument("--token-negatives", type=int, nargs="*", default=[],
@@ -171,6 +190,12 @@ def main() -> None:
         extra = f" {flops[n] / 1e9:.1f} | {flops[n] / flops['clip']:.2f}x |" if flops else ""
         bound = "" if target is None else f"<= {target}x"
         print(f"| {n} ({variants[n][0]}) | {s:.3f} | {ratio:.2f}x | {bound} | {met} |" + extra)
+    if flops:
+        print()
+        print("| pass (forward + backward) | GFLOP | vs clip step |")
+        print("|---|---|---|")
+        for name, count in pass_flops(args, device, batch).items():
+            print(f"| {name} | {count / 1e9:.1f} | {count / flops['clip']:.2f}x |")
 
 
 if __name__ == "__main__":
