@@ -191,6 +191,13 @@ def ragged_batch(pad_id: int = PAD, left: bool = False) -> tuple[list[list[int]]
     return rows, torch.tensor(padded), torch.tensor(mask)
 
 
+def run_unpacked(monkeypatch) -> None:
+    """From here on the text tower computes the whole padded grid (`PackedTokens.of` packs nothing): the reference."""
+    from lightclip.modeling_lightclip import PackedTokens
+
+    monkeypatch.setattr(PackedTokens, "of", classmethod(lambda cls, attention_mask: None))
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_padded_batch_equals_each_row_alone_in_every_hidden_state(causal):
     """Packing is exact: each row's states at its real positions, and its pooled output, are those of the row run
@@ -225,8 +232,6 @@ def test_padding_never_reaches_the_per_token_layers():
 
 def test_packed_gradients_equal_the_padded_grid(monkeypatch):
     """The same loss through packed rows and through the full padded grid gives the same gradient everywhere."""
-    from lightclip.modeling_lightclip import PackedTokens
-
     _, batch, mask = ragged_batch()
 
     def grads(model):
@@ -235,7 +240,7 @@ def test_packed_gradients_equal_the_padded_grid(monkeypatch):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     packed = grads(make_model().train())
-    monkeypatch.setattr(PackedTokens, "of", classmethod(lambda cls, attention_mask: None))
+    run_unpacked(monkeypatch)
     grid = grads(make_model().train())
     assert packed.keys() == grid.keys() and len(packed) > 10
     for name in packed:
@@ -244,14 +249,12 @@ def test_packed_gradients_equal_the_padded_grid(monkeypatch):
 
 def test_left_padding_packs_as_the_padded_grid_computes(monkeypatch):
     """Left padding moves the real tokens' positions (as in CLIP), so the reference is the unpacked padded grid."""
-    from lightclip.modeling_lightclip import PackedTokens
-
     _, batch, mask = ragged_batch(left=True)
     model = make_model()
     with torch.no_grad():
         packed = model.text_model(batch, mask)
         pooled = model.text_model.forward_pooled(batch, mask)
-        monkeypatch.setattr(PackedTokens, "of", classmethod(lambda cls, attention_mask: None))
+        run_unpacked(monkeypatch)
         grid = model.text_model(batch, mask)
     torch.testing.assert_close(packed.last_hidden_state, grid.last_hidden_state * mask[..., None], rtol=1e-5,
                                atol=1e-5)

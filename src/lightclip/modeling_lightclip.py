@@ -299,41 +299,39 @@ class LightClipTextTransformer(nn.Module):
             is_eos = is_eos & attention_mask.bool()
         return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), last)
 
-    def _packing(self, attention_mask: torch.Tensor | None, index: torch.Tensor) -> PackedTokens | None:
-        """The real tokens, and the pooled one (a row without any real token pools its first position)."""
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, index: torch.Tensor
+               ) -> tuple[torch.Tensor, PackedTokens | None]:
+        """The token embeddings, packed (with their `PackedTokens`) to the real tokens and the pooled one when a row
+        is padded (a row without any real token pools its first position); else the grid and None."""
+        hidden_states = self.embeddings(input_ids)
         if attention_mask is None:
-            return None
+            return hidden_states, None
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        return PackedTokens.of(attention_mask.bool() | (positions[None] == index[:, None]))
+        packing = PackedTokens.of(attention_mask.bool() | (positions[None] == index[:, None]))
+        return (hidden_states, None) if packing is None else (packing.pack(hidden_states), packing)
 
     def forward_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`forward(...).pooler_output` `(batch, width)`, with the last layer run for the pooled token only."""
         input_ids, attention_mask = self.truncate(input_ids, attention_mask)
         length = input_ids.shape[1]
-        hidden_states = self.embeddings(input_ids)
         bias = self._attention_bias(attention_mask, length)
         index = self.pool_index(input_ids, attention_mask)
+        hidden_states, packing = self._embed(input_ids, attention_mask, index)
         positions = torch.arange(length, device=input_ids.device)
         keys = positions[None] <= index[:, None] if self.config.causal else torch.ones_like(input_ids, dtype=torch.bool)
         if attention_mask is not None:
             keys = keys & attention_mask.bool()
         keys = keys | (positions[None] == index[:, None])  # the pooled row always sees itself, as in forward
         last_mask = None if bool(keys.all()) else keys[:, None, None, :]
-        packing = self._packing(attention_mask, index)
-        if packing is not None:
-            hidden_states = packing.pack(hidden_states)
         pooled = self.encoder.forward_pooled(hidden_states, index, last_mask, bias, self.config.causal, packing)
         return self.final_layer_norm(pooled)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
         input_ids, attention_mask = self.truncate(input_ids, attention_mask)
-        hidden_states = self.embeddings(input_ids)
         bias = self._attention_bias(attention_mask, input_ids.shape[1])
         index = self.pool_index(input_ids, attention_mask)
-        packing = self._packing(attention_mask, index)
-        if packing is not None:
-            hidden_states = packing.pack(hidden_states)
+        hidden_states, packing = self._embed(input_ids, attention_mask, index)
         hidden_states, all_states = self.encoder(hidden_states, bias, self.config.causal, output_hidden_states,
                                                  packing)
         last_hidden_state = self.final_layer_norm(hidden_states)

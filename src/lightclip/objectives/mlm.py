@@ -83,13 +83,14 @@ class LightClipFusionBlock(nn.Module):
         """`state`: `(tokens, width)`, the packed rows of `words`. Only the words of `queries` (a subset) come out
         when given; word attention still reads all of `words`."""
         out = words if queries is None else queries
+        rows = None if queries is None else words.rows_of(queries)
         if hasattr(self, "self_attn"):
             normed = self.norm_self(state)
-            picked = normed if queries is None else normed[words.rows_of(queries)]
-            state = state if queries is None else state[words.rows_of(queries)]
+            picked = normed if rows is None else normed[rows]
+            state = state if rows is None else state[rows]
             state = state + self.self_attn(picked, normed, word_mask, query_packing=out, key_packing=words)
-        elif queries is not None:
-            state = state[words.rows_of(queries)]
+        elif rows is not None:
+            state = state[rows]
         if self.additive:  # the pooled image embedding of each word's caption
             state = state + self.norm_attn(image_tokens[:, 0])[out.batch_index]
         else:
